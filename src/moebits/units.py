@@ -1,0 +1,119 @@
+"""The decision variables (Unit) and their candidate values (Choice), with exact storage costs.
+
+A *unit* is one quantizable weight matrix of one expert: `(layer, expert, kind)`, kind in
+gate/up/down, expert an index or "shared". A *choice* is one setting for a unit: bit-width, group
+size, quantizer and (BT-MoE) the rank of a low-rank compensator.
+
+Storage is counted exactly as it would be stored: `bits` per code, a 16-bit scale and a 16-bit zero
+per group of `group_size` input columns in every output row (a last, partial group still pays full
+metadata), and a rank-r compensator as two 16-bit factors `U [out, r]`, `V [r, in]`. So 3-bit g128
+on a 1024-wide matrix is exactly 3.25 bits per weight; 16 bits means "kept in 16-bit floats".
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+KINDS = ("gate", "up", "down")
+SHARED = "shared"
+QUANTIZERS = ("rtn", "gptq", "hqq")
+FP_BITS = 16
+META_BITS_PER_GROUP = 32  # 16-bit scale + 16-bit zero
+
+
+@dataclass(frozen=True)
+class Unit:
+    layer: int
+    expert: int | str  # routed expert index, or "shared"
+    kind: str  # "gate" | "up" | "down"
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unit kind must be one of {KINDS}, got {self.kind!r}")
+        if not (isinstance(self.expert, int) or self.expert == SHARED):
+            raise ValueError(f"unit expert must be an int or {SHARED!r}, got {self.expert!r}")
+
+    @property
+    def is_shared(self) -> bool:
+        return self.expert == SHARED
+
+    @property
+    def name(self) -> str:
+        """`L3.E12.gate`, `L3.shared.down`: stable, human-readable, used as the key in plans."""
+        e = SHARED if self.is_shared else f"E{self.expert}"
+        return f"L{self.layer}.{e}.{self.kind}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Unit":
+        m = re.fullmatch(r"L(\d+)\.(E(\d+)|shared)\.(gate|up|down)", name)
+        if not m:
+            raise ValueError(f"not a unit name: {name!r} (expected e.g. 'L3.E12.gate' or 'L3.shared.down')")
+        expert: int | str = int(m.group(3)) if m.group(3) is not None else SHARED
+        return cls(int(m.group(1)), expert, m.group(4))
+
+    def sort_key(self) -> tuple:
+        return (self.layer, 1 if self.is_shared else 0, -1 if self.is_shared else self.expert, KINDS.index(self.kind))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Choice:
+    bits: int  # 2..8 quantized; 16 = unquantized
+    group_size: int = 128  # <= 0 means one group per output row (per-channel)
+    quantizer: str = "rtn"
+    rank: int = 0  # low-rank compensator rank (BT-MoE); 0 = none
+
+    def __post_init__(self):
+        if self.bits != FP_BITS and not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be in 1..8 or {FP_BITS}, got {self.bits}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0, got {self.rank}")
+
+    @property
+    def is_fp(self) -> bool:
+        return self.bits == FP_BITS
+
+    @property
+    def label(self) -> str:
+        if self.is_fp:
+            return "fp16"
+        g = f"g{self.group_size}" if self.group_size > 0 else "gch"
+        r = f"-r{self.rank}" if self.rank else ""
+        return f"w{self.bits}{g}-{self.quantizer}{r}"
+
+    def groups_per_row(self, in_features: int) -> int:
+        if self.group_size <= 0:
+            return 1
+        return math.ceil(in_features / self.group_size)
+
+    def storage_bits(self, out_features: int, in_features: int) -> int:
+        """Exact bits to store an `[out_features, in_features]` weight under this choice."""
+        n = out_features * in_features
+        if self.is_fp:
+            total = FP_BITS * n
+        else:
+            total = self.bits * n + META_BITS_PER_GROUP * out_features * self.groups_per_row(in_features)
+        return total + FP_BITS * self.rank * (out_features + in_features)
+
+    def bits_per_weight(self, out_features: int, in_features: int) -> float:
+        return self.storage_bits(out_features, in_features) / (out_features * in_features)
+
+    def nominal_bits(self) -> float:
+        """Bits per weight when the group size divides the row (e.g. 3 bits g128 -> 3.25)."""
+        if self.is_fp:
+            return float(FP_BITS)
+        if self.group_size <= 0:
+            return float(self.bits)  # metadata per row is negligible for wide rows; not exact
+        return self.bits + META_BITS_PER_GROUP / self.group_size
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "quantizer": self.quantizer, "rank": self.rank}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Choice":
+        return cls(int(d["bits"]), int(d.get("group_size", 128)), str(d.get("quantizer", "rtn")), int(d.get("rank", 0)))
