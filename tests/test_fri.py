@@ -168,3 +168,16 @@ def test_explain_entry_names_the_anchor_rules():
     assert all(r["unit"] in measured_names for r in rules)
     assert sum(r["weight"] for r in rules) == pytest.approx(1.0)
     assert rules[0]["distance"] <= rules[-1]["distance"]
+
+
+@pytest.mark.parametrize("target", ["log", "linear"])
+def test_passes_sklearn_estimator_checks(target):
+    import warnings
+
+    from sklearn.utils.estimator_checks import check_estimator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = check_estimator(FRIRegressor(target=target), on_fail=None)
+    failed = [(r["check_name"], str(r["exception"])[:200]) for r in results if r["status"] == "failed"]
+    assert failed == []

@@ -55,8 +55,11 @@ class FRIRegressor(RegressorMixin, BaseEstimator):
 
     Parameters
     ----------
-    n_neighbors : K, the number of rules interpolated (clipped to the number of rules).
+    n_neighbors : K, the number of rules interpolated (clipped to the number of rules). The paper
+        does not state its K; 8 covers an anchor unit's neighbours at one bit-width across a few
+        experts and is a starting point for the benchmark's sweep, not a measured optimum.
     epsilon : IDW smoothing of Eq. 5, in units of the normalised distance; w_i = 1 / (D_i + epsilon).
+        Small by default (the paper's "prevents division by zero"), so anchors are reproduced.
     categorical_features : column indices compared by equality (Hamming) instead of distance.
     target : "log" interpolates log y (needs y > 0), "linear" interpolates y.
     """
