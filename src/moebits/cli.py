@@ -1,0 +1,302 @@
+"""The `moebits` command. Each subcommand is a thin layer over a library call; errors that a user
+can fix are printed as one clear line (exit code 2), not as a traceback."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Mixed-precision quantization of Mixture-of-Experts language models.")
+console = Console(stderr=True)
+
+MODEL_HELP = "demo (the embedded demo MoE), tiny:<arch>, a local HF directory, or a hub name"
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+def _user_errors():
+    """Errors caused by the input, shown as a message rather than a traceback."""
+    from .allocate import InfeasibleBudgetError
+    from .data import DataError
+    from .models import ModelLoadError, UnsupportedModelError
+    from .plan import PlanError
+    from .run import RunMismatchError
+
+    return (InfeasibleBudgetError, DataError, ModelLoadError, UnsupportedModelError, PlanError, RunMismatchError,
+            FileNotFoundError, ValueError)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+
+
+def _parse_bits(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(b) for b in s.split(",") if b.strip()}))
+    except ValueError:
+        _fail(f"--candidate-bits must be a comma list of integers, got {s!r}")
+
+
+@app.command()
+def info(model: str = typer.Option("demo", help=MODEL_HELP), as_json: bool = typer.Option(False, "--json"),
+         calib: str = typer.Option("demo", help="text for the routing statistics"),
+         nsamples: int = typer.Option(32, help="calibration windows for the routing statistics (0: skip)"),
+         seqlen: int = typer.Option(256), seed: int = 0, trust_remote_code: bool = False):
+    """Architecture, experts, units, parameters, and how skewed the routing is."""
+    from .calibrate import calibrate, frequency_summary
+    from .data import calibration_windows
+    from .models import load_model
+
+    try:
+        m, tok, ad = load_model(model, trust_remote_code=trust_remote_code)
+        summary = ad.summary()
+        if nsamples > 0:
+            win = calibration_windows(tok, calib, nsamples, seqlen, seed)
+            cal = calibrate(ad, win, max_tokens_per_expert=1, seed=seed, progress=not as_json)
+            summary["routing"] = {"calib": calib, "tokens": cal.total_tokens, "never_routed": len(cal.never_routed),
+                                  "layers": frequency_summary(cal.stats)}
+    except _user_errors() as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    t = Table(title=f"{model} ({summary['model_type']})", show_header=False)
+    for k, v in summary.items():
+        if k != "routing":
+            t.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
+    Console().print(t)
+    if "routing" in summary:
+        r = Table(title=f"routing on {summary['routing']['tokens']:,} calibration tokens ({calib}): "
+                        "expert frequency = routed tokens / tokens")
+        for c in ("layer", "min", "max", "CV"):
+            r.add_column(c, justify="right")
+        for row in summary["routing"]["layers"]:
+            r.add_row(str(row["layer"]), f"{row['min']:.4f}", f"{row['max']:.4f}", f"{row['cv']:.3f}")
+        Console().print(r)
+
+
+def _budget_opts(bits, memory_gb, latency):
+    given = [x for x in (bits, memory_gb, latency) if x is not None]
+    if len(given) != 1:
+        _fail("give exactly one budget: --bits (average storage bits per weight, e.g. 3.25), --memory-gb or --latency")
+
+
+@app.command()
+def quantize(
+    model: str = typer.Option("demo", help=MODEL_HELP),
+    method: str = typer.Option("uniform", help="uniform | freq | mxmoe | fri"),
+    quantizer: str = typer.Option("rtn", help="rtn | gptq | hqq"),
+    bits: Optional[float] = typer.Option(None, help="budget: average storage bits per weight (3.25 = 3-bit g128)"),
+    memory_gb: Optional[float] = typer.Option(None, help="budget: GB of expert weights"),
+    latency: Optional[float] = typer.Option(None, help="budget: seconds per forward of the experts (roofline on --gpu)"),
+    gpu: str = typer.Option("h100", help="GPU of the latency model: a100 | h100 | rtx4090"),
+    batch_tokens: int = typer.Option(4096, help="tokens per forward for the latency model"),
+    group_size: int = typer.Option(128),
+    candidate_bits: str = typer.Option("2,3,4,8", help="bit-widths the allocator may choose"),
+    calib: str = typer.Option("demo", help="calibration text: demo, a text file, or hf:NAME[:CONFIG]"),
+    nsamples: int = typer.Option(128, help="calibration windows"),
+    seqlen: int = typer.Option(256, help="tokens per window (calibration and evaluation)"),
+    eval: str = typer.Option("demo", "--eval", help="evaluation text (held-out split for demo)"),
+    eval_windows: Optional[int] = typer.Option(None, help="evaluate at most this many windows"),
+    metric: str = typer.Option("expert", help="profiling metric: expert (exact, fast) | layer (MxMoE's rerun)"),
+    solver: Optional[str] = typer.Option(None, help="ilp | lagrangian | freq | uniform (default: the method's)"),
+    granularity: str = typer.Option("linear", help="linear (per block) | expert | layer"),
+    tie_gate_up: bool = typer.Option(False, help="gate and up of an expert share one choice"),
+    anchors: float = typer.Option(0.2, help="fri: fraction of units profiled as anchors"),
+    sampler: str = typer.Option("stratified", help="fri: stratified | random"),
+    act_order: bool = typer.Option(False, help="GPTQ: quantize columns by decreasing Hessian diagonal"),
+    seed: int = 0,
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    device: str = "cpu",
+    out: Path = typer.Option(..., help="run directory (stages are saved and resumed here)"),
+    overwrite: bool = typer.Option(False, help="replace a different run already in --out"),
+    save_model: bool = typer.Option(True, help="save the quantized model under OUT/model"),
+    trust_remote_code: bool = False,
+    verbose: bool = False,
+):
+    """Calibrate, profile, allocate, quantize and evaluate: the whole job, resumable."""
+    from .pipeline import Pipeline, QuantizeConfig
+
+    _setup_logging(verbose)
+    _budget_opts(bits, memory_gb, latency)
+    cfg = QuantizeConfig(model=model, method=method, quantizer=quantizer, bits=bits, memory_gb=memory_gb,
+                         latency=latency, gpu=gpu, batch_tokens=batch_tokens, group_size=group_size,
+                         candidate_bits=_parse_bits(candidate_bits), calib=calib, nsamples=nsamples, seqlen=seqlen,
+                         eval=eval, eval_windows=eval_windows, metric=metric, solver=solver, granularity=granularity,
+                         tie_gate_up=tie_gate_up, anchors=anchors, sampler=sampler, act_order=act_order, seed=seed,
+                         dtype=dtype, device=device, save_model=save_model, trust_remote_code=trust_remote_code)
+    try:
+        results = Pipeline(cfg, out, overwrite=overwrite).execute()
+    except _user_errors() as e:
+        _fail(str(e))
+    _print_results(results, out)
+
+
+def _print_results(r: dict, out: Path) -> None:
+    t = Table(title=f"moebits quantize -> {out}")
+    for c in ("method", "quantizer", "avg bits", "weight MB", "ppl fp", "ppl q", "Δppl %", "seconds"):
+        t.add_column(c, justify="right")
+    secs = sum(r.get(k, 0) for k in ("calibrate_seconds", "profile_seconds", "fit_seconds", "predict_seconds",
+                                     "allocate_seconds", "quantize_seconds", "eval_seconds"))
+    t.add_row(r["method"], r["quantizer"], f"{r['avg_bits']:.4f}", f"{r['weight_bytes'] / 1e6:.2f}",
+              f"{r['ppl_fp']:.3f}", f"{r['ppl_q']:.3f}", f"{100 * (r['ppl_q'] / r['ppl_fp'] - 1):+.2f}", f"{secs:.1f}")
+    Console().print(t)
+    stages = ", ".join(f"{k[:-8]} {r[k]:.1f}s" for k in ("calibrate_seconds", "profile_seconds", "fit_seconds",
+                                                        "predict_seconds", "allocate_seconds", "quantize_seconds",
+                                                        "eval_seconds") if k in r)
+    Console().print(f"stages: {stages}; eval tokens {r.get('eval_tokens', 0):,}; bits: {r.get('bits_histogram')}")
+
+
+@app.command()
+def profile(
+    model: str = typer.Option("demo", help=MODEL_HELP),
+    metric: str = typer.Option("expert", help="expert | layer"),
+    bits: str = typer.Option("2,3,4,8", help="bit-widths to profile"),
+    quantizer: str = "rtn", group_size: int = 128,
+    calib: str = "demo", nsamples: int = 128, seqlen: int = 256, seed: int = 0,
+    act_order: bool = False,
+    out: Path = typer.Option(..., help="run directory; writes OUT/table.csv"),
+    overwrite: bool = False, verbose: bool = False,
+):
+    """Measure the error of every unit x bit-width (full profiling) into OUT/table.csv."""
+    from .pipeline import Pipeline, QuantizeConfig
+    from .profile import new_table, profile as run_profile
+    from .units import Choice
+
+    _setup_logging(verbose)
+    cfg = QuantizeConfig(model=model, method="mxmoe", quantizer=quantizer, bits=0.0, group_size=group_size,
+                         candidate_bits=_parse_bits(bits), calib=calib, nsamples=nsamples, seqlen=seqlen,
+                         metric=metric, act_order=act_order, seed=seed)
+    try:
+        p = Pipeline(cfg, out, overwrite=overwrite)
+        p.load()
+        p.calibrate()
+        table = p.profile([Choice(b, group_size, quantizer) for b in cfg.candidate_bits])
+    except _user_errors() as e:
+        _fail(str(e))
+    Console().print(f"profiled {int(table.measured.sum()):,} unit x choice pairs ({metric} metric) in "
+                    f"{table.measured_seconds:.1f}s of measurement -> {out / 'table.csv'}")
+
+
+@app.command("allocate")
+def allocate_cmd(
+    table: Path = typer.Option(..., help="sensitivity table CSV (from `moebits profile`)"),
+    model: str = typer.Option("demo", help=MODEL_HELP + " (for the unit shapes)"),
+    bits: Optional[float] = None, memory_gb: Optional[float] = None, latency: Optional[float] = None,
+    gpu: str = "h100", batch_tokens: int = 4096,
+    solver: str = typer.Option("ilp", help="ilp | lagrangian | freq | uniform"),
+    granularity: str = "linear", tie_gate_up: bool = False,
+    out: Path = typer.Option(..., help="plan JSON to write"),
+):
+    """Choose one setting per unit from a sensitivity table under a budget; write a plan."""
+    import numpy as np
+
+    from .allocate import allocate, to_plan
+    from .models import load_model
+    from .pipeline import QuantizeConfig, make_budget, structure_groups
+    from .table import SensitivityTable
+
+    _budget_opts(bits, memory_gb, latency)
+    try:
+        t = SensitivityTable.from_csv(table)
+        if not t.complete:
+            _fail(f"{table} has unknown errors (NaN); fill it first (full profiling or `--method fri`)")
+        _, _, ad = load_model(model)
+        shapes = ad.shapes()
+        if set(t.units) != set(ad.units()):
+            _fail(f"{table} does not describe the units of {model}")
+        cfg = QuantizeConfig(model=model, bits=bits, memory_gb=memory_gb, latency=latency, gpu=gpu,
+                             batch_tokens=batch_tokens, granularity=granularity, tie_gate_up=tie_gate_up)
+        budget = make_budget(cfg, t.units, shapes, t.choices, t.frequency)
+        loss = t.frequency[:, None] * t.error
+        res = allocate(loss, budget.cost, budget.total, solver=solver, groups=structure_groups(cfg, t.units),
+                       frequency=t.frequency, budget_format=budget.describe)
+        plan = to_plan(t.units, t.choices, res, loss, budget.cost,
+                       {"solver": solver, "budget": {budget.kind: budget.value}, "table": str(table)})
+        plan.meta["avg_bits"] = plan.avg_bits(shapes)
+        plan.save(out)
+    except _user_errors() as e:
+        _fail(str(e))
+    Console().print(f"{solver}: {len(plan.assignments):,} units, avg {plan.meta['avg_bits']:.4f} bits, "
+                    f"loss {res.total_loss:.6g}, {res.seconds * 1e3:.1f} ms -> {out}\n{plan.bits_histogram()}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option("demo", help=MODEL_HELP),
+    plan: Optional[Path] = typer.Option(None, help="quantize by this plan before evaluating"),
+    run: Optional[Path] = typer.Option(None, help="a run directory: use its plan and calibration"),
+    tasks: str = typer.Option("all", help="comma list of tasks, or all"),
+    data: Optional[Path] = typer.Option(None, help="folder laid out like shared/data (default: $MOEBITS_DATA or ../shared/data)"),
+    limit: Optional[int] = typer.Option(None, help="at most N items per task"),
+    batch_size: int = 8, seqlen: int = 2048,
+    out: Optional[Path] = typer.Option(None, help="write the scores as JSON here"),
+):
+    """Perplexity and zero-shot accuracy (lm-eval's tasks on local files)."""
+    from . import zeroshot
+    from .apply import apply_plan
+    from .calibrate import Calibration
+    from .models import load_model
+    from .plan import Plan
+    from .run import atomic_write_json
+
+    try:
+        task_list = zeroshot.parse_tasks(tasks) if hasattr(zeroshot, "parse_tasks") else tasks.split(",")
+        data_dir = data or zeroshot.default_data_dir()
+        if data_dir is None:
+            _fail("no evaluation data folder: pass --data DIR (laid out like shared/data) or set MOEBITS_DATA")
+        m, tok, ad = load_model(model)
+        label = model
+        if run is not None:
+            plan = plan or run / "plan.json"
+        if plan is not None:
+            p = Plan.load(plan)
+            inputs = None
+            if run is not None and (run / "calib_inputs.safetensors").exists():
+                inputs = Calibration.load_inputs(run / "calib_inputs.safetensors")
+            apply_plan(ad, p, inputs)
+            label = f"{model} + {plan}"
+        res = zeroshot.evaluate_tasks(m, tok, task_list, data_dir, limit=limit, batch_size=batch_size, seqlen=seqlen)
+    except _user_errors() as e:
+        _fail(str(e))
+    if hasattr(zeroshot, "format_table"):
+        Console().print(zeroshot.format_table({label: res}))
+    else:
+        Console().print_json(data=res)
+    if out is not None:
+        atomic_write_json(out, res)
+    if run is not None and (run / "results.json").exists():
+        r = json.loads((run / "results.json").read_text())
+        r["tasks"] = res["tasks"]
+        r["tasks_average"] = res.get("average")
+        atomic_write_json(run / "results.json", r)
+
+
+@app.command("train-demo")
+def train_demo_cmd(out: Path = typer.Option(Path("demo-model"), help="where to write the trained model"),
+                   minutes: float = typer.Option(40.0, help="training time budget"), seed: int = 0):
+    """Train the demo MoE (Qwen2-MoE on Shakespeare) from scratch."""
+    from .demo.train import train_demo
+
+    train_demo(out, minutes=minutes, seed=seed)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

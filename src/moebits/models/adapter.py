@@ -1,0 +1,240 @@
+"""MoEAdapter: the one place that knows where an HF MoE keeps its experts.
+
+transformers 5 fuses the routed experts of a layer into two 3-D parameters,
+`experts.gate_up_proj [E, 2I, H]` (gate = rows :I, up = rows I:) and `experts.down_proj [E, H, I]`,
+and calls `experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`. A unit is
+therefore a *slice* of a fused tensor, viewed here as an `[out, in]` matrix like `nn.Linear.weight`.
+Shared experts stay ordinary MLPs with `gate_proj/up_proj/down_proj`.
+
+All PyTorch hooks of the project live here (`capture_routing`); routers are never written.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..units import KINDS, SHARED, Unit
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    shared_attr: str | None = None  # attribute of the MoE block holding the shared-expert MLP
+    shared_gate_attr: str | None = None  # sigmoid gate scaling the shared expert's output (Qwen2-MoE)
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "qwen2_moe": ArchSpec("shared_expert", "shared_expert_gate"),
+    "qwen3_moe": ArchSpec(),
+    "mixtral": ArchSpec(),
+    "olmoe": ArchSpec(),
+    "deepseek_v2": ArchSpec("shared_experts"),
+    "deepseek_v3": ArchSpec("shared_experts"),
+}
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass
+class RoutedBatch:
+    """What one MoE layer's experts module received in one forward call."""
+    layer: int
+    hidden: torch.Tensor  # [T, H] inputs of the experts (after the post-attention norm)
+    top_k_index: torch.Tensor  # [T, k] chosen experts per token
+    top_k_weights: torch.Tensor  # [T, k] routing weights of the chosen experts
+
+
+class MoEAdapter:
+    def __init__(self, model: nn.Module):
+        cfg = model.config
+        self.model = model
+        self.model_type = getattr(cfg, "model_type", type(model).__name__)
+        if self.model_type not in ARCHS:
+            raise UnsupportedModelError(
+                f"model type {self.model_type!r} is not supported; supported: {', '.join(sorted(ARCHS))}")
+        self.spec = ARCHS[self.model_type]
+        try:
+            self.decoder_layers = list(model.model.layers)
+        except AttributeError:
+            raise UnsupportedModelError(f"{type(model).__name__} has no `model.layers`; is it a causal LM?") from None
+        self.moe_layers = [i for i, layer in enumerate(self.decoder_layers) if hasattr(layer.mlp, "experts")]
+        if not self.moe_layers:
+            raise UnsupportedModelError(f"{self.model_type} model has no MoE layers (no `mlp.experts` module)")
+        first = self.experts(self.moe_layers[0])
+        if not (hasattr(first, "gate_up_proj") and hasattr(first, "down_proj")) or first.gate_up_proj.dim() != 3:
+            raise UnsupportedModelError(
+                f"{type(first).__name__} does not hold fused `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]` "
+                "parameters; moebits needs transformers>=5 expert layout")
+        self.num_experts = first.gate_up_proj.shape[0]
+        self.intermediate = first.gate_up_proj.shape[1] // 2
+        self.hidden = first.gate_up_proj.shape[2]
+        if tuple(first.down_proj.shape) != (self.num_experts, self.hidden, self.intermediate):
+            raise UnsupportedModelError(f"unexpected down_proj shape {tuple(first.down_proj.shape)} (transposed layout?)")
+        self.top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 0)
+        self._units: list[Unit] | None = None
+
+    # ---- structure -------------------------------------------------------------------------
+    def experts(self, layer: int) -> nn.Module:
+        return self.decoder_layers[layer].mlp.experts
+
+    def moe_block(self, layer: int) -> nn.Module:
+        return self.decoder_layers[layer].mlp
+
+    def shared_mlp(self, layer: int) -> nn.Module | None:
+        attr = self.spec.shared_attr
+        return getattr(self.moe_block(layer), attr, None) if attr else None
+
+    def shared_gate(self, layer: int) -> nn.Module | None:
+        attr = self.spec.shared_gate_attr
+        return getattr(self.moe_block(layer), attr, None) if attr else None
+
+    @property
+    def num_shared_experts(self) -> int:
+        return 1 if self.shared_mlp(self.moe_layers[0]) is not None else 0
+
+    def units(self) -> list[Unit]:
+        if self._units is None:
+            out = []
+            for layer in self.moe_layers:
+                for e in range(self.num_experts):
+                    out.extend(Unit(layer, e, k) for k in KINDS)
+                if self.shared_mlp(layer) is not None:
+                    out.extend(Unit(layer, SHARED, k) for k in KINDS)
+            self._units = out
+        return self._units
+
+    def shape(self, unit: Unit) -> tuple[int, int]:
+        """(out_features, in_features) of the unit's weight."""
+        return tuple(self.weight(unit).shape)
+
+    def shapes(self) -> dict[Unit, tuple[int, int]]:
+        return {u: self.shape(u) for u in self.units()}
+
+    # ---- weights ---------------------------------------------------------------------------
+    def weight(self, unit: Unit) -> torch.Tensor:
+        """A view `[out, in]` of the unit's weight (writing into it writes the model)."""
+        if unit.is_shared:
+            mlp = self.shared_mlp(unit.layer)
+            if mlp is None:
+                raise KeyError(f"layer {unit.layer} has no shared expert")
+            return getattr(mlp, f"{unit.kind}_proj").weight.data
+        ex = self.experts(unit.layer)
+        e, inter = unit.expert, self.intermediate
+        if not 0 <= e < self.num_experts:
+            raise KeyError(f"{unit.name}: expert index out of range 0..{self.num_experts - 1}")
+        if unit.kind == "gate":
+            return ex.gate_up_proj.data[e, :inter]
+        if unit.kind == "up":
+            return ex.gate_up_proj.data[e, inter:]
+        return ex.down_proj.data[e]
+
+    @torch.no_grad()
+    def set_weight(self, unit: Unit, w: torch.Tensor) -> None:
+        dst = self.weight(unit)
+        if w.shape != dst.shape:
+            raise ValueError(f"{unit.name}: weight shape {tuple(w.shape)} != {tuple(dst.shape)}")
+        dst.copy_(w.to(dst.dtype))
+
+    def routed_weights_batched(self, layer: int, kind: str) -> torch.Tensor:
+        """All routed experts' weights of one kind in a layer, as a view `[E, out, in]`."""
+        ex, inter = self.experts(layer), self.intermediate
+        if kind == "gate":
+            return ex.gate_up_proj.data[:, :inter]
+        if kind == "up":
+            return ex.gate_up_proj.data[:, inter:]
+        return ex.down_proj.data
+
+    def check_finite(self) -> None:
+        """NaN/inf in a weight would poison every statistic downstream: refuse early, naming the tensor."""
+        for name, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():
+                bad = (~torch.isfinite(p)).sum().item()
+                raise ValueError(f"weight {name} has {bad} NaN/inf value(s); refusing to quantize a broken checkpoint")
+
+    # ---- forwards --------------------------------------------------------------------------
+    def act_fn(self, layer: int, expert: int | str):
+        return (self.shared_mlp(layer) if expert == SHARED else self.experts(layer)).act_fn
+
+    def expert_intermediate(self, layer: int, expert: int | str, x: torch.Tensor,
+                            gate_w: torch.Tensor | None = None, up_w: torch.Tensor | None = None) -> torch.Tensor:
+        """act(x @ gate^T) * (x @ up^T): the input of the down projection, `[T, I]`."""
+        gate_w = self.weight(Unit(layer, expert, "gate")) if gate_w is None else gate_w
+        up_w = self.weight(Unit(layer, expert, "up")) if up_w is None else up_w
+        return self.act_fn(layer, expert)(x @ gate_w.T.to(x.dtype)) * (x @ up_w.T.to(x.dtype))
+
+    def expert_forward(self, layer: int, expert: int | str, x: torch.Tensor,
+                       weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """One expert's output `[T, H]` on inputs `x [T, H]`, without routing weight.
+        `weights` overrides some of its kinds (e.g. {"down": quantized}) without touching the model."""
+        weights = weights or {}
+        h = self.expert_intermediate(layer, expert, x, weights.get("gate"), weights.get("up"))
+        down = weights.get("down", self.weight(Unit(layer, expert, "down")))
+        return h @ down.T.to(h.dtype)
+
+    def shared_scale(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Per-token factor on the shared expert's output `[T]` (Qwen2-MoE's sigmoid gate, else 1)."""
+        g = self.shared_gate(layer)
+        if g is None:
+            return torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+        return torch.sigmoid(g(x)).squeeze(-1)
+
+    # ---- hooks -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def capture_routing(self, callback, layers: list[int] | None = None):
+        """Call `callback(RoutedBatch)` every time a MoE layer's experts run. Read-only."""
+        handles = []
+        for layer in layers if layers is not None else self.moe_layers:
+            def pre_hook(module, args, kwargs, layer=layer):
+                names = ("hidden_states", "top_k_index", "top_k_weights")
+                vals = list(args) + [kwargs[n] for n in names[len(args):]]
+                callback(RoutedBatch(layer, vals[0].detach(), vals[1].detach(), vals[2].detach()))
+            handles.append(self.experts(layer).register_forward_pre_hook(pre_hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def capture_layer_inputs(self, callback, layers: list[int]):
+        """Call `callback(layer, args, kwargs)` with what each decoder layer is called with, and
+        stop the forward after the last requested layer (nothing later is needed)."""
+        handles, last = [], max(layers)
+
+        class _Stop(Exception):
+            pass
+
+        for layer in layers:
+            def pre_hook(module, args, kwargs, layer=layer):
+                callback(layer, args, kwargs)
+                if layer == last:
+                    raise _Stop
+            handles.append(self.decoder_layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True))
+        try:
+            yield _Stop
+        finally:
+            for h in handles:
+                h.remove()
+
+    def summary(self) -> dict:
+        cfg = self.model.config
+        units = self.units()
+        unit_params = sum(self.shape(u)[0] * self.shape(u)[1] for u in units)
+        return {
+            "model_type": self.model_type,
+            "num_layers": len(self.decoder_layers),
+            "num_moe_layers": len(self.moe_layers),
+            "num_routed_experts": self.num_experts,
+            "num_shared_experts": self.num_shared_experts,
+            "top_k": self.top_k,
+            "hidden_size": self.hidden,
+            "moe_intermediate_size": self.intermediate,
+            "num_units": len(units),
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "unit_params": unit_params,
+            "vocab_size": int(getattr(cfg, "vocab_size", 0)),
+        }

@@ -1,0 +1,164 @@
+"""Sensitivity profiling: the error l_u(c) of quantizing one unit u with choice c.
+
+Two metrics, equal in exact arithmetic:
+
+* `layer`  -- MxMoE's `layer_out_norm`: write the quantized block into the model, re-run its whole
+  decoder layer on every calibration token, and take ||Y_q - Y||_F^2.
+* `expert` -- the expert-local equivalent. The MoE output is y(x) = sum_{e in topk(x)} g_e(x) f_e(x)
+  (+ the shared expert); changing a weight of expert e changes only f_e, and the router's input is
+  untouched, so Y_q - Y = g_e(x) * (f_e^q(x) - f_e(x)) on e's routed tokens and 0 elsewhere. One
+  forward of one expert on its own tokens gives the same number without attention or other experts.
+
+Both are reported as the *intrinsic* error: squared output error per routed token,
+l_u = ||Y_q - Y||^2 / tokens_u, so that f_u * l_u * total_tokens = layer_out_norm^2 (frequency
+enters the objective separately). The expert metric uses the calibration's sample of each expert's
+routed tokens (all of them when the sample cap exceeds the count), the layer metric all tokens.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from .apply import layer_hessians
+from .calibrate import ExpertInputs
+from .models.adapter import MoEAdapter
+from .quant import quantize_weight
+from .stats import UnitStats
+from .table import SensitivityTable
+from .units import Choice, Unit
+
+METRICS = ("expert", "layer")
+
+
+def _groups(units: list[Unit], choices: list[Choice]):
+    """(layer, kind, is_shared) -> units: units quantized together in one batched call per choice."""
+    g: dict[tuple, list[Unit]] = defaultdict(list)
+    for u in units:
+        g[(u.layer, u.kind, u.is_shared)].append(u)
+    return g
+
+
+def _quantize_batch(adapter: MoEAdapter, members: list[Unit], choice: Choice, H: dict, act_order: bool):
+    w = torch.stack([adapter.weight(u) for u in members])
+    h = None
+    if choice.quantizer == "gptq" and not choice.is_fp:
+        kind = members[0].kind
+        h = torch.stack([H[(u.expert, "down" if kind == "down" else "in")] for u in members])
+    return quantize_weight(w, choice, hessian=h, act_order=act_order)
+
+
+@torch.no_grad()
+def profile_expert(adapter: MoEAdapter, units: list[Unit], choices: list[Choice], stats: dict[Unit, UnitStats],
+                   inputs: dict[tuple[int, int | str], ExpertInputs], act_order: bool = False,
+                   table: SensitivityTable | None = None, progress: bool = True) -> SensitivityTable:
+    """Expert-local metric for `units` x `choices`, written into `table` (a new one if None)."""
+    table = table or new_table(adapter, choices, stats)
+    groups = _groups(units, choices)
+    needs_h = any(c.quantizer == "gptq" for c in choices)
+    bar = tqdm(total=len(units) * len(choices), desc="profile (expert)", disable=not progress, leave=False)
+    H_cache: dict[int, dict] = {}
+    ref_cache: dict[tuple, torch.Tensor] = {}
+    for (layer, kind, _), members in groups.items():
+        if needs_h and layer not in H_cache:
+            H_cache = {layer: layer_hessians(adapter, layer, inputs, sorted({u.expert for u in units if u.layer == layer},
+                                                                              key=str))}
+        H = H_cache.get(layer, {})
+        for choice in choices:
+            t0 = time.perf_counter()
+            wq = _quantize_batch(adapter, members, choice, H, act_order)
+            t_quant = (time.perf_counter() - t0) / len(members)  # batched: each member pays its share
+            for u, q in zip(members, wq):
+                t1 = time.perf_counter()
+                inp = inputs[(u.layer, u.expert)]
+                x = inp.x.to(q.dtype)
+                key = (u.layer, u.expert)
+                if key not in ref_cache:  # unquantized output, once per expert (cache holds one layer)
+                    if any(k[0] != u.layer for k in ref_cache):
+                        ref_cache.clear()
+                    ref_cache[key] = adapter.expert_forward(u.layer, u.expert, x)
+                y_q = adapter.expert_forward(u.layer, u.expert, x, {u.kind: q})
+                d = (y_q - ref_cache[key]).double() * inp.g.double()[:, None]
+                err = (d * d).sum().item() / x.shape[0]
+                table.set(u, choice, err, seconds=t_quant + time.perf_counter() - t1, measured=True)
+                bar.update()
+    bar.close()
+    return table
+
+
+@torch.no_grad()
+def capture_layer_io(adapter: MoEAdapter, windows: torch.Tensor, layer: int, batch_size: int = 8):
+    """Everything needed to re-run decoder layer `layer`: its call arguments per batch of windows."""
+    model, calls = adapter.model, []
+    device = next(model.parameters()).device
+
+    def keep(_, args, kwargs):
+        calls.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args),
+                      {k: v for k, v in kwargs.items() if k != "past_key_values"}))
+
+    with adapter.capture_layer_inputs(keep, [layer]) as stop:
+        for s in range(0, windows.shape[0], batch_size):
+            try:
+                model(input_ids=windows[s:s + batch_size].to(device), use_cache=False)
+            except stop:
+                pass
+    return calls
+
+
+def _run_layer(adapter: MoEAdapter, layer: int, calls) -> list[torch.Tensor]:
+    mod = adapter.decoder_layers[layer]
+    outs = []
+    for args, kwargs in calls:
+        out = mod(*args, **kwargs)
+        outs.append((out[0] if isinstance(out, tuple) else out).detach())
+    return outs
+
+
+@torch.no_grad()
+def profile_layer(adapter: MoEAdapter, units: list[Unit], choices: list[Choice], stats: dict[Unit, UnitStats],
+                  inputs: dict[tuple[int, int | str], ExpertInputs], windows: torch.Tensor, act_order: bool = False,
+                  batch_size: int = 8, table: SensitivityTable | None = None, progress: bool = True) -> SensitivityTable:
+    """MxMoE's metric: quantize one block, re-run the whole decoder layer on all calibration tokens."""
+    table = table or new_table(adapter, choices, stats)
+    needs_h = any(c.quantizer == "gptq" for c in choices)
+    bar = tqdm(total=len(units) * len(choices), desc="profile (layer)", disable=not progress, leave=False)
+    by_layer: dict[int, list[Unit]] = defaultdict(list)
+    for u in units:
+        by_layer[u.layer].append(u)
+    for layer, members in sorted(by_layer.items()):
+        calls = capture_layer_io(adapter, windows, layer, batch_size)
+        ref = _run_layer(adapter, layer, calls)
+        H = layer_hessians(adapter, layer, inputs, sorted({u.expert for u in members}, key=str)) if needs_h else {}
+        for u in members:
+            original = adapter.weight(u).clone()
+            for choice in choices:
+                t0 = time.perf_counter()
+                q = _quantize_batch(adapter, [u], choice, H, act_order)[0]
+                adapter.set_weight(u, q)
+                out = _run_layer(adapter, layer, calls)
+                adapter.set_weight(u, original)
+                sq = sum(((o.double() - r.double()) ** 2).sum().item() for o, r in zip(out, ref))
+                table.set(u, choice, sq / max(1, stats[u].tokens), seconds=time.perf_counter() - t0, measured=True)
+                bar.update()
+    bar.close()
+    return table
+
+
+def new_table(adapter: MoEAdapter, choices: list[Choice], stats: dict[Unit, UnitStats]) -> SensitivityTable:
+    units = adapter.units()
+    t = SensitivityTable(units, list(choices))
+    t.frequency[:] = [stats[u].frequency for u in units]
+    return t
+
+
+def profile(adapter: MoEAdapter, metric: str, units: list[Unit], choices: list[Choice], stats, inputs,
+            windows=None, **kw) -> SensitivityTable:
+    if metric == "expert":
+        return profile_expert(adapter, units, choices, stats, inputs, **kw)
+    if metric == "layer":
+        if windows is None:
+            raise ValueError("the layer metric re-runs decoder layers: it needs the calibration windows")
+        return profile_layer(adapter, units, choices, stats, inputs, windows, **kw)
+    raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")

@@ -1,0 +1,33 @@
+"""HQQ (Badri & Shaji, 2023) through the `hqq` package: half-quadratic optimisation of the zero
+point (and scale) per group, no calibration data. Runs on the CPU here.
+
+The package groups `W.reshape(-1, group_size)`, i.e. consecutive input columns of a row when
+`in_features % group_size == 0`; a partial last group is handled by padding the row (repeating its
+last column), exactly as RTN does, so the stored layout and its cost are the same.
+"""
+from __future__ import annotations
+
+import torch
+
+from .rtn import group_view
+
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
+
+
+@torch.no_grad()
+def quantize_hqq(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
+    from hqq.core.quantize import Quantizer
+
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"HQQ supports bits {SUPPORTED_BITS}, not {bits}")
+    k = w.shape[-1]
+    groups = group_view(w.float(), group_size)  # [..., R, G, g]
+    g = groups.shape[-1]
+    flat = groups.reshape(-1, g).contiguous()
+    device = "cuda" if flat.is_cuda else "cpu"
+    w_q, meta = Quantizer.quantize(flat, nbits=bits, channel_wise=True, group_size=g, optimize=True, axis=1,
+                                   bitpack=False, compute_dtype=torch.float32, device=device)
+    # stored as fp16 (scale, zero): round them as they would be stored
+    scale, zero = meta["scale"].half().float(), meta["zero"].half().float()
+    deq = (w_q.float().reshape(-1, g) - zero) * scale
+    return deq.reshape(groups.shape).reshape(*w.shape[:-1], -1)[..., :k].to(w.dtype)
