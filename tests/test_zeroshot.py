@@ -1,0 +1,306 @@
+"""Zero-shot evaluation (issue 6): offline task configs, errors, and an end-to-end check of the scoring
+with a model forced to prefer the gold answer."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from moebits import zeroshot as zs  # noqa: E402
+
+DATA = Path(os.environ["MOEBITS_DATA"]) if os.environ.get("MOEBITS_DATA") else \
+    Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"evaluation data folder {DATA} absent "
+                                "(set MOEBITS_DATA or put the data at ../shared/data relative to the repo)")
+LIMIT = 8
+
+
+# ----------------------------------------------------------------------------------- tiny model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["The quick brown fox jumps over the lazy dog.", "Question: What is a man doing?\nAnswer: sitting"] * 50
+    if DATA.is_dir():
+        text += (DATA / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")[:100_000].split("\n")
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def tiny_moe(vocab_size: int):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=2048,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    return Qwen2MoeForCausalLM(cfg).eval()
+
+
+# ------------------------------------------------------------------------------- names and errors
+
+
+def test_parse_tasks():
+    assert zs.parse_tasks("all") == list(zs.TASKS)
+    assert zs.parse_tasks("piqa, arc_easy,piqa") == ["piqa", "arc_easy"]
+    assert zs.parse_tasks(["winogrande", "lambada_standard"]) == ["winogrande", "lambada_standard"]
+    with pytest.raises(ValueError, match="unknown task 'mmlu'; supported tasks: wikitext2, lambada_openai"):
+        zs.parse_tasks("piqa,mmlu")
+
+
+def test_unknown_task_error_lists_supported(tmp_path):
+    with pytest.raises(ValueError) as e:
+        zs.evaluate_tasks(None, None, ["boolq"], tmp_path)
+    assert all(t in str(e.value) for t in zs.TASKS)
+
+
+def test_limit_must_be_a_positive_count(tmp_path):
+    for bad in (0, 0.5, -3):
+        with pytest.raises(ValueError, match="limit must be a positive number"):
+            zs.evaluate_tasks(None, None, "piqa", tmp_path, limit=bad)
+
+
+def test_missing_data_folder_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        zs.evaluate_tasks(None, None, "piqa", tmp_path / "nowhere")
+
+
+def test_missing_task_file_lists_available_tasks(tmp_path):
+    (tmp_path / "arc").mkdir()
+    (tmp_path / "arc" / "ARC-Easy-Test.jsonl").write_text("{}\n")
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "valid.jsonl").write_text("{}\n")  # labels file missing
+    with pytest.raises(FileNotFoundError) as e:
+        zs.evaluate_tasks(None, None, "arc_easy,piqa,winogrande", tmp_path)
+    msg = str(e.value)
+    assert "piqa: piqa/valid-labels.lst" in msg and "winogrande: winogrande/winogrande_xl_validation.jsonl" in msg
+    assert msg.endswith("Tasks available in that folder: arc_easy")
+    assert zs.available_tasks(tmp_path) == ["arc_easy"]
+
+
+def test_default_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEBITS_DATA", str(tmp_path))
+    assert zs.default_data_dir() == tmp_path
+    monkeypatch.delenv("MOEBITS_DATA")
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    assert zs.default_data_dir() == (tmp_path / "shared" / "data").resolve()
+    monkeypatch.chdir(tmp_path)
+    assert zs.default_data_dir() is None
+    with pytest.raises(FileNotFoundError, match="pass --data DIR"):
+        zs.evaluate_tasks(None, None, "piqa")
+
+
+# ------------------------------------------------------------- configs mirror the official lm-eval tasks
+
+OFFICIAL_YAML = {"lambada_openai": "lambada/lambada_openai.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
+                 "piqa": "piqa/piqa.yaml", "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
+                 "winogrande": "winogrande/default.yaml"}
+
+
+def _import_file(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_official_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def official_config(task: str) -> dict:
+    """The installed lm-eval's own YAML of `task` (includes merged, `!function` resolved)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import yaml
+
+    def load(path: Path) -> dict:
+        class Loader(yaml.SafeLoader):
+            pass
+
+        def function(loader, node):
+            module, name = loader.construct_scalar(node).rsplit(".", 1)
+            return getattr(_import_file(path.parent / f"{module}.py"), name)
+
+        Loader.add_constructor("!function", function)
+        cfg = yaml.load(path.read_text(), Loader=Loader)
+        if "include" in cfg:
+            cfg = {**load(path.parent / cfg.pop("include")), **cfg}
+        return cfg
+
+    return load(Path(lm_eval.__file__).parent / "tasks" / OFFICIAL_YAML[task])
+
+
+@pytest.mark.parametrize("task", list(OFFICIAL_YAML))
+def test_config_mirrors_official_task(task, tmp_path):
+    official, ours = official_config(task), zs.task_config(task, tmp_path)
+    for key in ("output_type", "metric_list", "target_delimiter", "fewshot_delimiter", "num_fewshot",
+                "process_results", "filter_list", "generation_kwargs"):
+        assert ours.get(key) == official.get(key), key
+    for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
+        if isinstance(official.get(key), str) or official.get(key) is None:
+            assert ours.get(key) == official.get(key), key
+    assert (ours["test_split"] if "test_split" in ours else ours["validation_split"]) in (
+        official.get("test_split"), official.get("validation_split"))
+
+
+def test_winogrande_functions_match_official():
+    docs = [{"sentence": "Sarah was a better surgeon than Maria so _ always got the harder cases.",
+             "option1": "Sarah", "option2": "Maria", "answer": "1"},
+            {"sentence": "The trophy didn't fit in the suitcase because _ was too big.", "option1": "trophy",
+             "option2": "suitcase", "answer": "2"}]
+    if DATA.is_dir():
+        with open(DATA / "winogrande" / "winogrande_xl_validation.jsonl") as f:
+            docs += [json.loads(line) for line in f][:200]
+    official, ours = official_config("winogrande"), zs.task_config("winogrande", DATA)
+    for doc in docs:
+        for key in ("doc_to_text", "doc_to_target", "doc_to_choice"):
+            assert ours[key](doc) == official[key](doc)
+
+
+def test_hellaswag_query_matches_official_preprocessing():
+    """The local file holds preprocess(activity + ': ' + ctx_a + ' ' + ctx_b) without ctx_b's capitalisation;
+    our query must equal lm-eval's query built from the original (hub-schema) fields."""
+    datasets = pytest.importorskip("datasets")
+    hub_docs = [
+        {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+         "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                     "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "label": "3"},
+        {"activity_label": "Layup drill in basketball", "ctx_a": "A graphic shows on the screen.",
+         "ctx_b": "some young men on an indoor court", "endings": ["a", "b", "c", "d"], "label": "0"},
+        {"activity_label": "Home and Garden", "ctx_a": "[header] How to choose a solar inverter [title] Learn about "
+         "inverters. [step] There are three major types.", "ctx_b": "", "label": "1",
+         "endings": ["[substeps] Grid-tie inverters are common.", "x", "y", "z"]},
+    ]
+    official = official_config("hellaswag")["process_docs"](datasets.Dataset.from_list(hub_docs))
+    clean = zs.hellaswag_preprocess
+    local = [{"ctx": clean(d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"]), "endings": d["endings"],
+              "label": int(d["label"])} for d in hub_docs]
+    ours = zs.task_config("hellaswag", DATA)["process_docs"](datasets.Dataset.from_list(local))
+    assert ours["query"] == official["query"]
+    assert ours["choices"] == official["choices"]
+    assert ours["query"][0] == "Roof shingle removal: A man is sitting on a roof. He"
+
+
+# ----------------------------------------------------------------------------------- end to end
+
+
+@needs_data
+def test_all_tasks_run_offline_and_score_in_unit_interval(tokenizer):
+    from moebits.evaluate import perplexity
+
+    model = tiny_moe(len(tokenizer))
+    res = zs.evaluate_tasks(model, tokenizer, "all,lambada_standard", DATA, limit=LIMIT, seqlen=128, progress=False)
+    assert set(res["tasks"]) == set(zs.TASKS)
+    for task in zs.ACCURACY_TASKS:
+        m = res["tasks"][task]
+        assert m["n"] == LIMIT, task
+        assert 0.0 <= m[zs.PRIMARY_METRIC[task]] <= 1.0, task
+        assert 0.0 <= m["acc"] <= 1.0, task
+    assert res["tasks"]["lambada_openai"]["perplexity"] > 1.0
+    wt = res["tasks"]["wikitext2"]
+    assert wt["windows"] == LIMIT and wt["seqlen"] == 128
+    # the first windows of the whole file = those of a prefix cut at a line end (byte-level BPE is per word)
+    head = (DATA / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")[:40_000]
+    ids = tokenizer(head[:head.rindex("\n")], return_tensors="pt").input_ids[0]
+    assert ids.numel() > LIMIT * 128
+    assert wt["ppl"] == pytest.approx(perplexity(model, ids, 128, max_windows=LIMIT, progress=False).ppl)
+    scores = [res["tasks"][t][zs.PRIMARY_METRIC[t]] for t in zs.ACCURACY_TASKS]
+    assert res["average"] == pytest.approx(sum(scores) / len(scores))
+    assert "lambada_standard" in res["skipped"] and any("lambada_standard" in n for n in res["notes"])
+    table = zs.format_table([{"model": "tiny", "method": "fp32", "bits": "16-16", "result": res}])
+    assert table.splitlines()[0] == "| Model | Method | #Bits (W-A) | AC | AE | HS | LO | LS | PQ | WG | Avg. | PPL |"
+    assert "| n/a |" in table and f"first {LIMIT} documents" in table
+
+
+def _lines(path: Path, n: int) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [next(f) for _ in range(n)]
+
+
+def answer_pairs(task: str, n: int, wrong: bool = False) -> list[tuple[str, str]]:
+    """(context, continuation) of the gold answer -- or, with `wrong`, of a wrong answer -- of the first `n`
+    documents, built straight from the raw files with the prompts of the official tasks."""
+    files = zs.DATA_FILES[task]
+    docs = [json.loads(line) for line in _lines(DATA / files[0], n)]
+    pairs = []
+    for i, d in enumerate(docs):
+        if task == "lambada_openai":
+            *head, last = d["text"].split(" ")
+            pairs.append((" ".join(head), " ~~~~" if wrong else " " + last))
+        elif task == "hellaswag":
+            k = (d["label"] + wrong) % len(d["endings"])
+            pairs.append((zs.hellaswag_query(d["ctx"]), " " + zs.hellaswag_preprocess(d["endings"][k])))
+        elif task == "piqa":
+            label = int(_lines(DATA / files[1], n)[i]) ^ wrong
+            pairs.append((f"Question: {d['goal']}\nAnswer:", " " + d[f"sol{label + 1}"]))
+        elif task in ("arc_easy", "arc_challenge"):
+            k = (d["choices"]["label"].index(d["answerKey"]) + wrong) % len(d["choices"]["text"])
+            pairs.append((f"Question: {d['question']}\nAnswer:", " " + d["choices"]["text"][k]))
+        elif task == "winogrande":
+            blank = d["sentence"].index("_")
+            option = d["option" + str((int(d["answer"]) - 1 + wrong) % 2 + 1)]
+            pairs.append((d["sentence"][:blank] + option, " " + d["sentence"][blank + 1:].strip()))
+    return pairs
+
+
+def force_continuations(model, tokenizer, pairs, boost: float = 100.0):
+    """Hook `model` so that, whenever its input starts with the tokens of ``context`` plus a part of
+    ``continuation`` of one of `pairs`, the logits there put (almost) all mass on the next token of that text. Scored by
+    log-likelihood, the forced continuation then costs ~0 nats and any other continuation >= `boost` nats."""
+    nxt: dict[tuple[int, ...], int] = {}
+    for ctx, cont in pairs:
+        ids = tokenizer(ctx + cont, add_special_tokens=False).input_ids
+        start = len(tokenizer(ctx.rstrip(), add_special_tokens=False).input_ids)  # first continuation token
+        for t in range(max(start, 1), len(ids)):
+            assert nxt.setdefault(tuple(ids[:t]), ids[t]) == ids[t], "two forced texts disagree after one prefix"
+
+    def hook(module, args, kwargs, output):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        logits = output.logits.clone()
+        for b, row in enumerate(ids.tolist()):
+            for t in range(len(row)):
+                token = nxt.get(tuple(row[:t + 1]))
+                if token is not None:
+                    logits[b, t, token] += boost
+        output.logits = logits
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
+@needs_data
+@pytest.mark.parametrize("wrong", [False, True], ids=["gold", "wrong"])
+def test_model_forced_to_an_answer_scores_exactly(tokenizer, wrong):
+    """End-to-end check of data loading, labels, prompts and choice scoring: a model forced to the gold answers
+    (built independently from the raw files) scores 1.0 on every accuracy task; forced to a wrong answer, 0.0."""
+    tasks = list(zs.ACCURACY_TASKS)
+    model = tiny_moe(len(tokenizer))
+    handle = force_continuations(model, tokenizer, [p for t in tasks for p in answer_pairs(t, LIMIT, wrong)])
+    try:
+        res = zs.evaluate_tasks(model, tokenizer, tasks, DATA, limit=LIMIT, progress=False)
+    finally:
+        handle.remove()
+    expected = 0.0 if wrong else 1.0
+    for task in tasks:
+        m = res["tasks"][task]
+        assert m["n"] == LIMIT
+        assert m["acc"] == expected, (task, m)
+        if "acc_norm" in m:
+            assert m["acc_norm"] == expected, (task, m)
+    assert res["average"] == expected
+    if not wrong:
+        assert res["tasks"]["lambada_openai"]["perplexity"] == pytest.approx(1.0, abs=1e-3)
