@@ -179,7 +179,7 @@ def calibrate(adapter: MoEAdapter, windows: torch.Tensor, batch_size: int = 8, m
         if res.rows is None:  # never routed: generic tokens of its layer stand in
             never.append(key)
             gres = generic[key[0]]
-            inputs[key] = ExpertInputs(gres.rows, gres.weights, fallback=True)
+            inputs[key] = ExpertInputs(gres.rows.clone(), gres.weights.clone(), fallback=True)
             moments[Unit(key[0], key[1], "gate")].add(gres.rows)
             moments[Unit(key[0], key[1], "down")].add(adapter.expert_intermediate(key[0], key[1], gres.rows.to(
                 adapter.weight(Unit(key[0], key[1], "gate")).dtype)))

@@ -25,6 +25,7 @@ import torch
 
 from . import cost as costs
 from .allocate import allocate, combine_groups, expert_level, layer_uniform, tie_gate_up, to_plan
+from .allocate.problem import check_feasible
 from .apply import apply_plan, save_quantized
 from .calibrate import Calibration, calibrate
 from .data import calibration_windows, load_text, tokenize
@@ -250,15 +251,30 @@ class Pipeline:
                                                             self.progress), 4)
         self._save_results()
 
+    def precheck_budget(self, choices: list[Choice]) -> None:
+        """Fail before calibrating when a storage budget cannot be met (latency needs frequencies)."""
+        cfg = self.cfg
+        if cfg.latency is not None or self.run.has("plan.json"):
+            return
+        budget = make_budget(cfg, self.units, self.shapes, choices, np.zeros(len(self.units)))
+        solver = cfg.solver or DEFAULT_SOLVER[cfg.method]
+        zeros = np.zeros(budget.cost.shape)
+        if solver in ("uniform", "freq"):  # cheap: the solver itself is the check
+            allocate(zeros, budget.cost, budget.total, solver=solver, frequency=np.ones(len(self.units)),
+                     groups=structure_groups(cfg, self.units), budget_format=budget.describe)
+        else:
+            check_feasible(budget.cost, budget.total, budget.describe)
+
     # -- the whole job -------------------------------------------------------------------------
     def execute(self) -> dict:
         cfg = self.cfg
         if self.results.get("done"):
             return self.results
         self.load()
+        choices = candidate_choices(cfg)
+        self.precheck_budget(choices)
         self.calibrate()
         self.evaluate("ppl_fp")
-        choices = candidate_choices(cfg)
         table = self.profile(choices)
         plan = self.allocate(choices, table)
         self.quantize(plan)

@@ -1,0 +1,42 @@
+import json
+
+from typer.testing import CliRunner
+
+from moebits.cli import app
+
+runner = CliRunner()
+
+
+def test_info_json_on_a_tiny_model(text_file):
+    r = runner.invoke(app, ["info", "--model", "tiny:deepseek_v3", "--json", "--calib", str(text_file),
+                            "--nsamples", "2", "--seqlen", "32"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["model_type"] == "deepseek_v3" and d["num_layers"] == 3 and d["num_moe_layers"] == 2
+    assert d["num_routed_experts"] == 8 and d["num_shared_experts"] == 1 and d["top_k"] == 2
+    assert d["num_units"] == 2 * 9 * 3 and d["params"] > 0 and d["vocab_size"] == 260
+    assert len(d["routing"]["layers"]) == 2
+
+
+def test_quantize_end_to_end_and_clear_errors(tmp_path, text_file):
+    args = ["quantize", "--model", "tiny:mixtral", "--method", "mxmoe", "--quantizer", "gptq", "--bits", "3.5",
+            "--group-size", "32", "--calib", str(text_file), "--eval", str(text_file), "--nsamples", "4",
+            "--seqlen", "64", "--eval-windows", "4", "--out", str(tmp_path / "run")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["method"] == "mxmoe" and res["avg_bits"] <= 3.5 + 1e-9 and res["profile_seconds"] > 0
+    assert (tmp_path / "run" / "table.csv").read_text().startswith("layer,expert,kind,bits,group_size,quantizer")
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+    r = runner.invoke(app, args[:-1] + [str(tmp_path / "run")] + ["--seed", "1"])
+    assert r.exit_code == 2 and "different run" in r.output and "--overwrite" in r.output
+    r = runner.invoke(app, ["quantize", "--model", str(tmp_path / "missing"), "--bits", "3", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "not found" in r.output
+    r = runner.invoke(app, ["quantize", "--model", "tiny:mixtral", "--bits", "3.25", "--calib", str(tmp_path / "no.txt"),
+                            "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "no.txt" in r.output
+    r = runner.invoke(app, ["quantize", "--model", "tiny:mixtral", "--bits", "1.5", "--group-size", "32",
+                            "--calib", str(text_file), "--eval", str(text_file), "--nsamples", "2", "--seqlen", "32",
+                            "--out", str(tmp_path / "z")])
+    assert r.exit_code == 2 and "feasible" in r.output

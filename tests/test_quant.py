@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from moebits.models import MoEAdapter, tiny_model
+from moebits.quant import hessian_from_inputs, quantize_gptq, quantize_hqq, quantize_rtn, quantize_weight
+from moebits.units import Choice
+
+
+def _correlated_inputs(n=1024, k=256, seed=0):
+    """Inputs with correlated features and outlier channels, like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(32, k, generator=g)
+    x = torch.randn(n, 32, generator=g) @ basis + 0.3 * torch.randn(n, k, generator=g)
+    x[:, :4] *= 8
+    return x
+
+
+def _weight(out=96, k=256, seed=1):
+    return torch.randn(out, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def _out_err(w, wq, x):
+    return ((x @ (w - wq).T) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("quantize", [
+    lambda w, b, H: quantize_rtn(w, b, 128),
+    lambda w, b, H: quantize_hqq(w, b, 128),
+    lambda w, b, H: quantize_gptq(w, H, b, 128),
+], ids=["rtn", "hqq", "gptq"])
+def test_error_falls_as_bits_rise_and_8bit_is_near_lossless(quantize):
+    w, x = _weight(), _correlated_inputs()
+    H = hessian_from_inputs(x)
+    errs = [((w - quantize(w, b, H)) ** 2).mean().item() for b in (2, 3, 4, 8)]
+    assert errs == sorted(errs, reverse=True) and errs[0] > 4 * errs[2], errs
+    rel8 = errs[3] / (w ** 2).mean().item()
+    assert rel8 < 1e-4, f"8-bit relative weight error {rel8:.2e}"
+
+
+def test_rtn_grid_has_at_most_2_to_the_bits_levels_per_group():
+    w = _weight()
+    q = quantize_rtn(w, 3, 128)
+    for row in range(4):
+        for g in range(2):
+            assert len(torch.unique(q[row, g * 128:(g + 1) * 128])) <= 8
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_beats_rtn_on_real_calibration_inputs(bits):
+    """Output error on a trained-like expert's own routed inputs, held-out tokens included."""
+    from moebits.calibrate import calibrate
+    from moebits.data import random_windows
+
+    model = tiny_model("qwen2_moe", hidden_size=128, moe_intermediate_size=128, shared_expert_intermediate_size=128)
+    ad = MoEAdapter(model)
+    win = random_windows(torch.randint(0, 256, (20000,), generator=torch.Generator().manual_seed(0)), 16, 128)
+    cal = calibrate(ad, win, max_tokens_per_expert=4096, progress=False)
+    x = cal.inputs[(1, "shared")].x  # every token: a large, real input sample
+    fit, held = x[: len(x) // 2], x[len(x) // 2:]
+    from moebits.units import Unit
+
+    w = ad.weight(Unit(1, "shared", "gate")).clone()
+    H = hessian_from_inputs(fit)
+    e_rtn = _out_err(w, quantize_rtn(w, bits, 128), held)
+    e_gptq = _out_err(w, quantize_gptq(w, H, bits, 128), held)
+    assert e_gptq < e_rtn, (e_gptq, e_rtn)
+
+
+def test_gptq_act_order_and_batching():
+    x = _correlated_inputs()
+    H = hessian_from_inputs(x)
+    ws = torch.stack([_weight(seed=s) for s in range(3)])
+    batched = quantize_gptq(ws, torch.stack([H] * 3), 3, 128, act_order=True)
+    single = torch.stack([quantize_gptq(w, H, 3, 128, act_order=True) for w in ws])
+    assert torch.allclose(batched, single, atol=1e-6)
+    assert _out_err(ws[0], batched[0], x) < _out_err(ws[0], quantize_rtn(ws[0], 3, 128), x)
+
+
+def test_partial_groups_and_storage_formula():
+    w = _weight(out=8, k=200)
+    for q in (quantize_rtn(w, 3, 128), quantize_hqq(w, 3, 128)):
+        assert q.shape == w.shape and torch.isfinite(q).all()
+    # codes + 16-bit scale + 16-bit zero per group of each row
+    assert Choice(3, 128).storage_bits(64, 1024) == 64 * 1024 * 3 + 64 * 8 * 32
+    assert Choice(3, 128).bits_per_weight(64, 1024) == 3.25
+    assert Choice(2, 128).bits_per_weight(64, 1024) == 2.25
+    assert Choice(8, 128).bits_per_weight(10, 128) == 8.25
+    # a partial last group still pays full metadata: 200 columns = 2 groups
+    assert Choice(4, 128).storage_bits(8, 200) == 8 * 200 * 4 + 8 * 2 * 32
+    assert Choice(16).bits_per_weight(8, 200) == 16
+    assert Choice(4, 128, rank=16).storage_bits(64, 1024) == 64 * 1024 * 4 + 64 * 8 * 32 + 16 * 16 * (64 + 1024)
+
+
+def test_quantize_weight_dispatch_and_errors():
+    w = _weight()
+    assert torch.equal(quantize_weight(w, Choice(4, 128, "rtn")), quantize_rtn(w, 4, 128))
+    with pytest.raises(ValueError, match="Hessian"):
+        quantize_weight(w, Choice(4, 128, "gptq"))
+    with pytest.raises(ValueError):
+        Choice(4, 128, "awq")
+    with pytest.raises(ValueError, match="HQQ supports"):
+        quantize_hqq(w, 5, 128)
