@@ -254,10 +254,10 @@ def eval_cmd(
     from .run import atomic_write_json
 
     try:
-        task_list = zeroshot.parse_tasks(tasks) if hasattr(zeroshot, "parse_tasks") else tasks.split(",")
+        task_list = zeroshot.parse_tasks(tasks)
         data_dir = data or zeroshot.default_data_dir()
         if data_dir is None:
-            _fail("no evaluation data folder: pass --data DIR (laid out like shared/data) or set MOEBITS_DATA")
+            _fail(zeroshot.NO_DATA_MESSAGE)
         m, tok, ad = load_model(model)
         label = model
         if run is not None:
@@ -272,10 +272,7 @@ def eval_cmd(
         res = zeroshot.evaluate_tasks(m, tok, task_list, data_dir, limit=limit, batch_size=batch_size, seqlen=seqlen)
     except _user_errors() as e:
         _fail(str(e))
-    if hasattr(zeroshot, "format_table"):
-        Console().print(zeroshot.format_table({label: res}))
-    else:
-        Console().print_json(data=res)
+    zeroshot.print_table([{"model": label, "method": "fp16" if plan is None else "plan", "result": res}])
     if out is not None:
         atomic_write_json(out, res)
     if run is not None and (run / "results.json").exists():
