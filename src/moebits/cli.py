@@ -284,11 +284,21 @@ def eval_cmd(
 
 @app.command("train-demo")
 def train_demo_cmd(out: Path = typer.Option(Path("demo-model"), help="where to write the trained model"),
-                   minutes: float = typer.Option(40.0, help="training time budget"), seed: int = 0):
-    """Train the demo MoE (Qwen2-MoE on Shakespeare) from scratch."""
+                   minutes: float = typer.Option(35.0, help="time budget of the training loop"),
+                   seed: int = 0,
+                   max_steps: Optional[int] = typer.Option(None, help="stop after this many steps"),
+                   wikitext: Optional[Path] = typer.Option(None, help="WikiText-2 wiki.test.raw for the model card "
+                                                                       "(default: from $MOEBITS_DATA or ../shared/data)"),
+                   threads: Optional[int] = typer.Option(None, help="torch CPU threads")):
+    """Train the demo MoE (Qwen2-MoE on Shakespeare) from scratch, with its tokenizer and model card."""
     from .demo.train import train_demo
+    from .zeroshot import default_data_dir
 
-    train_demo(out, minutes=minutes, seed=seed)
+    if wikitext is None and (d := default_data_dir()) is not None and (d / "wikitext2" / "wiki.test.raw").exists():
+        wikitext = d / "wikitext2" / "wiki.test.raw"
+    summary = train_demo(out, minutes=minutes, seed=seed, max_steps=max_steps, wikitext_path=wikitext,
+                         num_threads=threads)
+    Console().print_json(data={k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
 
 
 def main() -> None:  # pragma: no cover
