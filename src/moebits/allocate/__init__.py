@@ -1,0 +1,71 @@
+"""Allocators: choose one choice per unit to minimise the frequency-weighted loss under a budget.
+
+    min sum_u loss[u, c_u]  s.t.  sum_u cost[u, c_u] <= budget      (a multiple-choice knapsack)
+
+One entry point, `allocate`, dispatches to a solver module with the same contract:
+
+    ilp         exact, HiGHS via scipy.optimize.milp (MxMoE, BT-MoE)
+    lagrangian  bisection on lambda + greedy fill (FRI-MxMoE; `fill=False` is the paper exactly)
+    freq        MPQ-Freq: the most frequently routed units get the most bits
+    uniform     one column for every unit
+
+`groups` ties units to one choice (see `groups.py`); the budget is checked against the feasible range
+first, so every solver may assume it is feasible.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import freq, ilp, lagrangian, uniform
+from .groups import combine_groups, expert_level, layer_uniform, reduce_groups, tie_gate_up
+from .planning import to_plan
+from .problem import AllocationResult, BudgetFormat, InfeasibleBudgetError, check_feasible, check_problem, totals
+
+SOLVERS = {"ilp": ilp.solve, "lagrangian": lagrangian.solve, "freq": freq.solve, "uniform": uniform.solve}
+
+__all__ = ["allocate", "AllocationResult", "InfeasibleBudgetError", "SOLVERS", "to_plan", "tie_gate_up",
+           "expert_level", "layer_uniform", "combine_groups"]
+
+
+def allocate(loss, cost, budget: float, solver: str = "lagrangian", groups=None, frequency=None,
+             budget_format: BudgetFormat | None = None, **options) -> AllocationResult:
+    """Solve the allocation. `loss` [U, C] is f_u * l_u(c), `cost` [U, C] >= 0 in the budget's unit.
+
+    `groups` [U] ints: units with equal ids take the same choice. `frequency` [U]: needed by `freq`.
+    `budget_format` turns a cost into words for error messages (e.g. `cost.avg_bits_formatter(shapes)`).
+    `options` go to the solver (`fill`, `rtol` for lagrangian; `time_limit`, `mip_rel_gap` for ilp).
+    Raises InfeasibleBudgetError (a ValueError) with the feasible range when no plan fits.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+    loss, cost, budget = check_problem(loss, cost, budget)
+    if frequency is not None:
+        frequency = np.asarray(frequency, dtype=np.float64)
+        if frequency.shape != (loss.shape[0],) or not np.all(np.isfinite(frequency)):
+            raise ValueError(f"frequency must be finite with shape ({loss.shape[0]},), got shape {frequency.shape}")
+    if solver == "freq":
+        if frequency is None:
+            raise ValueError("solver 'freq' needs `frequency` (routed-token frequency per unit)")
+        options["frequency"] = frequency
+    if solver == "uniform":
+        options["budget_format"] = budget_format
+    t0 = time.perf_counter()
+    inverse = None
+    if groups is not None:
+        loss_g, cost_g, freq_g, inverse = reduce_groups(loss, cost, groups, frequency)
+        if solver == "freq":
+            options["frequency"] = freq_g
+    else:
+        loss_g, cost_g = loss, cost
+    if solver != "uniform":  # uniform checks its own (narrower) range
+        check_feasible(cost_g, budget, budget_format)
+    res = SOLVERS[solver](loss_g, cost_g, budget, **options)
+    if inverse is not None:
+        res.choice_index = res.choice_index[inverse]
+        res.total_loss, res.total_cost = totals(loss, cost, res.choice_index)
+        res.info["groups"] = int(len(loss_g))
+    res.choice_index = np.asarray(res.choice_index, dtype=np.int64)
+    res.seconds = time.perf_counter() - t0
+    return res
