@@ -40,3 +40,25 @@ def test_quantize_end_to_end_and_clear_errors(tmp_path, text_file):
                             "--calib", str(text_file), "--eval", str(text_file), "--nsamples", "2", "--seqlen", "32",
                             "--out", str(tmp_path / "z")])
     assert r.exit_code == 2 and "feasible" in r.output
+
+
+def test_profile_then_allocate(tmp_path, text_file):
+    r = runner.invoke(app, ["profile", "--model", "tiny:qwen3_moe", "--bits", "2,4", "--group-size", "32",
+                            "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    header = (tmp_path / "p" / "table.csv").read_text().splitlines()[0]
+    assert header.startswith("layer,expert,kind,bits,group_size,quantizer,error,frequency,seconds,measured")
+    for solver in ("ilp", "lagrangian"):
+        r = runner.invoke(app, ["allocate", "--table", str(tmp_path / "p" / "table.csv"), "--model", "tiny:qwen3_moe",
+                                "--bits", "3.5", "--solver", solver, "--out", str(tmp_path / f"{solver}.json")])
+        assert r.exit_code == 0, r.output
+    from moebits.plan import Plan
+
+    ilp, lag = Plan.load(tmp_path / "ilp.json"), Plan.load(tmp_path / "lagrangian.json")
+    assert ilp.meta["avg_bits"] <= 3.5 + 1e-9 and lag.meta["avg_bits"] <= 3.5 + 1e-9
+    assert {a.choice.bits for a in ilp.assignments.values()} == {2, 4}  # a real mix at 3.5 bits
+    loss = lambda p: sum(a.loss for a in p.assignments.values())
+    assert loss(ilp) <= loss(lag) * (1 + 1e-9)
+    r = runner.invoke(app, ["allocate", "--table", str(tmp_path / "p" / "table.csv"), "--model", "tiny:qwen3_moe",
+                            "--bits", "1.0", "--out", str(tmp_path / "x.json")])
+    assert r.exit_code == 2 and "feasible" in r.output

@@ -15,7 +15,7 @@ import numpy as np
 
 from .units import Choice, Unit
 
-CSV_COLUMNS = ["layer", "expert", "kind", "bits", "group_size", "quantizer", "rank", "error", "frequency", "seconds", "measured"]
+CSV_COLUMNS = ["layer", "expert", "kind", "bits", "group_size", "quantizer", "error", "frequency", "seconds", "measured", "rank"]
 
 
 @dataclass
@@ -73,9 +73,9 @@ class SensitivityTable:
         for i, u in enumerate(self.units):
             for j, c in enumerate(self.choices):
                 err = self.error[i, j]
-                w.writerow([u.layer, u.expert, u.kind, c.bits, c.group_size, c.quantizer, c.rank,
+                w.writerow([u.layer, u.expert, u.kind, c.bits, c.group_size, c.quantizer,
                             "" if math.isnan(err) else repr(float(err)), repr(float(self.frequency[i])),
-                            f"{self.seconds[i, j]:.6f}", int(self.measured[i, j])])
+                            f"{self.seconds[i, j]:.6f}", int(self.measured[i, j]), c.rank])
         atomic_write_text(path, buf.getvalue())
 
     @classmethod
