@@ -47,7 +47,7 @@ def test_ilp_equals_brute_force(seed):
         loss, cost, budget = random_instance(rng, int(rng.integers(1, 6)), int(rng.integers(1, 5)), seed % 2 == 0)
         best = brute_force(loss, cost, budget)
         for reduce in (True, False):
-            res = allocate(loss, cost, budget, "ilp", reduce=reduce)
+            res = allocate(loss, cost, budget, "ilp", reduce=reduce, mip_rel_gap=0)
             assert res.total_loss == pytest.approx(best, abs=1e-9)
             assert fits(res, budget)
             assert res.optimal and res.lower_bound <= best + 1e-9
@@ -76,8 +76,8 @@ def test_lagrangian_close_to_ilp_on_quantization_like_instances(seed):
     loss, cost, _ = quant_like(rng, 400)
     for avg in (2.5, 3.0, 3.25, 4.0, 6.0):
         budget = avg * cost[:, 0].sum() / 2.25
-        opt = allocate(loss, cost, budget, "ilp")
-        assert opt.optimal and fits(opt, budget)
+        opt = allocate(loss, cost, budget, "ilp", mip_rel_gap=0)
+        assert opt.optimal and fits(opt, budget) and opt.gap <= 1e-6
         pure = allocate(loss, cost, budget, "lagrangian", fill=False)
         full = allocate(loss, cost, budget, "lagrangian")
         assert fits(pure, budget) and fits(full, budget)
@@ -147,7 +147,7 @@ def test_groups_respected_and_optimal_over_groups(solver):
         r = np.arange(len(units))
         assert res.total_loss == pytest.approx(loss[r, res.choice_index].sum())
     if solver == "ilp":  # the grouped optimum is never better than the free one
-        free = allocate(loss, cost, budget, "ilp")
+        free = allocate(loss, cost, budget, "ilp", mip_rel_gap=0)
         assert free.total_loss <= res.total_loss + 1e-12
 
 
@@ -163,7 +163,7 @@ def test_grouped_ilp_matches_brute_force_over_groups():
         r = np.arange(len(units))
         if cost[r, idx].sum() <= budget:
             best = min(best, loss[r, idx].sum())
-    assert allocate(loss, cost, budget, "ilp", groups=groups).total_loss == pytest.approx(best)
+    assert allocate(loss, cost, budget, "ilp", groups=groups, mip_rel_gap=0).total_loss == pytest.approx(best)
 
 
 def test_freq_gives_more_bits_to_more_frequent_units():
@@ -239,6 +239,7 @@ def test_to_plan():
     rng = np.random.default_rng(0)
     loss, cost, _ = quant_like(rng, len(units))
     res = allocate(loss, cost, 3.25 * cost[:, 0].sum() / 2.25, "ilp")
+    assert res.optimal and res.gap <= 1e-4  # HiGHS's default tolerance
     plan = to_plan(units, choices, res, loss, cost, {"method": "mxmoe"})
     plan.check_covers(units)
     for i, u in enumerate(units):

@@ -46,8 +46,8 @@ def _milp(loss, cost, keep, budget, options):
         res = milp(loss[keep] / loss_scale, integrality=np.ones(len(rows)), bounds=Bounds(0, 1),
                    constraints=[LinearConstraint(assign, 1, 1), LinearConstraint(knap, -np.inf, cap)],
                    options=options)
-        if res.x is None:
-            raise RuntimeError(f"HiGHS found no plan (status {res.status}: {res.message})")
+        if res.x is None:  # typically: the time limit came before any incumbent
+            return None, res, None
         on = res.x > 0.5
         idx = np.zeros(U, dtype=np.int64)
         idx[rows[on]] = cols[on]
@@ -59,17 +59,21 @@ def _milp(loss, cost, keep, budget, options):
     raise RuntimeError(f"HiGHS's plans overshoot the budget ({used:.6g} > {budget:.6g})")
 
 
-def solve(loss: np.ndarray, cost: np.ndarray, budget: float, *, reduce: bool = True, mip_rel_gap: float = 1e-6,
+def solve(loss: np.ndarray, cost: np.ndarray, budget: float, *, reduce: bool = True, mip_rel_gap: float = 1e-4,
           time_limit: float | None = None, presolve: bool = True, disp: bool = False) -> AllocationResult:
-    """Solve exactly, to a relative gap of `mip_rel_gap` (HiGHS's own default is 1e-4). Assumes the
-    budget is feasible. `optimal` is True when the gap closed; False when `time_limit` stopped HiGHS
-    with an incumbent (then `gap` is what was proven)."""
+    """Solve to a proven relative gap of `mip_rel_gap` (HiGHS's default, 1e-4, far below the noise of any
+    sensitivity estimate; pass 0 for a strict optimum). Assumes the budget is feasible. `optimal` is
+    True when the gap closed -- with `reduce`, possibly by the Lagrangian bound alone, then HiGHS is not
+    called -- and False when `time_limit` stopped HiGHS with an incumbent (`gap` is what was proven)."""
     options = {"disp": disp, "presolve": presolve, "mip_rel_gap": mip_rel_gap}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
     U, C = loss.shape
     if not reduce:
         idx, res, bound = _milp(loss, cost, np.ones((U, C), bool), budget, options)
+        if idx is None:
+            raise RuntimeError(f"HiGHS found no plan (status {res.status}: {res.message}); "
+                               "raise time_limit or use reduce=True, which always has the Lagrangian plan")
         total_loss, total_cost = totals(loss, cost, idx)
         return AllocationResult(
             idx, total_loss, total_cost, budget, "ilp", optimal=res.status == 0,
@@ -78,6 +82,10 @@ def solve(loss: np.ndarray, cost: np.ndarray, budget: float, *, reduce: bool = T
         )
 
     inc = lagrangian.solve(loss, cost, budget)
+    if inc.gap <= mip_rel_gap:  # the dual bound already proves the incumbent within tolerance
+        inc.solver, inc.optimal = "ilp", True
+        inc.info = {"variables": 0, "free_units": 0, "incumbent_loss": inc.total_loss, "proved_by": "lagrangian bound"}
+        return inc
     lam = inc.info["lambda_bound"]
     d, rc = lagrangian.dual(loss, cost, lam, budget)
     margin = (inc.total_loss - d) + 1e-9 * abs(inc.total_loss) + 1e-300  # slack for float rounding: keeps more
@@ -94,10 +102,11 @@ def solve(loss: np.ndarray, cost: np.ndarray, budget: float, *, reduce: bool = T
         sub_idx, res, sub_bound = _milp(loss[free], cost[free], keep[free], budget - fixed_cost, options)
         status, optimal = int(res.status), res.status == 0
         info.update(status=status, message=res.message, nodes=res.mip_node_count)
-        cand = best_idx.copy()
-        cand[free] = sub_idx
-        if totals(loss, cost, cand)[0] <= inc.total_loss:
-            best_idx = cand
+        if sub_idx is not None:
+            cand = best_idx.copy()
+            cand[free] = sub_idx
+            if totals(loss, cost, cand)[0] <= inc.total_loss:
+                best_idx = cand
         if sub_bound is not None:  # any plan better than the incumbent lives in the reduced problem
             bound = max(bound, min(inc.total_loss, fixed_loss + sub_bound))
     total_loss, total_cost = totals(loss, cost, best_idx)

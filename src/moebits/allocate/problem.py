@@ -13,8 +13,9 @@ import numpy as np
 
 BudgetFormat = Callable[[float], str]
 
-# Relative slack when comparing a plan's cost to the budget: costs are sums of ~1e5 floats.
-BUDGET_RTOL = 1e-12
+# Relative slack when comparing a plan's cost to the budget: float sums of ~1e5 costs (pairwise summation
+# errs by ~1e-15). Below one bit for any budget under 12 TB, so integer storage costs never exceed a storage budget.
+BUDGET_RTOL = 1e-14
 
 
 class InfeasibleBudgetError(ValueError):
