@@ -127,7 +127,7 @@ def evaluate_checkpoint(ckpt_dir: str | Path, seed: int = 0, wikitext_path: str 
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB"
+    return f"{n / 1e6:.2f} MB ({n / 2**20:.2f} MiB)"
 
 
 def write_model_card(ckpt_dir: str | Path, summary: dict) -> str:
@@ -239,7 +239,9 @@ def write_model_card(ckpt_dir: str | Path, summary: dict) -> str:
                      f" {row['cv']:.3f} | {row['unused_experts']} | {base['cv']:.3f} |")
     lines += [
         "",
-        f"CV ranges from {min(cvs):.3f} to {max(cvs):.3f} across layers.",
+        f"CV ranges from {min(cvs):.3f} to {max(cvs):.3f} across layers. Nothing forced this heterogeneity; note"
+        " that transformers' Qwen2-MoE load-balancing loss pools the routing statistics of all layers (expert e of"
+        " every layer counts as one expert), so it balances the layers only on average, not each layer.",
         "",
         "## Files",
         "",
