@@ -47,8 +47,11 @@ def test_calibration_counts_and_statistics():
     # capped sample, and routing weights captured with it
     for (l, e), inp in cal.inputs.items():
         assert inp.x.shape[0] <= 16 and inp.g.shape == (inp.x.shape[0],)
-    rows = frequency_summary(cal.stats)
+    rows = frequency_summary(cal.stats, cal.total_tokens)
     assert [r["layer"] for r in rows] == ad.moe_layers and all(r["min"] <= r["max"] for r in rows)
+    for r in rows:  # frequencies of a layer sum to top_k
+        f = [s.tokens / n_tokens for s in routed if s.unit.layer == r["layer"]]
+        assert sum(f) == pytest.approx(ad.top_k) and r["max"] == pytest.approx(max(f))
 
 
 def test_never_routed_expert_gets_fallback_tokens_and_a_warning(caplog):

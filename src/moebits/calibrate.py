@@ -210,13 +210,18 @@ def calibrate(adapter: MoEAdapter, windows: torch.Tensor, batch_size: int = 8, m
     return Calibration(stats=stats, inputs=inputs, total_tokens=total_tokens, never_routed=never)
 
 
-def frequency_summary(stats: list[UnitStats]) -> list[dict]:
-    """Per MoE layer: min / max / coefficient of variation of routed-expert frequencies."""
+def frequency_summary(stats: list[UnitStats], total_tokens: int) -> list[dict]:
+    """Per MoE layer: min / max / coefficient of variation of routed-expert frequencies (routed tokens /
+    calibration tokens, without the never-routed floor), max over mean, and how many were never routed."""
     out = []
     for layer in sorted({s.unit.layer for s in stats}):
-        f = torch.tensor([s.frequency for s in stats if s.unit.layer == layer and s.unit.kind == "gate"
-                          and not s.unit.is_shared], dtype=torch.float64)
-        if f.numel():
+        tokens = torch.tensor([s.tokens for s in stats if s.unit.layer == layer and s.unit.kind == "gate"
+                               and not s.unit.is_shared], dtype=torch.float64)
+        if tokens.numel():
+            f = tokens / total_tokens
+            mean = f.mean().item()
             out.append({"layer": layer, "min": f.min().item(), "max": f.max().item(),
-                        "cv": (f.std(unbiased=False) / f.mean()).item() if f.mean() > 0 else 0.0})
+                        "cv": (f.std(unbiased=False) / f.mean()).item() if mean > 0 else 0.0,
+                        "max_over_mean": f.max().item() / mean if mean > 0 else 0.0,
+                        "never_routed": int((tokens == 0).sum())})
     return out

@@ -67,7 +67,7 @@ def info(model: str = typer.Option("demo", help=MODEL_HELP), as_json: bool = typ
             win = calibration_windows(tok, calib, nsamples, seqlen, seed)
             cal = calibrate(ad, win, max_tokens_per_expert=1, seed=seed, progress=not as_json)
             summary["routing"] = {"calib": calib, "tokens": cal.total_tokens, "never_routed": len(cal.never_routed),
-                                  "layers": frequency_summary(cal.stats)}
+                                  "layers": frequency_summary(cal.stats, cal.total_tokens)}
     except _user_errors() as e:
         _fail(str(e))
     if as_json:
@@ -79,13 +79,19 @@ def info(model: str = typer.Option("demo", help=MODEL_HELP), as_json: bool = typ
             t.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
     Console().print(t)
     if "routing" in summary:
-        r = Table(title=f"routing on {summary['routing']['tokens']:,} calibration tokens ({calib}): "
-                        "expert frequency = routed tokens / tokens")
-        for c in ("layer", "min", "max", "CV"):
+        rows = summary["routing"]["layers"]
+        r = Table(title=f"routing: {summary['routing']['tokens']:,} tokens of {calib}",
+                  caption="frequency = routed tokens / tokens (top-k: a layer's frequencies sum to k)")
+        for c in ("layer", "min", "max", "max/mean", "CV", "never routed"):
             r.add_column(c, justify="right")
-        for row in summary["routing"]["layers"]:
-            r.add_row(str(row["layer"]), f"{row['min']:.4f}", f"{row['max']:.4f}", f"{row['cv']:.3f}")
+        for row in rows:
+            r.add_row(str(row["layer"]), f"{row['min']:.4f}", f"{row['max']:.4f}", f"{row['max_over_mean']:.1f}",
+                      f"{row['cv']:.3f}", str(row["never_routed"]))
         Console().print(r)
+        cvs = [row["cv"] for row in rows]
+        verdict = "skewed" if min(cvs) > 0.5 else "mildly skewed" if max(cvs) > 0.25 else "near uniform"
+        Console().print(f"expert usage is {verdict}: CV {min(cvs):.2f}-{max(cvs):.2f} across layers "
+                        "(frequency weighting and anchor sampling exploit skew).")
 
 
 def _budget_opts(bits, memory_gb, latency):
