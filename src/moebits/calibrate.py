@@ -34,16 +34,16 @@ class _Moments:
     def add(self, a: torch.Tensor) -> None:
         if a.numel() == 0:
             return
-        a = a.detach().double().reshape(-1)
-        a2 = a * a
+        # powers in float32, sums accumulated in float64: exact enough for statistics, no float64 copies
+        a = a.detach().reshape(-1).float()
+        a_abs, a2 = a.abs(), a * a
+        f64 = torch.float64
+        s1, s2, s3, s4, abs1 = torch.stack([a.sum(dtype=f64), a2.sum(dtype=f64), (a2 * a).sum(dtype=f64),
+                                            (a2 * a2).sum(dtype=f64), a_abs.sum(dtype=f64)]).tolist()
+        rms = math.sqrt(s2 / a.numel())
         self.n += a.numel()
-        self.s1 += a.sum().item()
-        self.s2 += a2.sum().item()
-        self.s3 += (a2 * a).sum().item()
-        self.s4 += (a2 * a2).sum().item()
-        self.abs1 += a.abs().sum().item()
-        rms = math.sqrt(a2.mean().item())
-        self.outliers += int((a.abs() > OUTLIER_TAU * rms).sum().item()) if rms > 0 else 0
+        self.s1, self.s2, self.s3, self.s4, self.abs1 = self.s1 + s1, self.s2 + s2, self.s3 + s3, self.s4 + s4, self.abs1 + abs1
+        self.outliers += int((a_abs > OUTLIER_TAU * rms).sum()) if rms > 0 else 0
 
     def summary(self) -> dict:
         if self.n == 0:
