@@ -1,4 +1,4 @@
-"""Demo-model perplexity at 2.25 and 3.25 average bits: uniform GPTQ, MPQ-Freq, MxMoE per linear
+"""Demo-model perplexity at 2.25, 2.5 and 3.25 average bits: uniform GPTQ, MPQ-Freq, MxMoE per linear
 block, MxMoE per expert (the paper's Table 5 granularity) -- all with GPTQ g128, same calibration.
 
     .venv/bin/python benchmarks/bench_mxmoe.py [--nsamples 128] [--budgets 2.25,3.25]
@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--model", default="demo")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--budgets", default="2.25,3.25")
+    ap.add_argument("--budgets", default="2.25,2.5,3.25")  # 2.25 = the floor of {2,3,4,8} g128: all-2-bit only
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
