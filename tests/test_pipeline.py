@@ -77,3 +77,23 @@ def test_corrupted_plan_is_refused(tmp_path):
     p.write_text("{not json")
     with pytest.raises(PlanError, match="not valid JSON"):
         Plan.load(p)
+
+
+def test_latency_budget_with_measured_latency_fri(tmp_path, text_file):
+    """--latency with --cost latency-fri: kernel latencies measured here, interpolated, budget respected."""
+    import numpy as np
+
+    from moebits.pipeline import candidate_choices, make_budget
+
+    cfg = _cfg(text_file, method="freq", bits=None, latency=1.0, cost="latency-fri", batch_tokens=64)
+    p = Pipeline(cfg, tmp_path / "r", progress=False)
+    p.load()
+    p.calibrate()
+    freq = np.array([s.frequency for s in p.calib.stats])
+    b = make_budget(cfg, p.units, p.shapes, candidate_choices(cfg), freq)
+    assert b.cost.shape == (len(p.units), 4) and np.all(b.cost > 0)
+    # a budget between the cheapest and the dearest plan is met, and binds
+    lo, hi = b.cost.min(axis=1).sum(), b.cost.max(axis=1).sum()
+    cfg.latency = float(lo + 0.5 * (hi - lo))
+    res = Pipeline(cfg, tmp_path / "r2", progress=False).execute()
+    assert res["done"] and res["budget"] == {"latency": cfg.latency}

@@ -108,7 +108,9 @@ def quantize(
     bits: Optional[float] = typer.Option(None, help="budget: average storage bits per weight (3.25 = 3-bit g128)"),
     memory_gb: Optional[float] = typer.Option(None, help="budget: GB of expert weights"),
     latency: Optional[float] = typer.Option(None, help="budget: seconds per forward of the experts (roofline on --gpu)"),
-    gpu: str = typer.Option("h100", help="GPU of the latency model: a100 | h100 | rtx4090"),
+    gpu: str = typer.Option("h100", help="GPU of the roofline latency model: a100 | h100 | rtx4090"),
+    cost: str = typer.Option("roofline", help="latency model for --latency: roofline (analytic, --gpu) | "
+                                              "latency-fri (kernel latencies measured on this machine, FRI-interpolated)"),
     batch_tokens: int = typer.Option(4096, help="tokens per forward for the latency model"),
     group_size: int = typer.Option(128),
     candidate_bits: str = typer.Option("2,3,4,8", help="bit-widths the allocator may choose"),
@@ -139,7 +141,7 @@ def quantize(
     _setup_logging(verbose)
     _budget_opts(bits, memory_gb, latency)
     cfg = QuantizeConfig(model=model, method=method, quantizer=quantizer, bits=bits, memory_gb=memory_gb,
-                         latency=latency, gpu=gpu, batch_tokens=batch_tokens, group_size=group_size,
+                         latency=latency, gpu=gpu, cost=cost, batch_tokens=batch_tokens, group_size=group_size,
                          candidate_bits=_parse_bits(candidate_bits), calib=calib, nsamples=nsamples, seqlen=seqlen,
                          eval=eval, eval_windows=eval_windows, metric=metric, solver=solver, granularity=granularity,
                          tie_gate_up=tie_gate_up, anchors=anchors, sampler=sampler, act_order=act_order, seed=seed,

@@ -53,6 +53,7 @@ class QuantizeConfig:
     memory_gb: float | None = None  # budget: GB of unit weights
     latency: float | None = None  # budget: seconds per forward of the units (roofline on `gpu`)
     gpu: str = "h100"
+    cost: str = "roofline"  # latency model: roofline (analytic, --gpu) | latency-fri (measured here, FRI-interpolated)
     batch_tokens: int = 4096
     group_size: int = 128
     candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -112,7 +113,15 @@ def make_budget(cfg: QuantizeConfig, units: list[Unit], shapes: dict, choices: l
     if cfg.memory_gb is not None:
         return Budget("memory", cfg.memory_gb, storage, costs.gb_to_bits(cfg.memory_gb),
                       lambda c: f"{costs.bits_to_gb(c):.6g} GB")
-    lat = costs.latency_matrix(shape_list, freq, choices, cfg.gpu, cfg.batch_tokens)
+    if cfg.cost == "latency-fri":
+        from .latency import latency_fri_matrix
+
+        lat, info = latency_fri_matrix(shape_list, freq, choices, cfg.batch_tokens, seed=cfg.seed, device=cfg.device)
+        log.info("latency FRI: %s", {k: v for k, v in info.items() if not isinstance(v, (list, dict))})
+    elif cfg.cost == "roofline":
+        lat = costs.latency_matrix(shape_list, freq, choices, cfg.gpu, cfg.batch_tokens)
+    else:
+        raise ValueError(f"unknown latency model {cfg.cost!r}; choose roofline or latency-fri")
     return Budget("latency", cfg.latency, lat, cfg.latency, lambda c: f"{c * 1e3:.6g} ms")
 
 
