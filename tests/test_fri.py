@@ -163,7 +163,7 @@ def test_explain_entry_names_the_anchor_rules():
     fitted = fit_table(table, stats)
     unit = table.units[int(np.flatnonzero(~measured)[0])]
     rules = explain_entry(table, fitted, unit, choices[1])
-    assert len(rules) == min(8, 2 * measured.sum())
+    assert len(rules) == min(FRIRegressor().n_neighbors, 2 * measured.sum())  # default K
     measured_names = {table.units[i].name for i in np.flatnonzero(measured)}
     assert all(r["unit"] in measured_names for r in rules)
     assert sum(r["weight"] for r in rules) == pytest.approx(1.0)
