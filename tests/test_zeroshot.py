@@ -42,12 +42,12 @@ def tokenizer():
                                    pad_token="<|endoftext|>")
 
 
-def tiny_moe(vocab_size: int):
+def tiny_moe(vocab_size: int, window: int = 2048):
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     cfg = Qwen2MoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
                          shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=2048,
+                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=window,
                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
     torch.manual_seed(0)
     return Qwen2MoeForCausalLM(cfg).eval()
@@ -304,3 +304,15 @@ def test_model_forced_to_an_answer_scores_exactly(tokenizer, wrong):
     assert res["average"] == expected
     if not wrong:
         assert res["tasks"]["lambada_openai"]["perplexity"] == pytest.approx(1.0, abs=1e-3)
+
+
+@needs_data
+def test_answer_longer_than_the_model_window_is_scored_not_a_crash(tokenizer):
+    """lm-eval asserts when a continuation exceeds the model's window (PIQA solutions vs a 256-token demo model);
+    those requests are scored with a widened window and a note says how many."""
+    model = tiny_moe(len(tokenizer), window=24)
+    res = zs.evaluate_tasks(model, tokenizer, "piqa,wikitext2", DATA, limit=LIMIT, progress=False)
+    assert res["tasks"]["piqa"]["n"] == LIMIT and 0.0 <= res["tasks"]["piqa"]["acc_norm"] <= 1.0
+    assert any(n.startswith("piqa: ") and "longer than the model's 24-token window" in n for n in res["notes"])
+    assert res["tasks"]["wikitext2"]["seqlen"] == 24
+    assert any("max_position_embeddings 24; used 24" in n for n in res["notes"])

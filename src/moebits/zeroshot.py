@@ -225,14 +225,43 @@ def task_config(task: str, data_dir: str | os.PathLike) -> dict:
 # ------------------------------------------------------------------------------------------ evaluate
 
 def _harness_results(model, tokenizer, tasks: Sequence[str], root: Path, limit, batch_size: int, progress: bool,
-                     bootstrap_iters: int) -> dict[str, dict]:
+                     bootstrap_iters: int, notes: list[str]) -> dict[str, dict]:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    class _LM(HFLM):  # lets `progress=False` silence the per-request progress bar
+    class _LM(HFLM):
+        """HFLM that honours `progress`, and scores a continuation longer than the model's window (lm-eval
+        asserts; e.g. 8 PIQA solutions exceed a 256-token demo model) in a second pass with the window
+        widened just for those requests, counted in `self.overlong` for a note."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.overlong: dict[str, int] = {}  # task -> requests scored with a widened window
+            self.overlong_window: tuple[int, int] | None = None  # (model window, widened window)
+
         def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
+            disable_tqdm = disable_tqdm or not progress
+            window = self.max_length
+            cont_len = [len(self._encode_pair(*r.args[:2])[1]) for r in requests]
+            long_ids = [i for i, n in enumerate(cont_len) if n > window]
+            if not long_ids:
+                return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            fits = [i for i, n in enumerate(cont_len) if n <= window]
+            out: list = [None] * len(requests)
+            for i, r in zip(fits, super().loglikelihood([requests[i] for i in fits], disable_tqdm=disable_tqdm)):
+                out[i] = r
+            saved, self._max_length = self._max_length, max(cont_len[i] for i in long_ids)
+            try:
+                for i, r in zip(long_ids, super().loglikelihood([requests[i] for i in long_ids], disable_tqdm=True)):
+                    out[i] = r
+            finally:
+                self._max_length = saved
+            for i in long_ids:
+                name = getattr(requests[i], "task_name", None) or "?"
+                self.overlong[name] = self.overlong.get(name, 0) + 1
+            self.overlong_window = (window, max(cont_len[i] for i in long_ids))
+            return out
 
     quiet = [logging.getLogger(n) for n in ("lm-eval", "lm_eval", "datasets")]
     levels = [lg.level for lg in quiet]
@@ -247,6 +276,11 @@ def _harness_results(model, tokenizer, tasks: Sequence[str], root: Path, limit, 
     finally:
         for lg, lv in zip(quiet, levels):
             lg.setLevel(lv)
+    if lm.overlong:
+        window, widened = lm.overlong_window
+        notes.extend(f"{task}: {n} answer choice(s) longer than the model's {window}-token window, scored with "
+                     f"the window widened to {widened} (positions beyond the trained range)"
+                     for task, n in sorted(lm.overlong.items()))
     metrics: dict[str, dict] = {}
     for task in tasks:
         raw = out["results"][task]
@@ -316,7 +350,7 @@ def evaluate_tasks(model, tokenizer, tasks: str | Sequence[str], data_dir: str |
     if harness_tasks:  # one harness call: requests of all tasks are length-sorted and batched together
         t0 = time.perf_counter()
         results.update(_harness_results(model, tokenizer, harness_tasks, root, limit, batch_size, progress,
-                                        bootstrap_iters))
+                                        bootstrap_iters, notes))
         seconds["harness"] = time.perf_counter() - t0
 
     if was_training:  # the harness puts the model in eval mode
