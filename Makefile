@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/moebits quantize --model demo --method uniform --quantizer gptq --bits 3.25 --out runs/demo --overwrite
+	$(VENV)/bin/moebits quantize --model demo --method fri --quantizer gptq --bits 3.25 --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
