@@ -376,7 +376,7 @@ def _rows(rows) -> list[dict]:
     return [dict(r) for r in rows]
 
 
-def _table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]], list[str], int]:
+def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]], list[str], int]:
     """Header, body and footnotes of the paper's Table 1 layout: Model | Method | #Bits (W-A) | AC .. WG | Avg. | PPL.
     Task columns appear when some row evaluated (or skipped) that task; label columns when some row fills them."""
     present = set()
@@ -418,7 +418,7 @@ def _table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]], list[str
 def format_table(rows) -> str:
     """Markdown table in the layout of the FRI-MxMoE paper's Table 1. `rows`: one `evaluate_tasks` result, or
     a list of ``{"model": .., "method": .., "bits": "3.25-16", "result": <evaluate_tasks result>}``."""
-    header, body, notes, n_labels = _table_cells(_rows(rows))
+    header, body, notes, n_labels = table_cells(_rows(rows))
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join(["---"] * n_labels + ["---:"] * (len(header) - n_labels)) + "|"]
     lines += ["| " + " | ".join(c) + " |" for c in body]
@@ -430,7 +430,7 @@ def print_table(rows, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    header, body, notes, n_labels = _table_cells(_rows(rows))
+    header, body, notes, n_labels = table_cells(_rows(rows))
     table = Table(title="Zero-shot accuracy (%) and WikiText-2 perplexity")
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i < n_labels else "right", no_wrap=True)
