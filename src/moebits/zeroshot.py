@@ -30,7 +30,6 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -232,8 +231,8 @@ def _harness_results(model, tokenizer, tasks: Sequence[str], root: Path, limit, 
 
     class _LM(HFLM):
         """HFLM that honours `progress`, and scores a continuation longer than the model's window (lm-eval
-        asserts; e.g. 8 PIQA solutions exceed a 256-token demo model) in a second pass with the window
-        widened just for those requests, counted in `self.overlong` for a note."""
+        asserts; e.g. 15 PIQA solutions of 8 questions exceed the 256-token demo model) in a second pass
+        with the window widened just for those requests, counted in `self.overlong` for a note."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
