@@ -23,8 +23,8 @@ The defaults (target="log", K=4, epsilon=1e-6) are the ones chosen on the demo m
 `benchmarks/bench_fri_prediction.py` (results/fri_prediction_hparams.md): a 5-fold cross-validation
 over the anchor experts only (never the held-out units), 25 stratified anchor sets at 5-25 % of the
 units, grid target x K in {1,2,4,8,16,32} x epsilon in {1e-6, 0.1, 1}. "log" beats "linear" at every
-K (CV within-bit rho 0.809 vs 0.791 at best; the errors span ~3 decades across bit-widths), K=4
-beats the former default K=8 (0.809 vs 0.797), and epsilon hardly matters below 1.
+K (CV within-bit rho 0.810 vs 0.791 at best; the errors span ~3 decades across bit-widths), K=4
+beats the former default K=8 (0.810 vs 0.797), and epsilon hardly matters below 1.
 
 Search. One-hot encoding each categorical feature with entries 1/sqrt(2) makes the squared
 Euclidean distance between two codes 0 if equal and 1/2 + 1/2 = 1 otherwise, i.e. Hamming; with the
