@@ -33,7 +33,7 @@ from .units import Choice, Unit
 METRICS = ("expert", "layer")
 
 
-def _groups(units: list[Unit], choices: list[Choice]):
+def _groups(units: list[Unit]):
     """(layer, kind, is_shared) -> units: units quantized together in one batched call per choice."""
     g: dict[tuple, list[Unit]] = defaultdict(list)
     for u in units:
@@ -56,7 +56,7 @@ def profile_expert(adapter: MoEAdapter, units: list[Unit], choices: list[Choice]
                    table: SensitivityTable | None = None, progress: bool = True) -> SensitivityTable:
     """Expert-local metric for `units` x `choices`, written into `table` (a new one if None)."""
     table = table or new_table(adapter, choices, stats)
-    groups = _groups(units, choices)
+    groups = _groups(units)
     needs_h = any(c.quantizer == "gptq" for c in choices)
     bar = tqdm(total=len(units) * len(choices), desc="profile (expert)", disable=not progress, leave=False)
     H_cache: dict[int, dict] = {}
