@@ -51,7 +51,7 @@ DEFAULT_CONFIG: dict = dict(
     router_aux_loss_coef=0.01,
 )
 
-DEFAULT_TRAINING: dict = dict(seqlen=256, batch_size=32, lr=3e-3, min_lr_ratio=0.1, warmup_steps=50,
+DEFAULT_TRAINING: dict = dict(seqlen=256, batch_size=32, lr=3e-3, min_lr_ratio=0.05, warmup_steps=50,
                               weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, log_every=25)
 
 
@@ -110,7 +110,8 @@ def lr_at(step: int, progress: float, lr: float, warmup_steps: int, min_lr_ratio
 def train_demo(out_dir, minutes: float | None = 35.0, seed: int = 0, max_steps: int | None = None,
                config_overrides: dict | None = None, training_overrides: dict | None = None,
                wikitext_path: str | Path | None = None, evaluate: bool = True, progress: bool = True,
-               num_threads: int | None = None, max_chars: int | None = None) -> dict:
+               num_threads: int | None = None, max_chars: int | None = None,
+               checkpoint_minutes: float = 10.0) -> dict:
     """Train the demo MoE into `out_dir` and return a summary dict (also written as `train_summary.json`).
 
     minutes: wall-clock budget for the optimisation loop (tokenizer, saving and evaluation come on top);
@@ -121,7 +122,10 @@ def train_demo(out_dir, minutes: float | None = 35.0, seed: int = 0, max_steps: 
     evaluate: compute the model card numbers (perplexities, expert usage) and write README.md;
     num_threads: torch CPU threads (None: torch's default). On a CPU shared with other jobs use 1: with 2
     threads on 2 busy cores the OpenMP barriers made a step ~7x slower here (380 vs 2,700 tokens/s);
-    max_chars: keep only the first `max_chars` characters of each play (smoke tests; None: all of it).
+    max_chars: keep only the first `max_chars` characters of each play (smoke tests; None: all of it);
+    checkpoint_minutes: every so often the training state (model, optimizer, data generator, step, elapsed
+    time) is written atomically to `out_dir/train_state.pt`; a rerun with the same arguments resumes from
+    it, so an interrupted multi-hour run loses at most this much work. The file is removed at the end.
     """
     if minutes is None and max_steps is None:
         raise ValueError("set a time budget (minutes) or max_steps")
@@ -165,8 +169,26 @@ def train_demo(out_dir, minutes: float | None = 35.0, seed: int = 0, max_steps: 
     log: list[dict] = []
     step, tokens, loss_ema = 0, 0, None
     t0 = time.time()
-    bar = tqdm(total=max_steps, desc="train-demo", disable=not progress, dynamic_ncols=True)
+    state_path = out_dir / "train_state.pt"
+    if state_path.exists():  # resume an interrupted run: same weights, optimizer moments, data order, clock
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        step, tokens, loss_ema = int(state["step"]), int(state["tokens"]), float(state["loss_ema"])
+        log = json.loads(state["log_json"])
+        t0 = time.time() - float(state["elapsed"])
+        print(f"resuming from {state_path}: step {step}, {tokens:,} tokens, {state['elapsed']:.0f} s done")
+    last_save = time.time()
+    bar = tqdm(total=max_steps, initial=step, desc="train-demo", disable=not progress, dynamic_ncols=True)
     while True:
+        if time.time() - last_save > 60.0 * checkpoint_minutes:
+            tmp = state_path.with_suffix(".tmp")
+            torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), generator=gen.get_state(),
+                            step=step, tokens=tokens, loss_ema=loss_ema if loss_ema is not None else float("nan"),
+                            elapsed=time.time() - t0, log_json=json.dumps(log)), tmp)
+            tmp.replace(state_path)
+            last_save = time.time()
         elapsed = time.time() - t0
         progress_frac = max(elapsed / budget_s if budget_s else 0.0, step / max_steps if max_steps else 0.0)
         if progress_frac >= 1.0:
@@ -195,6 +217,7 @@ def train_demo(out_dir, minutes: float | None = 35.0, seed: int = 0, max_steps: 
             bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}))
     bar.close()
     train_seconds = time.time() - t0
+    state_path.unlink(missing_ok=True)
 
     # save fp16 safetensors (+ tokenizer, already saved)
     model.eval()
