@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from _common import write_table
-from moebits import cost as costs
-from moebits.allocate import allocate, expert_level, to_plan
+from moebits.allocate import expert_level, plan_under_budget
 from moebits.apply import apply_plan
+from moebits.budget import Budget
 from moebits.calibrate import calibrate
 from moebits.data import calibration_windows, load_text, tokenize
 from moebits.evaluate import perplexity
@@ -40,7 +40,6 @@ def main():
 
     model, tok, ad = load_model(args.model)
     units, shapes = ad.units(), ad.shapes()
-    shape_list = [shapes[u] for u in units]
     original = {u: ad.weight(u).clone() for u in units}
     cal = calibrate(ad, calibration_windows(tok, "demo", args.nsamples, args.seqlen, args.seed), seed=args.seed)
     stats = cal.stats_by_unit()
@@ -48,9 +47,6 @@ def main():
     t0 = time.perf_counter()
     table = profile(ad, "expert", units, choices, stats, cal.inputs, table=new_table(ad, choices, stats))
     t_prof = time.perf_counter() - t0
-    freq = table.frequency
-    loss = freq[:, None] * table.error
-    storage = costs.storage_matrix(shape_list, choices)
     eval_ids = tokenize(tok, load_text("demo", "eval"))
 
     def run(plan: Plan) -> float:
@@ -62,19 +58,17 @@ def main():
     fp = run(Plan.uniform(units, shapes, Choice(16)))
     rows = []
     for b in [float(x) for x in args.budgets.split(",")]:
-        budget = costs.avg_bits_to_total_bits(b, shape_list)
-        fmt = costs.avg_bits_formatter(shape_list)
+        budget = Budget.build("bits", b, units, shapes, choices)
         methods = {
             "uniform GPTQ": dict(solver="uniform"),
-            "freq (MPQ-Freq)": dict(solver="freq", frequency=freq),
+            "freq (MPQ-Freq)": dict(solver="freq"),
             "mxmoe, linear-block": dict(solver="ilp"),
             "mxmoe, expert-level": dict(solver="ilp", groups=expert_level(units)),
         }
         for name, kw in methods.items():
-            res = allocate(loss, storage, budget, budget_format=fmt, **kw)
-            plan = to_plan(units, choices, res, loss, storage, {"method": name})
+            plan = plan_under_budget(table, budget, meta={"method": name}, **kw)
             ppl = run(plan)
-            rows.append([f"{b:.2f}", name, f"{plan.avg_bits(shapes):.4f}", f"{res.total_loss:.4g}", f"{ppl:.3f}",
+            rows.append([f"{b:.2f}", name, f"{plan.avg_bits(shapes):.4f}", f"{plan.meta['total_loss']:.4g}", f"{ppl:.3f}",
                          f"{100 * (ppl / fp - 1):+.2f}"])
             print(rows[-1], flush=True)
     notes = [f"model `{args.model}`, fp perplexity {fp:.3f} on the held-out plays; calibration {args.nsamples} x "

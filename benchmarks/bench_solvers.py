@@ -26,7 +26,8 @@ import numpy as np
 
 from _common import write_table
 from moebits.allocate import allocate, layer_uniform
-from moebits.cost import avg_bits_to_total_bits, storage_matrix
+from moebits.budget import Budget
+from moebits.table import SensitivityTable
 from moebits.units import KINDS, SHARED, Choice, Unit
 
 CHOICES = [Choice(b, 128) for b in (2, 3, 4, 8)]
@@ -53,7 +54,7 @@ def make_instance(layers, routed, hidden, width, shared_width, top_k=6, seed=0):
     bits = np.array([c.bits for c in CHOICES], dtype=float)
     err = s[:, None] * 2.0 ** (-a[:, None] * bits[None, :]) * rng.lognormal(0.0, 0.1, (U, len(bits)))
     err = np.minimum.accumulate(err, axis=1)
-    return units, shapes, freq, freq[:, None] * err, storage_matrix(shapes, CHOICES)
+    return SensitivityTable(units, CHOICES, error=err, frequency=freq), dict(zip(units, shapes))
 
 
 def timed(fn, repeats):
@@ -70,11 +71,13 @@ def fmt_gap(x):
     return "—" if x is None else f"{100 * x:.2e}" if 0 < 100 * x < 1e-3 else f"{100 * x:.4f}"
 
 
-def bench(name, units, shapes, freq, loss, cost, budgets, args, rows, plain_budgets=None):
+def bench(name, table, shapes, budgets, args, rows, plain_budgets=None):
+    units, freq, loss = table.units, table.frequency, table.loss
     U = len(units)
     print(f"{name}: {U:,} units x {len(CHOICES)} choices", flush=True)
     for avg in budgets:
-        budget = avg_bits_to_total_bits(avg, shapes)
+        b = Budget.build("bits", avg, units, shapes, CHOICES)
+        cost, budget = b.cost, b.total
         for grouping, groups in (("linear", None), ("layer", layer_uniform(units) if args.grouped else None)):
             if grouping == "layer" and groups is None:
                 continue
@@ -127,7 +130,7 @@ def main():
     t0 = time.perf_counter()
     rows: list[list] = []
     stress = make_instance(60, 863, 2048, 1408, 2816, seed=args.seed)
-    assert len(stress[0]) == 155_520
+    assert len(stress[0].units) == 155_520
     # plain HiGHS needs ~40 s per budget here before its time limit bites: run it at the largest budget only
     bench("stress 155,520", *stress, budgets, args, rows, plain_budgets=budgets[-1:])
     real = make_instance(59, 160, 5120, 1536, 3072, seed=args.seed)

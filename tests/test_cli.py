@@ -1,8 +1,12 @@
 import json
 
+import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from moebits.cli import app
+from moebits.plan import Plan
+from moebits.table import SensitivityTable
 
 runner = CliRunner()
 
@@ -28,6 +32,16 @@ def test_quantize_end_to_end_and_clear_errors(tmp_path, text_file):
     assert res["method"] == "mxmoe" and res["avg_bits"] <= 3.5 + 1e-9 and res["profile_seconds"] > 0
     assert (tmp_path / "run" / "table.csv").read_text().startswith("layer,expert,kind,bits,group_size,quantizer")
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    # the table is a real measurement (more bits, less error) and the plan is the table's optimum
+    t = SensitivityTable.from_csv(tmp_path / "run" / "table.csv")
+    assert t.complete and t.measured.all() and np.all(t.error > 0)
+    assert [c.bits for c in t.choices] == [2, 3, 4, 8] and np.all(t.error[:, 3] < t.error[:, 0])
+    plan = Plan.load(tmp_path / "run" / "plan.json")
+    idx = np.array([t.choices.index(plan.choice(u)) for u in t.units])
+    objective = t.loss[np.arange(len(idx)), idx].sum()
+    assert objective == pytest.approx(plan.meta["total_loss"], rel=1e-9)
+    # 3-bit g32 costs 4 bits per weight, so every unit fits at 2 bits (3.0): the ILP must spend the rest
+    assert res["avg_bits"] > 3.0 and objective < t.loss[:, 0].sum()
 
     r = runner.invoke(app, args[:-1] + [str(tmp_path / "run")] + ["--seed", "1"])
     assert r.exit_code == 2 and "different run" in r.output and "--overwrite" in r.output

@@ -5,7 +5,7 @@ import torch
 
 from moebits.evaluate import perplexity
 from moebits.models import load_model
-from moebits.pipeline import Pipeline, QuantizeConfig
+from moebits.pipeline import Pipeline, QuantizeConfig, candidate_choices
 from moebits.plan import Plan, PlanError
 from moebits.run import RunMismatchError
 
@@ -32,9 +32,39 @@ def _cfg(text, **kw):
     return QuantizeConfig(**base)
 
 
+def _reference_rtn(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Asymmetric min-max round-to-nearest per row and group of `group` columns, written out loop by loop
+    (independent of moebits.quant): scale = (max - min) / (2^b - 1) stored in fp16, integer zero point."""
+    w = w.double()
+    out = torch.empty_like(w)
+    qmax = 2 ** bits - 1
+    for r in range(w.shape[0]):
+        for c0 in range(0, w.shape[1], group):
+            g = w[r, c0:c0 + group]
+            scale = float(torch.tensor(max((g.max() - g.min()).item() / qmax, 1e-8)).half())
+            zero = min(max(round(-g.min().item() / scale), 0), qmax)
+            q = torch.clamp(torch.round(g / scale) + zero, 0, qmax)
+            out[r, c0:c0 + group] = (q - zero) * scale
+    return out
+
+
 def test_uniform_run_writes_plan_results_and_resumes(tmp_path, text_file):
     out = tmp_path / "run"
-    res = Pipeline(_cfg(text_file), out, progress=False).execute()
+    p = Pipeline(_cfg(text_file, save_model=False), out, progress=False)  # saving casts through fp16
+    res = p.execute()
+    # the evaluated model holds exactly the 3-bit g32 RTN weights of the original units, and every other
+    # parameter is untouched
+    ref_model, _, ref = load_model("tiny:qwen2_moe", seed=0)
+    for u in p.units:
+        w0, wq = ref.weight(u), p.adapter.weight(u)
+        torch.testing.assert_close(wq, _reference_rtn(w0, 3, 32).to(wq.dtype), rtol=0, atol=0)
+        assert not torch.equal(wq, w0.to(wq.dtype))
+    unit_storage = {p.adapter.weight(u).untyped_storage().data_ptr() for u in p.units}
+    others = [(n, a, b) for (n, a), (_, b) in zip(p.model.named_parameters(), ref_model.named_parameters())
+              if a.untyped_storage().data_ptr() not in unit_storage]
+    assert any("router" in n or "gate.weight" in n for n, _, _ in others)
+    for n, a, b in others:
+        assert torch.equal(a, b), n
     for k in ("method", "quantizer", "avg_bits", "weight_bytes", "ppl_fp", "ppl_q", "eval_tokens", "calibrate_seconds",
               "profile_seconds", "allocate_seconds", "quantize_seconds", "eval_seconds"):
         assert k in res, k
@@ -83,7 +113,7 @@ def test_latency_budget_with_measured_latency_fri(tmp_path, text_file):
     """--latency with --cost latency-fri: kernel latencies measured here, interpolated, budget respected."""
     import numpy as np
 
-    from moebits.pipeline import candidate_choices, make_budget
+    from moebits.pipeline import make_budget
 
     cfg = _cfg(text_file, method="freq", bits=None, latency=1.0, cost="latency-fri", batch_tokens=64)
     p = Pipeline(cfg, tmp_path / "r", progress=False)
@@ -95,5 +125,82 @@ def test_latency_budget_with_measured_latency_fri(tmp_path, text_file):
     # a budget between the cheapest and the dearest plan is met, and binds
     lo, hi = b.cost.min(axis=1).sum(), b.cost.max(axis=1).sum()
     cfg.latency = float(lo + 0.5 * (hi - lo))
-    res = Pipeline(cfg, tmp_path / "r2", progress=False).execute()
+    p2 = Pipeline(cfg, tmp_path / "r2", progress=False)
+    res = p2.execute()
     assert res["done"] and res["budget"] == {"latency": cfg.latency}
+    # the plan's latency under the run's own (re-measured) matrix fits, and the budget binds: what is left
+    # is less than any unit's next step up (MPQ-Freq spends the budget until nothing more fits)
+    cost = p2.allocation_budget.cost
+    plan = Plan.load(tmp_path / "r2" / "plan.json")
+    choices = candidate_choices(cfg)
+    idx = np.array([choices.index(plan.choice(u)) for u in p2.units])
+    used = cost[np.arange(len(idx)), idx]
+    assert used.sum() <= cfg.latency * (1 + 1e-12)
+    assert used.sum() > cost.min(axis=1).sum()  # it did upgrade units
+    steps = np.where(cost > used[:, None], cost - used[:, None], np.inf).min(axis=1)
+    assert cfg.latency - used.sum() < steps.min()
+
+
+def test_fri_through_the_pipeline_measures_anchors_and_predicts_the_rest(tmp_path, text_file):
+    """--method fri: anchors measured exactly as full profiling measures them, the rest predicted, and the
+    plan meets the budget; the same run with --method mxmoe is the reference for the anchors."""
+    import numpy as np
+
+    from moebits.table import SensitivityTable
+
+    kw = dict(quantizer="rtn", bits=3.5, anchors=0.3, save_model=False)
+    res = Pipeline(_cfg(text_file, method="fri", **kw), tmp_path / "fri", progress=False).execute()
+    Pipeline(_cfg(text_file, method="mxmoe", **kw), tmp_path / "full", progress=False).execute()
+    fri = SensitivityTable.from_csv(tmp_path / "fri" / "table.csv")
+    full = SensitivityTable.from_csv(tmp_path / "full" / "table.csv")
+    assert fri.units == full.units and fri.complete and full.measured.all()
+    m = fri.measured
+    assert 0 < m.all(axis=1).mean() < 1 and res["rules"] == int(m.sum()) and res["anchors"] > 0
+    assert np.array_equal(m.all(axis=1), m.any(axis=1))  # an anchor unit is measured at every bit-width
+    np.testing.assert_allclose(fri.error[m], full.error[m], rtol=1e-6)
+    assert not np.allclose(fri.error[~m], full.error[~m])  # predictions are not copies of the truth
+    assert np.all(fri.error > 0) and res["avg_bits"] <= 3.5 + 1e-9
+    assert res["solver"] == "lagrangian" and {"fit_seconds", "predict_seconds"} <= set(res)
+    plan = Plan.load(tmp_path / "fri" / "plan.json")
+    assert len({a.choice.bits for a in plan.assignments.values()}) > 1  # mixed precision
+
+
+def test_calibration_table_and_plan_survive_save_and_reload(tmp_path, text_file):
+    import numpy as np
+
+    from moebits.calibrate import Calibration
+    from moebits.table import SensitivityTable
+
+    p = Pipeline(_cfg(text_file, method="mxmoe", bits=3.5), tmp_path / "r", progress=False)
+    p.load()
+    cal = p.calibrate()
+    back = Calibration.load(tmp_path / "r")
+    assert back.stats == cal.stats and back.total_tokens == cal.total_tokens
+    assert back.never_routed == [tuple(k) for k in cal.never_routed]
+    assert back.inputs.keys() == cal.inputs.keys()
+    for k, v in cal.inputs.items():
+        assert torch.equal(back.inputs[k].x, v.x) and torch.equal(back.inputs[k].g, v.g)
+        assert back.inputs[k].fallback == v.fallback
+    np.testing.assert_array_equal(back.frequency(), cal.frequency())
+
+    choices = candidate_choices(p.cfg)
+    table = p.fill_table(choices)
+    table.error[0, 0] = float("nan")  # unknown entries survive as unknown
+    table.to_csv(tmp_path / "t.csv")
+    t2 = SensitivityTable.from_csv(tmp_path / "t.csv")
+    assert t2.units == table.units and t2.choices == table.choices
+    np.testing.assert_array_equal(t2.error, table.error)
+    np.testing.assert_array_equal(t2.frequency, table.frequency)
+    np.testing.assert_array_equal(t2.measured, table.measured)
+    np.testing.assert_allclose(t2.seconds, table.seconds, atol=1e-6)
+
+    table = SensitivityTable.from_csv(tmp_path / "r" / "table.csv")
+    plan = p.allocate(choices, table)
+    again = Plan.load(tmp_path / "r" / "plan.json")
+    assert again.assignments == plan.assignments and again.meta == json.loads(json.dumps(plan.meta))
+
+    q = Pipeline.from_run(tmp_path / "r", progress=False)
+    assert q.cfg == p.cfg and q.execute()["done"]
+    assert Plan.load(tmp_path / "r" / "plan.json").assignments == plan.assignments  # resumed, not redone
+    with pytest.raises(FileNotFoundError, match="run.json"):
+        Pipeline.from_run(tmp_path / "nothing")

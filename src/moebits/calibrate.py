@@ -13,11 +13,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .models.adapter import MoEAdapter, RoutedBatch
-from .stats import UnitStats
+from .run import atomic_path
+from .stats import UnitStats, load_stats, save_stats
 from .units import KINDS, SHARED, Unit
 
 log = logging.getLogger(__name__)
@@ -93,23 +95,48 @@ class Calibration:
     total_tokens: int
     never_routed: list[tuple[int, int]] = field(default_factory=list)
 
+    STATS_FILE = "stats.json"
+    INPUTS_FILE = "calib_inputs.safetensors"
+
     def stats_by_unit(self) -> dict[Unit, UnitStats]:
         return {s.unit: s for s in self.stats}
 
+    def frequency(self) -> np.ndarray:
+        """[U] routed-token frequency, in the order of the units (`adapter.units()`)."""
+        return np.array([s.frequency for s in self.stats], dtype=np.float64)
+
+    # -- a calibration in a directory: stats.json (readable) + calib_inputs.safetensors (the samples) --
+    def save(self, directory: str | Path) -> None:
+        """Write both files atomically (the inputs first: `exists` looks for the stats)."""
+        directory = Path(directory)
+        self.save_inputs(directory / self.INPUTS_FILE)
+        save_stats(self.stats, directory / self.STATS_FILE,
+                   {"total_tokens": self.total_tokens, "never_routed": [list(k) for k in self.never_routed]})
+
+    @classmethod
+    def exists(cls, directory: str | Path) -> bool:
+        return (Path(directory) / cls.STATS_FILE).exists() and (Path(directory) / cls.INPUTS_FILE).exists()
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Calibration":
+        directory = Path(directory)
+        if not cls.exists(directory):
+            raise FileNotFoundError(f"no calibration in {directory} (expected {cls.STATS_FILE} and {cls.INPUTS_FILE})")
+        stats, meta = load_stats(directory / cls.STATS_FILE)
+        return cls(stats, cls.load_inputs(directory / cls.INPUTS_FILE), meta["total_tokens"],
+                   [tuple(x) for x in meta.get("never_routed", [])])
+
     def save_inputs(self, path: str | Path) -> None:
         from safetensors.torch import save_file
-        import json, os, tempfile
+        import json
 
         tensors, meta = {}, {}
         for (layer, expert), inp in self.inputs.items():
             key = f"{layer}.{expert}"
             tensors[f"{key}.x"], tensors[f"{key}.g"] = inp.x.contiguous(), inp.g.contiguous()
             meta[key] = "fallback" if inp.fallback else "routed"
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file(tensors, tmp, metadata={"experts": json.dumps(meta), "total_tokens": str(self.total_tokens)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"experts": json.dumps(meta), "total_tokens": str(self.total_tokens)})
 
     @staticmethod
     def load_inputs(path: str | Path) -> dict[tuple[int, int | str], ExpertInputs]:

@@ -94,16 +94,19 @@ def info(model: str = typer.Option("demo", help=MODEL_HELP), as_json: bool = typ
                         "(frequency weighting and anchor sampling exploit skew).")
 
 
-def _budget_opts(bits, memory_gb, latency):
-    given = [x for x in (bits, memory_gb, latency) if x is not None]
-    if len(given) != 1:
-        _fail("give exactly one budget: --bits (average storage bits per weight, e.g. 3.25), --memory-gb or --latency")
+def _budget_opts(bits, memory_gb, latency) -> tuple[str, float]:
+    from .budget import budget_request
+
+    try:
+        return budget_request(bits, memory_gb, latency)
+    except ValueError as e:
+        _fail(str(e))
 
 
 @app.command()
 def quantize(
     model: str = typer.Option("demo", help=MODEL_HELP),
-    method: str = typer.Option("uniform", help="uniform | freq | mxmoe | fri"),
+    method: str = typer.Option("uniform", help="uniform | freq | mxmoe | fri (see `moebits.methods`)"),
     quantizer: str = typer.Option("rtn", help="rtn | gptq | hqq"),
     bits: Optional[float] = typer.Option(None, help="budget: average storage bits per weight (3.25 = 3-bit g128)"),
     memory_gb: Optional[float] = typer.Option(None, help="budget: GB of expert weights"),
@@ -121,7 +124,8 @@ def quantize(
     eval_windows: Optional[int] = typer.Option(None, help="evaluate at most this many windows"),
     metric: str = typer.Option("expert", help="profiling metric: expert (exact, fast) | layer (MxMoE's rerun)"),
     solver: Optional[str] = typer.Option(None, help="ilp | lagrangian | freq | uniform (default: the method's)"),
-    granularity: str = typer.Option("linear", help="linear (per block) | expert | layer"),
+    granularity: Optional[str] = typer.Option(None, help="linear (per block) | expert | layer (default: the "
+                                                         "method's, linear for the built-in ones)"),
     tie_gate_up: bool = typer.Option(False, help="gate and up of an expert share one choice"),
     anchors: float = typer.Option(0.2, help="fri: fraction of units profiled as anchors"),
     sampler: str = typer.Option("stratified", help="fri: stratified | random"),
@@ -180,9 +184,7 @@ def profile(
     overwrite: bool = False, verbose: bool = False,
 ):
     """Measure the error of every unit x bit-width (full profiling) into OUT/table.csv."""
-    from .pipeline import Pipeline, QuantizeConfig
-    from .profile import new_table, profile as run_profile
-    from .units import Choice
+    from .pipeline import Pipeline, QuantizeConfig, candidate_choices
 
     _setup_logging(verbose)
     cfg = QuantizeConfig(model=model, method="mxmoe", quantizer=quantizer, bits=0.0, group_size=group_size,
@@ -192,7 +194,7 @@ def profile(
         p = Pipeline(cfg, out, overwrite=overwrite)
         p.load()
         p.calibrate()
-        table = p.profile([Choice(b, group_size, quantizer) for b in cfg.candidate_bits])
+        table = p.fill_table(candidate_choices(cfg))
     except _user_errors() as e:
         _fail(str(e))
     Console().print(f"profiled {int(table.measured.sum()):,} unit x choice pairs ({metric} metric) in "
@@ -210,36 +212,30 @@ def allocate_cmd(
     out: Path = typer.Option(..., help="plan JSON to write"),
 ):
     """Choose one setting per unit from a sensitivity table under a budget; write a plan."""
-    import numpy as np
-
-    from .allocate import allocate, to_plan
+    from .allocate import plan_under_budget
+    from .budget import Budget
     from .models import load_model
-    from .pipeline import QuantizeConfig, make_budget, structure_groups
+    from .pipeline import structure_groups
     from .table import SensitivityTable
 
-    _budget_opts(bits, memory_gb, latency)
+    kind, value = _budget_opts(bits, memory_gb, latency)
     try:
         t = SensitivityTable.from_csv(table)
         if not t.complete:
             _fail(f"{table} has unknown errors (NaN); fill it first (full profiling or `--method fri`)")
         _, _, ad = load_model(model)
-        shapes = ad.shapes()
         if set(t.units) != set(ad.units()):
             _fail(f"{table} does not describe the units of {model}")
-        cfg = QuantizeConfig(model=model, bits=bits, memory_gb=memory_gb, latency=latency, gpu=gpu,
-                             batch_tokens=batch_tokens, granularity=granularity, tie_gate_up=tie_gate_up)
-        budget = make_budget(cfg, t.units, shapes, t.choices, t.frequency)
-        loss = t.frequency[:, None] * t.error
-        res = allocate(loss, budget.cost, budget.total, solver=solver, groups=structure_groups(cfg, t.units),
-                       frequency=t.frequency, budget_format=budget.describe)
-        plan = to_plan(t.units, t.choices, res, loss, budget.cost,
-                       {"solver": solver, "budget": {budget.kind: budget.value}, "table": str(table)})
-        plan.meta["avg_bits"] = plan.avg_bits(shapes)
+        budget = Budget.build(kind, value, t.units, ad.shapes(), t.choices, t.frequency, gpu=gpu,
+                              batch_tokens=batch_tokens)
+        plan = plan_under_budget(t, budget, solver, groups=structure_groups(granularity, tie_gate_up, t.units),
+                                 meta={"table": str(table), "granularity": granularity, "tie_gate_up": tie_gate_up})
         plan.save(out)
     except _user_errors() as e:
         _fail(str(e))
     Console().print(f"{solver}: {len(plan.assignments):,} units, avg {plan.meta['avg_bits']:.4f} bits, "
-                    f"loss {res.total_loss:.6g}, {res.seconds * 1e3:.1f} ms -> {out}\n{plan.bits_histogram()}")
+                    f"loss {plan.meta['total_loss']:.6g}, {plan.meta['seconds'] * 1e3:.1f} ms -> {out}\n"
+                    f"{plan.bits_histogram()}")
 
 
 @app.command("eval")

@@ -1,46 +1,38 @@
 """The whole job, stage by stage, in a run directory:
 
-    calibrate -> evaluate fp -> profile (all units, anchors, or none) -> [fit + predict] -> allocate
-    -> quantize -> evaluate
+    calibrate -> evaluate fp -> fill the sensitivity table (by the method) -> allocate -> quantize -> evaluate
 
 Each stage's artefact is written atomically; a rerun with the same request resumes at the first
-missing artefact (see run.py). Methods differ only in how they fill the sensitivity table and which
-solver they call:
-
-    uniform  one bit-width for every unit (the largest whose exact storage fits the budget)
-    freq     MPQ-Freq: more bits to more frequently routed experts (no profiling)
-    mxmoe    profile every unit x bit-width, exact ILP              (MxMoE)
-    fri      profile anchors, predict the rest by FRI, Lagrangian   (FRI-MxMoE)
+missing artefact (see run.py). Methods (methods.py) differ only in how they fill the sensitivity table
+and which solver reads it; from the table on, every method takes the same path: `Budget` (budget.py) ->
+`allocate.plan_under_budget` -> `Plan`.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import cost as costs
-from .allocate import allocate, combine_groups, expert_level, layer_uniform, tie_gate_up, to_plan
-from .allocate.problem import check_feasible
+from .allocate import combine_groups, expert_level, layer_uniform, plan_under_budget, tie_gate_up
 from .apply import apply_plan, save_quantized
+from .budget import Budget, budget_request
 from .calibrate import Calibration, calibrate
 from .data import calibration_windows, load_text, tokenize
 from .evaluate import perplexity
+from .methods import get_method
 from .models import load_model
 from .plan import Plan
 from .run import Run, atomic_write_json
-from .stats import load_stats, save_stats
 from .table import SensitivityTable
-from .units import FP_BITS, Choice, Unit
+from .units import Choice, Unit
 
 log = logging.getLogger(__name__)
 
-METHODS = ("uniform", "freq", "mxmoe", "fri")
-DEFAULT_SOLVER = {"uniform": "uniform", "freq": "freq", "mxmoe": "ilp", "fri": "lagrangian"}
 GRANULARITIES = ("linear", "expert", "layer")
 
 
@@ -63,8 +55,8 @@ class QuantizeConfig:
     eval: str = "demo"
     eval_windows: int | None = None
     metric: str = "expert"
-    solver: str | None = None
-    granularity: str = "linear"  # linear (per block) | expert (one choice per expert) | layer (per layer & kind)
+    solver: str | None = None  # None: the method's default
+    granularity: str | None = None  # linear (per block) | expert (one choice per expert) | layer; None: the method's
     tie_gate_up: bool = False
     anchors: float = 0.2  # fri: fraction of units profiled
     sampler: str = "stratified"
@@ -77,71 +69,66 @@ class QuantizeConfig:
     save_model: bool = True
     trust_remote_code: bool = False
 
+    OUTPUT_OPTIONS = ("save_model",)  # do not make a run "different"
+
     def spec(self) -> dict:
         d = asdict(self)
         d["candidate_bits"] = list(self.candidate_bits)
-        for k in ("save_model",):  # output options: do not make a run "different"
+        for k in self.OUTPUT_OPTIONS:
             d.pop(k)
         return d
 
+    @classmethod
+    def from_spec(cls, spec: dict) -> "QuantizeConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"run spec has options this version does not know: {unknown}")
+        d = dict(spec)
+        if "candidate_bits" in d:
+            d["candidate_bits"] = tuple(d["candidate_bits"])
+        return cls(**d)
 
-@dataclass
-class Budget:
-    kind: str  # bits | memory | latency
-    value: float
-    cost: np.ndarray  # [U, C] in the budget's unit
-    total: float  # the budget in the same unit as `cost`
-    describe: object = field(default=None)  # cost -> words, for error messages
+    def budget_request(self) -> tuple[str, float]:
+        return budget_request(self.bits, self.memory_gb, self.latency)
+
+    @property
+    def solver_name(self) -> str:
+        return self.solver or get_method(self.method).solver
+
+    @property
+    def granularity_name(self) -> str:
+        return self.granularity or get_method(self.method).granularity or "linear"
 
 
 def candidate_choices(cfg: QuantizeConfig) -> list[Choice]:
-    if cfg.method == "uniform":  # every bit-width the quantizer has, so the budget picks the largest fitting one
-        bits = (1, 2, 3, 4, 8) if cfg.quantizer == "hqq" else (2, 3, 4, 5, 6, 7, 8)
-        return [Choice(b, cfg.group_size, cfg.quantizer) for b in bits] + [Choice(FP_BITS, cfg.group_size, cfg.quantizer)]
-    return [Choice(b, cfg.group_size, cfg.quantizer) for b in sorted(cfg.candidate_bits)]
+    return get_method(cfg.method).choices(cfg)
 
 
-def make_budget(cfg: QuantizeConfig, units: list[Unit], shapes: dict, choices: list[Choice], freq: np.ndarray) -> Budget:
-    given = [k for k in ("bits", "memory_gb", "latency") if getattr(cfg, k) is not None]
-    if len(given) != 1:
-        raise ValueError("give exactly one budget: --bits (average bits per weight), --memory-gb, or --latency")
-    shape_list = [shapes[u] for u in units]
-    storage = costs.storage_matrix(shape_list, choices)
-    if cfg.bits is not None:
-        return Budget("bits", cfg.bits, storage, costs.avg_bits_to_total_bits(cfg.bits, shape_list),
-                      costs.avg_bits_formatter(shape_list))
-    if cfg.memory_gb is not None:
-        return Budget("memory", cfg.memory_gb, storage, costs.gb_to_bits(cfg.memory_gb),
-                      lambda c: f"{costs.bits_to_gb(c):.6g} GB")
-    if cfg.cost == "latency-fri":
-        from .latency import latency_fri_matrix
-
-        lat, info = latency_fri_matrix(shape_list, freq, choices, cfg.batch_tokens, seed=cfg.seed, device=cfg.device)
-        log.info("latency FRI: %s", {k: v for k, v in info.items() if not isinstance(v, (list, dict))})
-    elif cfg.cost == "roofline":
-        lat = costs.latency_matrix(shape_list, freq, choices, cfg.gpu, cfg.batch_tokens)
-    else:
-        raise ValueError(f"unknown latency model {cfg.cost!r}; choose roofline or latency-fri")
-    return Budget("latency", cfg.latency, lat, cfg.latency, lambda c: f"{c * 1e3:.6g} ms")
+def make_budget(cfg: QuantizeConfig, units: list[Unit], shapes: dict, choices: list[Choice],
+                freq: np.ndarray | None) -> Budget:
+    kind, value = cfg.budget_request()
+    return Budget.build(kind, value, units, shapes, choices, freq, gpu=cfg.gpu, batch_tokens=cfg.batch_tokens,
+                        latency_model=cfg.cost, seed=cfg.seed, device=cfg.device)
 
 
-def structure_groups(cfg: QuantizeConfig, units: list[Unit]):
-    if cfg.granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {cfg.granularity!r}; choose one of {GRANULARITIES}")
+def structure_groups(granularity: str, tie: bool, units: list[Unit]) -> np.ndarray | None:
+    """Unit ids that must share a choice: `granularity` linear | expert | layer, `tie` gate with up."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
     parts = []
-    if cfg.granularity == "expert":
+    if granularity == "expert":
         parts.append(expert_level(units))
-    elif cfg.granularity == "layer":
+    elif granularity == "layer":
         parts.append(layer_uniform(units))
-    if cfg.tie_gate_up:
+    if tie:
         parts.append(tie_gate_up(units))
     return combine_groups(*parts) if parts else None
 
 
 class Pipeline:
     def __init__(self, cfg: QuantizeConfig, out: str | Path, overwrite: bool = False, progress: bool = True):
-        if cfg.method not in METHODS:
-            raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
+        self.method = get_method(cfg.method)
         self.cfg, self.progress = cfg, progress
         self.run = Run(out, cfg.spec(), overwrite=overwrite)
         self.results: dict = {}
@@ -149,8 +136,20 @@ class Pipeline:
         if rp.exists():
             self.results = json.loads(rp.read_text())
 
+    @classmethod
+    def from_run(cls, directory: str | Path, progress: bool = True, **output_options) -> "Pipeline":
+        """The pipeline of an existing run directory, its configuration rebuilt from `run.json`."""
+        spec_p = Path(directory) / "run.json"
+        if not spec_p.exists():
+            raise FileNotFoundError(f"{directory} is not a moebits run directory (no run.json)")
+        cfg = QuantizeConfig.from_spec(json.loads(spec_p.read_text()))
+        for k, v in output_options.items():
+            setattr(cfg, k, v)
+        return cls(cfg, directory, progress=progress)
+
     # -- stages ------------------------------------------------------------------------------
-    def _timed(self, key: str, fn):
+    def timed(self, key: str, fn):
+        """Run `fn()` and record its wall seconds as `results[key]`."""
         t0 = time.perf_counter()
         out = fn()
         self.results[key] = round(time.perf_counter() - t0, 4)
@@ -166,18 +165,14 @@ class Pipeline:
         self.shapes = self.adapter.shapes()
 
     def calibrate(self) -> Calibration:
-        stats_p, inputs_p = self.run.path("stats.json"), self.run.path("calib_inputs.safetensors")
         cfg = self.cfg
         self.windows = calibration_windows(self.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
-        if stats_p.exists() and inputs_p.exists():
-            stats, meta = load_stats(stats_p)
-            self.calib = Calibration(stats, Calibration.load_inputs(inputs_p), meta["total_tokens"],
-                                     [tuple(x) for x in meta.get("never_routed", [])])
+        if Calibration.exists(self.run.root):
+            self.calib = Calibration.load(self.run.root)
             return self.calib
-        cal = self._timed("calibrate_seconds", lambda: calibrate(
+        cal = self.timed("calibrate_seconds", lambda: calibrate(
             self.adapter, self.windows, cfg.batch_size, cfg.max_tokens_per_expert, cfg.seed, self.progress))
-        cal.save_inputs(inputs_p)
-        save_stats(cal.stats, stats_p, {"total_tokens": cal.total_tokens, "never_routed": cal.never_routed})
+        cal.save(self.run.root)
         self.calib = cal
         self._save_results()
         return cal
@@ -190,67 +185,57 @@ class Pipeline:
     def evaluate(self, key: str) -> None:
         if key in self.results:
             return
-        res = self._timed(f"{key}_eval_seconds", lambda: perplexity(
+        res = self.timed(f"{key}_eval_seconds", lambda: perplexity(
             self.model, self.eval_tokens(), self.cfg.seqlen, self.cfg.batch_size, self.cfg.eval_windows,
             self.progress, desc=f"eval ({key})"))
         self.results[key] = res.ppl
         self.results["eval_tokens"], self.results["eval_windows"] = res.tokens, res.windows
         self._save_results()
 
-    def profile(self, choices: list[Choice]) -> SensitivityTable | None:
+    def measure(self, units: list[Unit], choices: list[Choice]) -> SensitivityTable:
+        """Profile `units` x `choices` with the run's metric into a new table (other entries unknown)."""
+        from .profile import new_table, profile
+
         cfg = self.cfg
-        if cfg.method in ("uniform", "freq"):
-            self.results.setdefault("profile_seconds", 0.0)
-            return None
+        stats = self.calib.stats_by_unit()
+        table = new_table(self.adapter, choices, stats)
+        table = self.timed("profile_seconds", lambda: profile(
+            self.adapter, cfg.metric, units, choices, stats, self.calib.inputs, windows=self.windows,
+            act_order=cfg.act_order, table=table, progress=self.progress))
+        self.results["profiled_units"] = len(units)
+        return table
+
+    def fill_table(self, choices: list[Choice]) -> SensitivityTable:
+        """The method's sensitivity table, saved as table.csv when it holds measurements."""
         table_p = self.run.path("table.csv")
         if table_p.exists():
             return SensitivityTable.from_csv(table_p)
-        from .profile import new_table, profile
-
-        stats = self.calib.stats_by_unit()
-        if cfg.method == "mxmoe":
-            todo = self.units
-        else:
-            from .sampling import sample_anchors
-
-            todo = sample_anchors(self.units, cfg.sampler, fraction=cfg.anchors, seed=cfg.seed,
-                                  bits_per_unit=len(choices))
-        table = new_table(self.adapter, choices, stats)
-        table = self._timed("profile_seconds", lambda: profile(
-            self.adapter, cfg.metric, todo, choices, stats, self.calib.inputs, windows=self.windows,
-            act_order=cfg.act_order, table=table, progress=self.progress))
-        self.results["profiled_units"] = len(todo)
-        if cfg.method == "fri":
-            from .predict import fit_table, predict_table
-
-            self.results["anchors"] = len({(u.layer, u.expert) for u in todo})
-            self.results["rules"] = int(table.measured.sum())
-            fitted = self._timed("fit_seconds", lambda: fit_table(table, self.calib.stats))
-            table = self._timed("predict_seconds", lambda: predict_table(table, fitted))
-        table.to_csv(table_p)
+        table = self.method.fill(self, choices)
+        if not table.complete:
+            raise RuntimeError(f"method {self.method.name!r} left {int((~np.isfinite(table.error)).sum())} "
+                               "table entries unknown")
+        if self.method.profiles:
+            table.to_csv(table_p)
+        self.results.setdefault("profile_seconds", 0.0)
         self._save_results()
         return table
 
-    def allocate(self, choices: list[Choice], table: SensitivityTable | None) -> Plan:
+    def budget(self, choices: list[Choice], frequency: np.ndarray | None) -> Budget:
+        return make_budget(self.cfg, self.units, self.shapes, choices, frequency)
+
+    def groups(self) -> np.ndarray | None:
+        return structure_groups(self.cfg.granularity_name, self.cfg.tie_gate_up, self.units)
+
+    def allocate(self, choices: list[Choice], table: SensitivityTable) -> Plan:
         plan_p = self.run.path("plan.json")
         if plan_p.exists():
             return Plan.load(plan_p)
         cfg = self.cfg
-        freq = np.array([s.frequency for s in self.calib.stats])  # stats are in unit order
-        budget = make_budget(cfg, self.units, self.shapes, choices, freq)
-        solver = cfg.solver or DEFAULT_SOLVER[cfg.method]
-        if table is None:
-            loss = np.zeros((len(self.units), len(choices)))
-        else:
-            loss = table.frequency[:, None] * table.error
-        groups = structure_groups(cfg, self.units)
-        res = self._timed("allocate_seconds", lambda: allocate(
-            loss, budget.cost, budget.total, solver=solver, groups=groups, frequency=freq,
-            budget_format=budget.describe))
-        meta = {"method": cfg.method, "solver": solver, "budget": {budget.kind: budget.value},
-                "granularity": cfg.granularity, "tie_gate_up": cfg.tie_gate_up, "model": cfg.model}
-        plan = to_plan(self.units, choices, res, loss, budget.cost, meta)
-        plan.meta["avg_bits"] = plan.avg_bits(self.shapes)
+        budget = self.allocation_budget = self.budget(choices, table.frequency)
+        meta = {"method": cfg.method, "granularity": cfg.granularity_name, "tie_gate_up": cfg.tie_gate_up,
+                "model": cfg.model}
+        plan = self.timed("allocate_seconds", lambda: plan_under_budget(
+            table, budget, cfg.solver_name, groups=self.groups(), meta=meta))
         plan.save(plan_p)
         self._save_results()
         return plan
@@ -262,17 +247,9 @@ class Pipeline:
 
     def precheck_budget(self, choices: list[Choice]) -> None:
         """Fail before calibrating when a storage budget cannot be met (latency needs frequencies)."""
-        cfg = self.cfg
-        if cfg.latency is not None or self.run.has("plan.json"):
+        if self.cfg.latency is not None or self.run.has("plan.json"):
             return
-        budget = make_budget(cfg, self.units, self.shapes, choices, np.zeros(len(self.units)))
-        solver = cfg.solver or DEFAULT_SOLVER[cfg.method]
-        zeros = np.zeros(budget.cost.shape)
-        if solver in ("uniform", "freq"):  # cheap: the solver itself is the check
-            allocate(zeros, budget.cost, budget.total, solver=solver, frequency=np.ones(len(self.units)),
-                     groups=structure_groups(cfg, self.units), budget_format=budget.describe)
-        else:
-            check_feasible(budget.cost, budget.total, budget.describe)
+        self.budget(choices, None).check_feasible(self.cfg.solver_name, self.groups())
 
     # -- the whole job -------------------------------------------------------------------------
     def execute(self) -> dict:
@@ -284,7 +261,7 @@ class Pipeline:
         self.precheck_budget(choices)
         self.calibrate()
         self.evaluate("ppl_fp")
-        table = self.profile(choices)
+        table = self.fill_table(choices)
         plan = self.allocate(choices, table)
         self.quantize(plan)
         self.results.pop("ppl_q", None)  # a quantized model is only ever evaluated right after quantizing

@@ -2,7 +2,7 @@
 first missing stage and a finished stage is never silently redone or half-written.
 
     DIR/run.json        what was asked for (model, method, budget, ...) -- a different request refuses
-    DIR/stats.json      calibration statistics           (calibrate)
+    DIR/stats.json      calibration statistics           (calibrate; with calib_inputs.safetensors)
     DIR/table.csv       sensitivity table                (profile)
     DIR/plan.json       unit -> choice                   (allocate)
     DIR/model/          quantized model, safetensors     (quantize)
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -20,20 +21,28 @@ class RunMismatchError(RuntimeError):
     pass
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see half a file."""
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temp path in `path`'s directory to write to; on success it is renamed to `path`, so
+    readers never see half a file (and a failed write leaves no file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def atomic_write_json(path: str | Path, obj) -> None:

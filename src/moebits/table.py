@@ -56,6 +56,17 @@ class SensitivityTable:
         self.measured[i, j] = measured
 
     @property
+    def loss(self) -> np.ndarray:
+        """`[U, C]` what the allocator minimises: `f_u * l_u(c)`, the error weighted by routed frequency."""
+        return self.frequency[:, None] * self.error
+
+    @classmethod
+    def unprofiled(cls, units: list[Unit], choices: list[Choice], frequency: np.ndarray) -> "SensitivityTable":
+        """A table for methods that use no sensitivity (uniform, freq): zero error, known frequencies."""
+        U, C = len(units), len(choices)
+        return cls(list(units), list(choices), error=np.zeros((U, C)), frequency=np.asarray(frequency, float).copy())
+
+    @property
     def complete(self) -> bool:
         return bool(np.isfinite(self.error).all())
 

@@ -10,7 +10,10 @@ One entry point, `allocate`, dispatches to a solver module with the same contrac
     uniform     one column for every unit
 
 `groups` ties units to one choice (see `groups.py`); the budget is checked against the feasible range
-first, so every solver may assume it is feasible.
+first (`check_budget`), so every solver may assume it is feasible.
+
+From a sensitivity table and a `budget.Budget` to a `Plan` in one call: `plan_under_budget` (planning.py),
+used by the pipeline, `moebits allocate` and the benchmarks.
 """
 from __future__ import annotations
 
@@ -20,13 +23,31 @@ import numpy as np
 
 from . import freq, ilp, lagrangian, uniform
 from .groups import combine_groups, expert_level, layer_uniform, reduce_groups, tie_gate_up
-from .planning import to_plan
+from .planning import plan_under_budget, to_plan
 from .problem import AllocationResult, BudgetFormat, InfeasibleBudgetError, check_feasible, check_problem, totals
 
 SOLVERS = {"ilp": ilp.solve, "lagrangian": lagrangian.solve, "freq": freq.solve, "uniform": uniform.solve}
 
-__all__ = ["allocate", "AllocationResult", "InfeasibleBudgetError", "SOLVERS", "to_plan", "tie_gate_up",
-           "expert_level", "layer_uniform", "combine_groups"]
+__all__ = ["allocate", "AllocationResult", "InfeasibleBudgetError", "SOLVERS", "to_plan", "plan_under_budget",
+           "check_budget", "tie_gate_up", "expert_level", "layer_uniform", "combine_groups"]
+
+
+def _check_reduced(cost_g: np.ndarray, budget: float, solver: str, budget_format) -> None:
+    if solver == "uniform":  # one column for every unit: a narrower range than the mixed problem's
+        uniform.check_feasible(cost_g, budget, budget_format)
+    else:
+        check_feasible(cost_g, budget, budget_format)
+
+
+def check_budget(cost, budget: float, solver: str, groups=None, budget_format: BudgetFormat | None = None) -> None:
+    """Raise InfeasibleBudgetError (with the feasible range) when `solver` has no plan within `budget`
+    under the structure `groups`. The same check `allocate` makes, available before any loss is known."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+    cost = np.asarray(cost, dtype=np.float64)
+    if groups is not None:
+        cost = reduce_groups(cost, cost, groups)[1]
+    _check_reduced(cost, float(budget), solver, budget_format)
 
 
 def allocate(loss, cost, budget: float, solver: str = "lagrangian", groups=None, frequency=None,
@@ -49,8 +70,6 @@ def allocate(loss, cost, budget: float, solver: str = "lagrangian", groups=None,
         if frequency is None:
             raise ValueError("solver 'freq' needs `frequency` (routed-token frequency per unit)")
         options["frequency"] = frequency
-    if solver == "uniform":
-        options["budget_format"] = budget_format
     t0 = time.perf_counter()
     inverse = None
     if groups is not None:
@@ -59,8 +78,7 @@ def allocate(loss, cost, budget: float, solver: str = "lagrangian", groups=None,
             options["frequency"] = freq_g
     else:
         loss_g, cost_g = loss, cost
-    if solver != "uniform":  # uniform checks its own (narrower) range
-        check_feasible(cost_g, budget, budget_format)
+    _check_reduced(cost_g, budget, solver, budget_format)
     res = SOLVERS[solver](loss_g, cost_g, budget, **options)
     if inverse is not None:
         res.choice_index = res.choice_index[inverse]

@@ -28,3 +28,26 @@ def to_plan(units: Sequence[Unit], choices: Sequence[Choice], result: Allocation
         "optimal": result.optimal, "gap": result.gap,
     }
     return Plan(assignments, {**solver_meta, **(meta or {})})
+
+
+def plan_under_budget(table, budget, solver: str, groups: np.ndarray | None = None, meta: dict | None = None,
+                      **options) -> Plan:
+    """Table -> plan: minimise the frequency-weighted loss `table.loss` under `budget` (a `budget.Budget`
+    whose rows are `table.units` and columns `table.choices`) with `solver`; `groups` ties units.
+
+    The plan's meta records the solver's totals, the budget as asked (`{"bits": 3.25}`) and `avg_bits`.
+    `options` go to the solver (see `allocate`).
+    """
+    from . import allocate
+
+    if list(budget.units) != list(table.units):
+        raise ValueError("the budget's units are not the table's units (same units in the same order)")
+    if budget.cost.shape != (len(table.units), len(table.choices)):
+        raise ValueError(f"budget cost has shape {budget.cost.shape}, the table {len(table.units)} x {len(table.choices)}")
+    loss = table.loss
+    res = allocate(loss, budget.cost, budget.total, solver=solver, groups=groups, frequency=table.frequency,
+                   budget_format=budget.describe, **options)
+    plan = to_plan(table.units, table.choices, res, loss, budget.cost,
+                   {"solver": solver, "budget": budget.as_meta(), **(meta or {})})
+    plan.meta["avg_bits"] = plan.avg_bits(budget.shapes)
+    return plan

@@ -1,0 +1,87 @@
+"""The budget a plan must fit: what the user asked for (`--bits`, `--memory-gb` or `--latency`) as a
+`[U, C]` cost matrix and a total in the same unit, so that an allocator needs nothing else.
+
+This is the one place where "exactly one budget" is checked (`budget_request`) and where the feasible
+range of a budget is checked before any expensive stage runs (`Budget.check_feasible`).
+
+    kind      value                           cost[u, c]                          total
+    bits      average storage bits per weight exact storage bits                  value x weights
+    memory    GB of unit weights              exact storage bits                  value in bits
+    latency   seconds per forward of the units roofline (--gpu) or latency-FRI    value
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import cost as costs
+from .units import Choice, Unit
+
+log = logging.getLogger(__name__)
+
+KINDS = ("bits", "memory", "latency")
+LATENCY_MODELS = ("roofline", "latency-fri")
+ONE_BUDGET = "give exactly one budget: --bits (average storage bits per weight, e.g. 3.25), --memory-gb or --latency"
+
+
+def budget_request(bits: float | None = None, memory_gb: float | None = None,
+                   latency: float | None = None) -> tuple[str, float]:
+    """`(kind, value)` of the single budget given; a clear error when none or several are."""
+    given = [(k, v) for k, v in zip(KINDS, (bits, memory_gb, latency)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(ONE_BUDGET)
+    return given[0][0], float(given[0][1])
+
+
+@dataclass
+class Budget:
+    kind: str  # bits | memory | latency
+    value: float  # as the user gave it (avg bits, GB, seconds)
+    cost: np.ndarray  # [U, C] in the budget's unit
+    total: float  # the budget in the same unit as `cost`
+    units: list[Unit]  # rows of `cost`
+    shapes: dict[Unit, tuple[int, int]]  # (out, in) of every unit, for average bits
+    describe: Callable[[float], str] | None = field(default=None, repr=False)  # cost -> words, for errors
+
+    @classmethod
+    def build(cls, kind: str, value: float, units: Sequence[Unit], shapes: dict[Unit, tuple[int, int]],
+              choices: Sequence[Choice], frequency: np.ndarray | None = None, *, gpu: str = "h100",
+              batch_tokens: int = 4096, latency_model: str = "roofline", seed: int = 0,
+              device: str = "cpu") -> "Budget":
+        """The budget `kind` = `value` over `units` (rows) x `choices` (columns). `frequency` [U]
+        (routed-token frequency per unit) is needed by latency budgets only."""
+        units = list(units)
+        shape_list = [shapes[u] for u in units]
+        if kind in ("bits", "memory"):
+            storage = costs.storage_matrix(shape_list, choices)
+            if kind == "bits":
+                return cls(kind, value, storage, costs.avg_bits_to_total_bits(value, shape_list), units, shapes,
+                           costs.avg_bits_formatter(shape_list))
+            return cls(kind, value, storage, costs.gb_to_bits(value), units, shapes,
+                       lambda c: f"{costs.bits_to_gb(c):.6g} GB")
+        if kind != "latency":
+            raise ValueError(f"unknown budget kind {kind!r}; choose one of {KINDS}")
+        if frequency is None:
+            raise ValueError("a latency budget needs the routed-token frequency of every unit (calibrate first)")
+        if latency_model == "latency-fri":
+            from .latency import latency_fri_matrix
+
+            lat, info = latency_fri_matrix(shape_list, frequency, choices, batch_tokens, seed=seed, device=device)
+            log.info("latency FRI: %s", {k: v for k, v in info.items() if not isinstance(v, (list, dict))})
+        elif latency_model == "roofline":
+            lat = costs.latency_matrix(shape_list, frequency, choices, gpu, batch_tokens)
+        else:
+            raise ValueError(f"unknown latency model {latency_model!r}; choose one of {LATENCY_MODELS}")
+        return cls(kind, value, lat, value, units, shapes, lambda c: f"{c * 1e3:.6g} ms")
+
+    def check_feasible(self, solver: str, groups: np.ndarray | None = None) -> None:
+        """Raise InfeasibleBudgetError (with the feasible range) when `solver` can find no plan."""
+        from .allocate import check_budget
+
+        check_budget(self.cost, self.total, solver, groups, self.describe)
+
+    def as_meta(self) -> dict:
+        return {self.kind: self.value}

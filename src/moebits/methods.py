@@ -1,0 +1,119 @@
+"""Methods: a name, how it fills the sensitivity table, and which solver reads the table.
+
+    uniform  one bit-width for every unit (the largest whose exact storage fits)   no profiling, `uniform`
+    freq     MPQ-Freq: more bits to more frequently routed experts               no profiling, `freq`
+    mxmoe    profile every unit x bit-width, exact ILP                           (MxMoE)       `ilp`
+    fri      profile anchors, predict the rest by FRI                            (FRI-MxMoE)   `lagrangian`
+
+Adding a method is one entry. In its own module (say `moebits/bt.py`):
+
+    from .methods import Method, register_method
+
+    def fill_bt(run, choices):          # run: the Pipeline (adapter, calib, windows, cfg, results, timed)
+        ...                             # -> SensitivityTable over run.units x choices, every error finite
+    def bt_choices(cfg):                # optional: the candidate choices (default: candidate_bits x cfg)
+        ...
+    register_method(Method("bt", fill=fill_bt, solver="ilp", choices=bt_choices, granularity="expert"))
+
+and add the module's name to `PLUGIN_MODULES` below, so that `get_method("bt")` imports it (the CLI and the
+pipeline only ever look methods up through `get_method` / `method_names`). A new solver is an entry of
+`allocate.SOLVERS` with the contract of `allocate.allocate`.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from .table import SensitivityTable
+from .units import FP_BITS, Choice
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline import Pipeline, QuantizeConfig
+
+FillTable = Callable[["Pipeline", "list[Choice]"], SensitivityTable]
+
+# modules that register methods of their own (imported on the first look-up), e.g. "moebits.bt"
+PLUGIN_MODULES: list[str] = []
+
+
+def candidate_bits_choices(cfg: "QuantizeConfig") -> list[Choice]:
+    """The default candidates: every `--candidate-bits` width with the run's group size and quantizer."""
+    return [Choice(b, cfg.group_size, cfg.quantizer) for b in sorted(cfg.candidate_bits)]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fill: FillTable  # (pipeline, choices) -> a complete SensitivityTable
+    solver: str  # default solver (an `allocate.SOLVERS` key); --solver overrides
+    choices: Callable[["QuantizeConfig"], list[Choice]] = candidate_bits_choices
+    granularity: str | None = None  # default structure when the user leaves --granularity at "linear"
+    profiles: bool = True  # False: the table holds no measurement (not saved, no profiling stage)
+    description: str = ""
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method, replace: bool = False) -> Method:
+    if method.name in _METHODS and not replace:
+        raise ValueError(f"method {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def _load_plugins() -> None:
+    for name in PLUGIN_MODULES:
+        importlib.import_module(name)
+
+
+def method_names() -> tuple[str, ...]:
+    _load_plugins()
+    return tuple(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    _load_plugins()
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {tuple(_METHODS)}")
+    return _METHODS[name]
+
+
+# -- the built-in methods ---------------------------------------------------------------------------
+
+def uniform_choices(cfg: "QuantizeConfig") -> list[Choice]:
+    """Every bit-width the quantizer has, so the budget picks the largest fitting one."""
+    bits = (1, 2, 3, 4, 8) if cfg.quantizer == "hqq" else (2, 3, 4, 5, 6, 7, 8)
+    return [Choice(b, cfg.group_size, cfg.quantizer) for b in (*bits, FP_BITS)]
+
+
+def fill_unprofiled(run: "Pipeline", choices: list[Choice]) -> SensitivityTable:
+    return SensitivityTable.unprofiled(run.units, choices, run.calib.frequency())
+
+
+def fill_profiled(run: "Pipeline", choices: list[Choice]) -> SensitivityTable:
+    """MxMoE: measure every unit x choice."""
+    return run.measure(run.units, choices)
+
+
+def fill_fri(run: "Pipeline", choices: list[Choice]) -> SensitivityTable:
+    """FRI-MxMoE: measure the anchors' units, fit FRI on them, predict every other entry."""
+    from .predict import fit_table, predict_table
+    from .sampling import sample_anchors
+
+    cfg = run.cfg
+    anchors = sample_anchors(run.units, cfg.sampler, fraction=cfg.anchors, seed=cfg.seed, bits_per_unit=len(choices))
+    table = run.measure(anchors, choices)
+    run.results["anchors"] = len({(u.layer, u.expert) for u in anchors})
+    run.results["rules"] = int(table.measured.sum())
+    fitted = run.timed("fit_seconds", lambda: fit_table(table, run.calib.stats))
+    return run.timed("predict_seconds", lambda: predict_table(table, fitted))
+
+
+register_method(Method("uniform", fill_unprofiled, "uniform", uniform_choices, profiles=False,
+                       description="one bit-width for every unit"))
+register_method(Method("freq", fill_unprofiled, "freq", profiles=False,
+                       description="MPQ-Freq: bits follow routing frequency"))
+register_method(Method("mxmoe", fill_profiled, "ilp", description="MxMoE: full profiling + exact ILP"))
+register_method(Method("fri", fill_fri, "lagrangian", description="FRI-MxMoE: anchors + FRI prediction"))
