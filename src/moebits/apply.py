@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .calibrate import ExpertInputs
 from .models.adapter import MoEAdapter
 from .plan import Plan
-from .quant import hessian_from_inputs, quantize_weight
+from .quant import QuantizedWeight, hessian_from_inputs, quantize_weight
 from .units import Unit
 
 
@@ -34,8 +34,10 @@ def layer_hessians(adapter: MoEAdapter, layer: int, inputs: dict[tuple[int, int 
 
 @torch.no_grad()
 def apply_plan(adapter: MoEAdapter, plan: Plan, inputs: dict[tuple[int, int | str], ExpertInputs] | None = None,
-               act_order: bool = False, progress: bool = True) -> float:
-    """Quantize the model in place according to `plan`. Returns seconds spent."""
+               act_order: bool = False, progress: bool = True,
+               codes: dict[Unit, QuantizedWeight] | None = None) -> float:
+    """Quantize the model in place according to `plan`. Returns seconds spent.
+    With `codes` (a dict), also fill it with what each unit stores (for `save_packed`)."""
     plan.check_covers(adapter.units())
     needs_h = any(a.choice.quantizer == "gptq" and not a.choice.is_fp for a in plan.assignments.values())
     if needs_h and inputs is None:
@@ -57,7 +59,12 @@ def apply_plan(adapter: MoEAdapter, plan: Plan, inputs: dict[tuple[int, int | st
             h = None
             if choice.quantizer == "gptq" and not choice.is_fp:
                 h = torch.stack([H[(u.expert, "down" if kind == "down" else "in")] for u in members])
-            wq = quantize_weight(w, choice, hessian=h, act_order=act_order)
+            if codes is None:
+                wq = quantize_weight(w, choice, hessian=h, act_order=act_order)
+            else:
+                qw = quantize_weight(w, choice, hessian=h, act_order=act_order, return_codes=True)
+                wq = qw.dequantize(w.dtype)  # exactly what quantize_weight returns
+                codes.update({u: qw[i] for i, u in enumerate(members)})
             for u, q in zip(members, wq):
                 adapter.set_weight(u, q)
     return time.perf_counter() - t0

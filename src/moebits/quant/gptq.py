@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .rtn import fake_quant, group_view, minmax_params
+from .qweight import QuantizedWeight
+from .rtn import group_view, minmax_params, round_codes
 
 
 def hessian_from_inputs(x: torch.Tensor) -> torch.Tensor:
@@ -22,8 +23,9 @@ def hessian_from_inputs(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128, damp: float = 0.01,
-                  act_order: bool = False) -> torch.Tensor:
-    """Dequantized GPTQ weight, same shape and dtype as `w` (`[out, in]` or `[B, out, in]`)."""
+                  act_order: bool = False, return_codes: bool = False) -> torch.Tensor | QuantizedWeight:
+    """Dequantized GPTQ weight, same shape and dtype as `w` (`[out, in]` or `[B, out, in]`); or, with
+    `return_codes`, what is stored (codes, scale and integer zero per group)."""
     squeeze = w.dim() == 2
     W = (w[None] if squeeze else w).float().clone()  # [B, R, K]
     H = (hessian[None] if hessian.dim() == 2 else hessian).float().clone()  # [B, K, K]
@@ -38,9 +40,15 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     H = H + torch.diag_embed(dead.float())
     W = W.masked_fill(dead[:, None, :], 0.0)
 
+    G = -(-K // g)
+    group_scale = torch.zeros(B, R, G)  # what is stored: one scale and zero per (row, group)
+    group_zero = torch.zeros(B, R, G)
+    if act_order or group_size <= 0:
+        # act_order: fix the (unpermuted) groups' parameters first ("static groups"), then visit
+        # columns by decreasing H_ii. Per-channel: one set of parameters from the whole row, as the
+        # reference does (not one per 128-column block, which would be g128 storage).
+        group_scale, group_zero = minmax_params(group_view(W, g), bits)  # [B, R, G]
     if act_order:
-        # fix the (unpermuted) groups' parameters first, then visit columns by decreasing H_ii
-        static_scale, static_zero = minmax_params(group_view(W, g), bits)  # [B, R, G]
         perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=1, descending=True)  # [B, K]
         W = W.gather(2, perm[:, None, :].expand(B, R, K))
         H = H.gather(1, perm[:, :, None].expand(B, K, K)).gather(2, perm[:, None, :].expand(B, K, K))
@@ -51,21 +59,27 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper Cholesky of H^-1
 
     Q = torch.zeros_like(W)
+    codes = torch.zeros_like(W)
     block = g if group_size > 0 else 128
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
         W1 = W[:, :, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[:, i1:i2, i1:i2]
-        if not act_order:
+        if group_size <= 0 and not act_order:
+            scale, zero = group_scale[..., 0], group_zero[..., 0]
+        elif not act_order:
             # i1 is a group start (block == group size): parameters from the error-updated weights
             scale, zero = minmax_params(W1, bits)  # [B, R]
+            group_scale[:, :, i1 // g], group_zero[:, :, i1 // g] = scale, zero
         for i in range(i2 - i1):
             col = W1[:, :, i]  # [B, R]
             if act_order:
                 gi = (perm[:, i1 + i] // g)[:, None, None].expand(B, R, 1)
-                scale, zero = static_scale.gather(2, gi)[..., 0], static_zero.gather(2, gi)[..., 0]
-            q = fake_quant(col, scale, zero, bits)
+                scale, zero = group_scale.gather(2, gi)[..., 0], group_zero.gather(2, gi)[..., 0]
+            c = round_codes(col, scale, zero, bits)
+            q = (c - zero) * scale
+            codes[:, :, i1 + i] = c
             Q[:, :, i1 + i] = q
             err = (col - q) / Hinv1[:, i, i][:, None]
             W1[:, :, i:] -= err[:, :, None] * Hinv1[:, i, i:][:, None, :]
@@ -73,6 +87,10 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
 
     if act_order:
-        Q = Q.gather(2, torch.argsort(perm, dim=1)[:, None, :].expand(B, R, K))
+        inv = torch.argsort(perm, dim=1)[:, None, :].expand(B, R, K)
+        Q, codes = Q.gather(2, inv), codes.gather(2, inv)
+    if return_codes:
+        qw = QuantizedWeight(bits, group_size, codes.to(torch.uint8), group_scale.half(), group_zero.half())
+        return qw[0] if squeeze else qw
     Q = Q.to(w.dtype)
     return Q[0] if squeeze else Q

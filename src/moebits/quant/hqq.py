@@ -3,19 +3,22 @@ point (and scale) per group, no calibration data. Runs on the CPU here.
 
 The package groups `W.reshape(-1, group_size)`, i.e. consecutive input columns of a row when
 `in_features % group_size == 0`; a partial last group is handled by padding the row (repeating its
-last column), exactly as RTN does, so the stored layout and its cost are the same.
+last column), exactly as RTN does, so the stored layout and its cost are the same. Zeros are
+real-valued (not integers): they are stored in fp16, and rounded to it here before dequantizing.
 """
 from __future__ import annotations
 
 import torch
 
+from .qweight import QuantizedWeight
 from .rtn import group_view
 
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
 
 
 @torch.no_grad()
-def quantize_hqq(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
+def quantize_hqq(w: torch.Tensor, bits: int, group_size: int = 128,
+                 return_codes: bool = False) -> torch.Tensor | QuantizedWeight:
     from hqq.core.quantize import Quantizer
 
     if bits not in SUPPORTED_BITS:
@@ -28,6 +31,10 @@ def quantize_hqq(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Ten
     w_q, meta = Quantizer.quantize(flat, nbits=bits, channel_wise=True, group_size=g, optimize=True, axis=1,
                                    bitpack=False, compute_dtype=torch.float32, device=device)
     # stored as fp16 (scale, zero): round them as they would be stored
-    scale, zero = meta["scale"].half().float(), meta["zero"].half().float()
+    scale, zero = meta["scale"].half().float(), meta["zero"].half().float()  # [N, 1]
+    if return_codes:
+        codes = w_q.reshape(groups.shape).reshape(*w.shape[:-1], -1)[..., :k].to(torch.uint8)
+        per_group = groups.shape[:-1]  # [..., R, G]
+        return QuantizedWeight(bits, group_size, codes, scale.reshape(per_group).half(), zero.reshape(per_group).half())
     deq = (w_q.float().reshape(-1, g) - zero) * scale
     return deq.reshape(groups.shape).reshape(*w.shape[:-1], -1)[..., :k].to(w.dtype)

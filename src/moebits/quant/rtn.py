@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .qweight import QuantizedWeight
+
 
 def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """`[..., out, in] -> [..., out, G, g]`; a partial last group is padded by repeating its last
@@ -31,15 +33,24 @@ def minmax_params(w_groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     return scale, zero
 
 
+def round_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer code of each value (as float): clamp(round(x / scale) + zero, 0, 2^bits - 1)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    q = torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
-    return (q - zero) * scale
+    return (round_codes(x, scale, zero, bits) - zero) * scale
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
-    """Dequantized RTN weight, same shape and dtype as `w`."""
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int = 128,
+                 return_codes: bool = False) -> torch.Tensor | QuantizedWeight:
+    """Dequantized RTN weight, same shape and dtype as `w`; or, with `return_codes`, what is stored."""
     k = w.shape[-1]
     groups = group_view(w.float(), group_size)
     scale, zero = minmax_params(groups, bits)
-    deq = fake_quant(groups, scale[..., None], zero[..., None], bits)
+    q = round_codes(groups, scale[..., None], zero[..., None], bits)
+    if return_codes:
+        codes = q.reshape(*w.shape[:-1], -1)[..., :k].to(torch.uint8)
+        return QuantizedWeight(bits, group_size, codes, scale.half(), zero.half())
+    deq = (q - zero[..., None]) * scale[..., None]
     return deq.reshape(*w.shape[:-1], -1)[..., :k].to(w.dtype)

@@ -1,0 +1,294 @@
+"""Write and read a moebits packed checkpoint directory:
+
+    DIR/config.json          the model's config + quantization_config {"quant_method": "moebits", "format_version": 1, ...}
+    DIR/model.safetensors    packed units + every other tensor as in the original checkpoint;
+                             its metadata holds the index (JSON under the key "moebits", see layout.py)
+    DIR/plan.json            the plan the model was quantized by
+    DIR/tokenizer*, generation_config.json
+
+The index lives in the safetensors header, not beside it: the file describes itself, the index
+can never disagree with the tensors it indexes, and transformers hands the quantizer the file.
+
+Non-unit tensors keep their names; each is stored in the narrowest of fp16 / bf16 / its own dtype
+that holds it exactly (a model trained and saved in fp16 but run in fp32 goes back to fp16; a
+random fp32 model stays fp32), so loading reproduces the in-memory model bit for bit.
+
+Damage is refused with an error naming the file: a truncated or corrupted header (safetensors
+checks that the header covers the file exactly), an unknown format_version, an index entry or a
+tensor missing, a shape that disagrees with the index, or a unit tensor whose crc32 differs from
+the one recorded at write time (checked after loading, on the resident bytes).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..models.adapter import MoEAdapter
+from ..plan import Plan
+from ..quant.pack import pack_codes, packed_bytes
+from ..quant.qweight import QuantizedWeight
+from ..units import FP_BITS, KINDS, SHARED, Unit
+from .layout import (EXPERT_TENSORS, FORMAT_VERSION, LINEAR_TENSOR, ModuleSpec, PackedIndex, SetSpec, TensorSpec,
+                     UnitEntry, lowrank_name, set_name)
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_KEY = "moebits"
+QUANT_METHOD = "moebits"
+
+
+class PackedFormatError(ValueError):
+    """A packed checkpoint that cannot be read as written: truncated, corrupted, or of an unknown version."""
+
+
+def crc32(t: torch.Tensor) -> int:
+    return zlib.crc32(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+
+
+# ---- writing --------------------------------------------------------------------------------------
+class _TensorBuilder:
+    """Collects the units of one fused tensor into sets (rows appended in unit order)."""
+
+    def __init__(self, in_features: int):
+        self.spec = TensorSpec(in_features)
+        self.parts: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        self.factors: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+
+    def add(self, qw: QuantizedWeight, quantizer: str, module: str, tensor: str) -> UnitEntry:
+        rows, k = qw.shape[-2:]
+        if k != self.spec.in_features:
+            raise ValueError(f"{module}.{tensor}: a unit has {k} input columns, expected {self.spec.in_features}")
+        name = set_name(qw.bits, qw.group_size)
+        spec = self.spec.sets.setdefault(name, SetSpec(qw.bits, max(qw.group_size, 0) if qw.bits != FP_BITS else 0, 0))
+        entry = UnitEntry(module, tensor, name, spec.rows, rows, quantizer)
+        spec.rows += rows
+        if qw.bits == FP_BITS:
+            self.parts[name]["weight"].append(qw.weight.to(torch.float16))
+        else:
+            self.parts[name]["codes"].append(pack_codes(qw.codes, qw.bits))
+            self.parts[name]["scale"].append(qw.scale.to(torch.float16))
+            self.parts[name]["zero"].append(qw.zero.to(torch.float16))
+        if qw.rank:
+            lname = lowrank_name(qw.rank)
+            lr = self.spec.lowrank.setdefault(lname, {"rank": qw.rank, "out": rows, "count": 0})
+            if lr["out"] != rows:
+                raise ValueError(f"{module}.{tensor}: compensators of rank {qw.rank} with {rows} and {lr['out']} rows")
+            entry.lowrank, entry.slot = lname, lr["count"]
+            lr["count"] += 1
+            self.factors[lname]["U"].append(qw.u.to(torch.float16))
+            self.factors[lname]["V"].append(qw.v.to(torch.float16))
+        return entry
+
+    def tensors(self, base: str) -> dict[str, torch.Tensor]:
+        out = {f"{base}.{s}.{what}": torch.cat(parts) for s, d in self.parts.items() for what, parts in d.items()}
+        out.update({f"{base}.{r}.{what}": torch.stack(parts) for r, d in self.factors.items() for what, parts in d.items()})
+        return out
+
+
+def _narrowest_exact(t: torch.Tensor) -> torch.Tensor:
+    """`t` in fp16 or bf16 when that holds it exactly, else unchanged."""
+    if not t.is_floating_point() or t.dtype in (torch.float16, torch.bfloat16):
+        return t
+    for dt in (torch.float16, torch.bfloat16):
+        c = t.to(dt)
+        if torch.equal(c.to(t.dtype), t):
+            return c
+    return t
+
+
+def build_packed(model, adapter: MoEAdapter, plan: Plan,
+                 qweights: dict[Unit, QuantizedWeight]) -> tuple[dict[str, torch.Tensor], PackedIndex, set[str]]:
+    """All tensors to store, the index, and the names of the unit tensors among them."""
+    plan.check_covers(adapter.units())
+    missing = [u.name for u in adapter.units() if u not in qweights]
+    if missing:
+        raise ValueError(f"no quantized codes for {len(missing)} unit(s), e.g. {missing[:3]}")
+    names = {id(m): n for n, m in model.named_modules()}
+    modules: dict[str, ModuleSpec] = {}
+    entries: dict[str, UnitEntry] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    replaced: set[str] = set()
+    for layer in adapter.moe_layers:
+        ex = adapter.experts(layer)
+        prefix = names[id(ex)]
+        tspecs = {}
+        for tname, kinds in EXPERT_TENSORS.items():
+            k = adapter.hidden if tname == "gate_up" else adapter.intermediate
+            b = _TensorBuilder(k)
+            for e in range(adapter.num_experts):
+                for kind in kinds:
+                    u = Unit(layer, e, kind)
+                    entries[u.name] = b.add(qweights[u], plan.choice(u).quantizer, prefix, tname)
+            tspecs[tname] = b.spec
+            tensors.update(b.tensors(f"{prefix}.{tname}"))
+        modules[prefix] = ModuleSpec("experts", tspecs, adapter.num_experts, adapter.intermediate, adapter.hidden)
+        replaced |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
+        shared = adapter.shared_mlp(layer)
+        if shared is None:
+            continue
+        for kind in KINDS:
+            lin = getattr(shared, f"{kind}_proj")
+            prefix = names[id(lin)]
+            u = Unit(layer, SHARED, kind)
+            b = _TensorBuilder(lin.in_features)
+            entries[u.name] = b.add(qweights[u], plan.choice(u).quantizer, prefix, LINEAR_TENSOR)
+            modules[prefix] = ModuleSpec("linear", {LINEAR_TENSOR: b.spec}, out_features=lin.out_features,
+                                         bias=lin.bias is not None)
+            tensors.update(b.tensors(prefix))
+            replaced.add(f"{prefix}.weight")
+    unit_names = set(tensors)
+    index = PackedIndex(modules, entries, {n: crc32(t) for n, t in sorted(tensors.items())})
+    seen: dict[tuple, str] = {}
+    for name, t in model.state_dict().items():
+        if name in replaced:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in seen:  # tied weights (e.g. lm_head = embed_tokens): stored once, re-tied at load
+            continue
+        seen[key] = name
+        tensors[name] = _narrowest_exact(t.detach().cpu()).contiguous()
+    return tensors, index, unit_names
+
+
+def save_packed(model, adapter: MoEAdapter, plan: Plan, qweights: dict[Unit, QuantizedWeight], out_dir: str | Path,
+                tokenizer=None) -> dict:
+    """Write a packed checkpoint atomically (temp dir + rename). Returns its sizes:
+    `model_bytes` (every stored tensor) and `expert_bytes` (the units' codes, scales, zeros,
+    fp16 rows and compensators)."""
+    from safetensors.torch import save_file
+
+    tensors, index, unit_names = build_packed(model, adapter, plan, qweights)
+    sizes = {"model_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+             "expert_bytes": sum(tensors[n].numel() * tensors[n].element_size() for n in unit_names)}
+    other = [t.dtype for n, t in tensors.items() if n not in unit_names and t.is_floating_point()]
+    stored_dtype = max(set(other), key=other.count) if other else next(model.parameters()).dtype
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", INDEX_KEY: json.dumps(index.to_dict())})
+    cfg = copy.deepcopy(model.config)
+    cfg.dtype = stored_dtype
+    cfg.quantization_config = {
+        "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "weights": WEIGHTS_NAME,
+        "avg_bits": plan.avg_bits(adapter.shapes()), "bits_histogram": index.bits_histogram(), **sizes,
+    }
+    cfg.save_pretrained(tmp)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    plan.save(tmp / "plan.json")
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+    return sizes
+
+
+# ---- reading --------------------------------------------------------------------------------------
+def weights_file(path: str | Path) -> Path:
+    p = Path(path)
+    return p / WEIGHTS_NAME if p.is_dir() else p
+
+
+def read_index(path: str | Path) -> PackedIndex:
+    """The index of a packed checkpoint (a directory or its safetensors file), validated against
+    the tensors the file holds. Raises PackedFormatError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    f = weights_file(path)
+    if not f.exists():
+        raise PackedFormatError(f"{f}: not found; a moebits packed checkpoint holds its weights in {WEIGHTS_NAME}")
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            meta = sf.metadata() or {}
+            shapes = {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
+    except (SafetensorError, OSError) as e:
+        raise PackedFormatError(f"{f}: unreadable safetensors file ({e}); it is truncated or corrupted, "
+                                "re-save it with `moebits quantize` or copy it again") from None
+    if INDEX_KEY not in meta:
+        raise PackedFormatError(f"{f}: no moebits index in the safetensors metadata; not a moebits packed checkpoint")
+    try:
+        d = json.loads(meta[INDEX_KEY])
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise PackedFormatError(f"{f}: moebits packed format_version {version!r} is not known to this moebits "
+                                    f"(it reads version {FORMAT_VERSION}); upgrade moebits")
+        index = PackedIndex.from_dict(d)
+    except PackedFormatError:
+        raise
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise PackedFormatError(f"{f}: the moebits index in its metadata is damaged ({type(e).__name__}: {e})") from None
+    _check_index(index, shapes, f)
+    return index
+
+
+def _expected_shapes(index: PackedIndex) -> dict[str, tuple]:
+    out = {}
+    for prefix, m in index.modules.items():
+        for t, spec in m.tensors.items():
+            base = prefix if m.type == "linear" else f"{prefix}.{t}"
+            k = spec.in_features
+            for s, ss in spec.sets.items():
+                if ss.bits == FP_BITS:
+                    out[f"{base}.{s}.weight"] = (ss.rows, k)
+                else:
+                    g = 1 if ss.group_size <= 0 else -(-k // ss.group_size)
+                    out[f"{base}.{s}.codes"] = (ss.rows, packed_bytes(k, ss.bits))
+                    out[f"{base}.{s}.scale"] = out[f"{base}.{s}.zero"] = (ss.rows, g)
+            for r, lr in spec.lowrank.items():
+                out[f"{base}.{r}.U"] = (lr["count"], lr["out"], lr["rank"])
+                out[f"{base}.{r}.V"] = (lr["count"], lr["rank"], k)
+    return out
+
+
+def _check_index(index: PackedIndex, shapes: dict[str, tuple], f: Path) -> None:
+    for name, want in _expected_shapes(index).items():
+        if name not in shapes:
+            raise PackedFormatError(f"{f}: tensor {name} named by the index is missing")
+        if shapes[name] != want:
+            raise PackedFormatError(f"{f}: tensor {name} has shape {shapes[name]}, the index says {want}")
+    for name, e in index.units.items():
+        m = index.modules.get(e.module)
+        spec = m.tensors.get(e.tensor) if m else None
+        if spec is None or e.set not in spec.sets or (e.lowrank and e.lowrank not in spec.lowrank):
+            raise PackedFormatError(f"{f}: index entry of {name} refers to a set that is not stored")
+        if not 0 <= e.row <= e.row + e.rows <= spec.sets[e.set].rows:
+            raise PackedFormatError(f"{f}: index entry of {name} lies outside its set ({e.set})")
+    for prefix, m in index.modules.items():
+        if m.type == "experts":
+            need = [f"E{i}.{k}" for i in range(m.num_experts) for k in KINDS]
+            have = {n.split(".", 1)[1] for n, e in index.units.items() if e.module == prefix}
+            lost = [n for n in need if n not in have]
+            if lost:
+                raise PackedFormatError(f"{f}: the index has no entry for {len(lost)} unit(s) of {prefix}, e.g. {lost[:3]}")
+        elif not any(e.module == prefix for e in index.units.values()):
+            raise PackedFormatError(f"{f}: the index has no unit entry for {prefix}")
+
+
+def verify_checksums(model, index: PackedIndex, f: Path) -> None:
+    """Compare every unit tensor now resident in `model` with the crc32 recorded at write time."""
+    for name, want in index.checksums.items():
+        try:
+            t = model.get_buffer(name)
+        except AttributeError:
+            raise PackedFormatError(f"{f}: tensor {name} was not loaded into the model") from None
+        if t.is_meta:
+            raise PackedFormatError(f"{f}: tensor {name} was not loaded from the file")
+        if crc32(t) != want:
+            raise PackedFormatError(f"{f}: tensor {name} is corrupted (crc32 differs from the one written); "
+                                    "re-save or copy the checkpoint again")

@@ -1,0 +1,122 @@
+"""The index of a packed checkpoint: where each unit's codes live, and the shapes of every stored set.
+
+Per packed module (a fused experts module of one MoE layer, or one shared-expert `nn.Linear`) and
+per fused tensor (`gate_up`, `down`; `weight` for a linear), the rows of all units stored at one
+(bits, group_size) are concatenated into one rectangular *set*, named `w{bits}g{group_size}`
+(`w16` for fp16 rows; group_size 0 = per-channel). Units are appended in (expert, kind) order, so a
+unit's rows are contiguous: `(set, row, rows)` locates it. BT-MoE compensators of one rank are
+stacked per tensor as a set `r{rank}` holding `U [n, out, r]` and `V [n, r, in]`; a unit refers
+to its `slot` there.
+
+Stored tensor names (prefix = the module's name in the model, e.g. `model.layers.1.mlp.experts`):
+
+    {prefix}.{tensor}.w3g128.codes   uint8 [rows, ceil(in*3/8)]   bit-packed, see quant/pack.py
+    {prefix}.{tensor}.w3g128.scale   fp16  [rows, ceil(in/128)]
+    {prefix}.{tensor}.w3g128.zero    fp16  [rows, ceil(in/128)]
+    {prefix}.{tensor}.w16.weight     fp16  [rows, in]
+    {prefix}.{tensor}.r16.U / .V     fp16  [n, out, 16] / [n, 16, in]
+
+and for a shared expert's linear the same without the `.{tensor}` level.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..units import FP_BITS
+
+FORMAT_VERSION = 1
+EXPERT_TENSORS = {"gate_up": ("gate", "up"), "down": ("down",)}  # fused tensor -> kinds, in row order
+LINEAR_TENSOR = "weight"
+
+
+def set_name(bits: int, group_size: int) -> str:
+    return "w16" if bits == FP_BITS else f"w{bits}g{max(group_size, 0)}"
+
+
+def lowrank_name(rank: int) -> str:
+    return f"r{rank}"
+
+
+@dataclass
+class SetSpec:
+    bits: int
+    group_size: int  # 0: per-channel
+    rows: int
+
+
+@dataclass
+class TensorSpec:
+    """One fused tensor of a packed module: `in_features` columns, its sets and low-rank stacks."""
+    in_features: int
+    sets: dict[str, SetSpec] = field(default_factory=dict)
+    lowrank: dict[str, dict] = field(default_factory=dict)  # name -> {"rank", "out", "count"}
+
+
+@dataclass
+class ModuleSpec:
+    type: str  # "experts" | "linear"
+    tensors: dict[str, TensorSpec]
+    num_experts: int = 0  # experts: E
+    intermediate: int = 0  # experts: I (gate and up have I rows each, down has H)
+    hidden: int = 0  # experts: H
+    out_features: int = 0  # linear
+    bias: bool = False  # linear: a bias stored as `{prefix}.bias`
+
+
+@dataclass
+class UnitEntry:
+    module: str
+    tensor: str
+    set: str
+    row: int
+    rows: int
+    quantizer: str
+    lowrank: str | None = None
+    slot: int = -1
+
+
+@dataclass
+class PackedIndex:
+    modules: dict[str, ModuleSpec]
+    units: dict[str, UnitEntry]  # unit name (L1.E3.gate) -> where it is
+    checksums: dict[str, int] = field(default_factory=dict)  # stored unit tensor -> crc32 of its bytes
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return {"format_version": self.format_version,
+                "modules": {k: asdict(v) for k, v in self.modules.items()},
+                "units": {k: asdict(v) for k, v in self.units.items()},
+                "checksums": self.checksums}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PackedIndex":
+        modules = {}
+        for name, m in d["modules"].items():
+            tensors = {t: TensorSpec(s["in_features"], {k: SetSpec(**v) for k, v in s["sets"].items()},
+                                     dict(s.get("lowrank", {}))) for t, s in m["tensors"].items()}
+            modules[name] = ModuleSpec(**{**m, "tensors": tensors})
+        units = {k: UnitEntry(**v) for k, v in d["units"].items()}
+        return cls(modules, units, {k: int(v) for k, v in d.get("checksums", {}).items()},
+                   int(d["format_version"]))
+
+    def tensor_names(self) -> list[str]:
+        """Every stored tensor that belongs to a unit (codes, scales, zeros, fp16 rows, factors)."""
+        out = []
+        for prefix, m in self.modules.items():
+            for t, spec in m.tensors.items():
+                base = prefix if m.type == "linear" else f"{prefix}.{t}"
+                for s in spec.sets:
+                    out += [f"{base}.{s}.weight"] if s == "w16" else [f"{base}.{s}.{x}" for x in ("codes", "scale", "zero")]
+                for r in spec.lowrank:
+                    out += [f"{base}.{r}.U", f"{base}.{r}.V"]
+        return out
+
+    def bits_histogram(self) -> dict[str, int]:
+        h: dict[str, int] = {}
+        for e in self.units.values():
+            spec = self.modules[e.module].tensors[e.tensor].sets[e.set]
+            label = "fp16" if spec.bits == FP_BITS else f"w{spec.bits}g{spec.group_size}-{e.quantizer}"
+            if e.lowrank:
+                label += f"-{e.lowrank}"
+            h[label] = h.get(label, 0) + 1
+        return dict(sorted(h.items()))
