@@ -117,6 +117,8 @@ def quantize(
     batch_tokens: int = typer.Option(4096, help="tokens per forward for the latency model"),
     group_size: int = typer.Option(128),
     candidate_bits: str = typer.Option("2,3,4,8", help="bit-widths the allocator may choose"),
+    wbits: Optional[int] = typer.Option(None, help="uniform only, instead of a budget: N-bit codes for every "
+                                                   "unit whatever they cost to store (as GPTQ's --wbits)"),
     calib: str = typer.Option("demo", help="calibration text: demo, a text file, or hf:NAME[:CONFIG]"),
     nsamples: int = typer.Option(128, help="calibration windows"),
     seqlen: int = typer.Option(256, help="tokens per window (calibration and evaluation)"),
@@ -143,14 +145,16 @@ def quantize(
     from .pipeline import Pipeline, QuantizeConfig
 
     _setup_logging(verbose)
-    _budget_opts(bits, memory_gb, latency)
+    if wbits is None:
+        _budget_opts(bits, memory_gb, latency)
     cfg = QuantizeConfig(model=model, method=method, quantizer=quantizer, bits=bits, memory_gb=memory_gb,
                          latency=latency, gpu=gpu, cost=cost, batch_tokens=batch_tokens, group_size=group_size,
-                         candidate_bits=_parse_bits(candidate_bits), calib=calib, nsamples=nsamples, seqlen=seqlen,
+                         candidate_bits=_parse_bits(candidate_bits), wbits=wbits, calib=calib, nsamples=nsamples, seqlen=seqlen,
                          eval=eval, eval_windows=eval_windows, metric=metric, solver=solver, granularity=granularity,
                          tie_gate_up=tie_gate_up, anchors=anchors, sampler=sampler, act_order=act_order, seed=seed,
                          dtype=dtype, device=device, save_model=save_model, trust_remote_code=trust_remote_code)
     try:
+        cfg.budget_request()
         results = Pipeline(cfg, out, overwrite=overwrite).execute()
     except _user_errors() as e:
         _fail(str(e))
@@ -170,6 +174,11 @@ def _print_results(r: dict, out: Path) -> None:
                                                         "predict_seconds", "allocate_seconds", "quantize_seconds",
                                                         "eval_seconds") if k in r)
     Console().print(f"stages: {stages}; eval tokens {r.get('eval_tokens', 0):,}; bits: {r.get('bits_histogram')}")
+    if "model_avg_bits" in r:
+        Console().print(f"avg bits {r['avg_bits']:.4f} over the expert blocks (routed and shared experts); "
+                        f"{r['model_avg_bits']:.3f} over the whole model (attention, embeddings, norms included)")
+    for note in r.get("notes", []):
+        Console().print(f"[bold]note:[/] {note}")
 
 
 @app.command()

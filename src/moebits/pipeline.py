@@ -49,6 +49,7 @@ class QuantizeConfig:
     batch_tokens: int = 4096
     group_size: int = 128
     candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
+    wbits: int | None = None  # uniform: N-bit codes for every unit, whatever the storage (instead of a budget)
     calib: str = "demo"
     nsamples: int = 128
     seqlen: int = 256
@@ -90,6 +91,15 @@ class QuantizeConfig:
         return cls(**d)
 
     def budget_request(self) -> tuple[str, float]:
+        if self.wbits is not None:
+            if self.method != "uniform":
+                raise ValueError(f"--wbits sets one code width for every unit (method uniform); method "
+                                 f"{self.method!r} needs a budget: --bits, --memory-gb or --latency")
+            if any(v is not None for v in (self.bits, self.memory_gb, self.latency)):
+                raise ValueError("--wbits fixes the code width of every unit; give no budget (--bits, --memory-gb, "
+                                 "--latency) with it")
+            Choice(self.wbits, self.group_size, self.quantizer)  # validates the width
+            return "wbits", float(self.wbits)
         return budget_request(self.bits, self.memory_gb, self.latency)
 
     @property
@@ -231,14 +241,37 @@ class Pipeline:
         if plan_p.exists():
             return Plan.load(plan_p)
         cfg = self.cfg
-        budget = self.allocation_budget = self.budget(choices, table.frequency)
         meta = {"method": cfg.method, "granularity": cfg.granularity_name, "tie_gate_up": cfg.tie_gate_up,
                 "model": cfg.model}
-        plan = self.timed("allocate_seconds", lambda: plan_under_budget(
-            table, budget, cfg.solver_name, groups=self.groups(), meta=meta))
+        if cfg.budget_request()[0] == "wbits":  # no budget: the user fixed the code width
+            choice = Choice(cfg.wbits, cfg.group_size, cfg.quantizer)
+            plan = Plan.uniform(self.units, self.shapes, choice, {**meta, "solver": "wbits",
+                                                                  "budget": {"wbits": cfg.wbits}})
+            plan.meta["avg_bits"] = plan.avg_bits(self.shapes)
+            self.results["allocate_seconds"] = 0.0
+            self._note(f"--wbits {cfg.wbits}: {choice.label} for every unit, {plan.meta['avg_bits']:.4f} average "
+                       "storage bits per weight (group metadata included)")
+        else:
+            budget = self.allocation_budget = self.budget(choices, table.frequency)
+            plan = self.timed("allocate_seconds", lambda: plan_under_budget(
+                table, budget, cfg.solver_name, groups=self.groups(), meta=meta))
+            if cfg.solver_name == "uniform":
+                from .allocate.uniform import explain
+
+                column = choices.index(plan.choice(self.units[0]))
+                plan.meta["note"] = explain(budget.cost, budget.total, choices, column,
+                                            [self.shapes[u] for u in self.units], budget.describe)
+                self._note(plan.meta["note"])
         plan.save(plan_p)
         self._save_results()
         return plan
+
+    def _note(self, line: str) -> None:
+        """A line the user should read (printed by the CLI, kept in results.json)."""
+        log.info(line)
+        notes = self.results.setdefault("notes", [])
+        if line not in notes:
+            notes.append(line)
 
     def quantize(self, plan: Plan) -> None:
         self.results["quantize_seconds"] = round(apply_plan(self.adapter, plan, self.calib.inputs, self.cfg.act_order,
@@ -247,7 +280,7 @@ class Pipeline:
 
     def precheck_budget(self, choices: list[Choice]) -> None:
         """Fail before calibrating when a storage budget cannot be met (latency needs frequencies)."""
-        if self.cfg.latency is not None or self.run.has("plan.json"):
+        if self.cfg.latency is not None or self.run.has("plan.json") or self.cfg.budget_request()[0] == "wbits":
             return
         self.budget(choices, None).check_feasible(self.cfg.solver_name, self.groups())
 
@@ -279,6 +312,8 @@ class Pipeline:
             "eval_seconds": self.results.get("ppl_fp_eval_seconds", 0) + self.results.get("ppl_q_eval_seconds", 0),
             "never_routed": len(self.calib.never_routed), "done": True,
         })
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.results["model_avg_bits"] = 8 * self.results["model_bytes"] / n_params  # whole model, beside avg_bits
         for k in ("calibrate_seconds", "profile_seconds", "allocate_seconds", "quantize_seconds"):
             self.results.setdefault(k, 0.0)
         self._save_results()
