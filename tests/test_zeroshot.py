@@ -1,10 +1,14 @@
-"""Zero-shot evaluation (issue 6): offline task configs, errors, and an end-to-end check of the scoring
-with a model forced to prefer the gold answer."""
+"""Zero-shot evaluation (issues 6, 17): offline task configs, errors, data checks, the WikiText conventions,
+and an end-to-end check of the scoring with a model forced to prefer the gold answer."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import math
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from moebits import zeroshot as zs  # noqa: E402
+from moebits.data import DataError, load_text, wikitext_documents, wikitext_gptq_text, wikitext_rows  # noqa: E402
 
 DATA = Path(os.environ["MOEBITS_DATA"]) if os.environ.get("MOEBITS_DATA") else \
     Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -60,7 +65,7 @@ def test_parse_tasks():
     assert zs.parse_tasks("all") == list(zs.TASKS)
     assert zs.parse_tasks("piqa, arc_easy,piqa") == ["piqa", "arc_easy"]
     assert zs.parse_tasks(["winogrande", "lambada_standard"]) == ["winogrande", "lambada_standard"]
-    with pytest.raises(ValueError, match="unknown task 'mmlu'; supported tasks: wikitext2, lambada_openai"):
+    with pytest.raises(ValueError, match="unknown task 'mmlu'; supported tasks: wikitext2, wikitext, lambada_openai"):
         zs.parse_tasks("piqa,mmlu")
 
 
@@ -171,28 +176,105 @@ def test_winogrande_functions_match_official():
             assert ours[key](doc) == official[key](doc)
 
 
-def test_hellaswag_query_matches_official_preprocessing():
-    """The local file holds preprocess(activity + ': ' + ctx_a + ' ' + ctx_b) without ctx_b's capitalisation;
-    our query must equal lm-eval's query built from the original (hub-schema) fields."""
-    datasets = pytest.importorskip("datasets")
-    hub_docs = [
-        {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
-         "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-                     "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "label": "3"},
-        {"activity_label": "Layup drill in basketball", "ctx_a": "A graphic shows on the screen.",
-         "ctx_b": "some young men on an indoor court", "endings": ["a", "b", "c", "d"], "label": "0"},
-        {"activity_label": "Home and Garden", "ctx_a": "[header] How to choose a solar inverter [title] Learn about "
-         "inverters. [step] There are three major types.", "ctx_b": "", "label": "1",
-         "endings": ["[substeps] Grid-tie inverters are common.", "x", "y", "z"]},
-    ]
-    official = official_config("hellaswag")["process_docs"](datasets.Dataset.from_list(hub_docs))
+HUB_HELLASWAG = [
+    {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."], "label": "3"},
+    {"activity_label": "Layup drill in basketball", "ctx_a": "A graphic shows on the screen.",
+     "ctx_b": "some young men on an indoor court", "endings": ["a", "b", "c", "d"], "label": "0"},
+    {"activity_label": "Home and Garden", "ctx_a": "[header] How to choose a solar inverter [title] Learn about "
+     "inverters. [step] There are three major types.", "ctx_b": "", "label": "1",
+     "endings": ["[substeps] Grid-tie inverters are common.", "Off-grid ones [title] store power.", "y", "z"]},
+]
+
+
+def llamacpp_doc(hub: dict) -> dict:
+    """A hub (original-layout) document as the llama.cpp variant stores it: the context cleaned without ctx_b's
+    capitalisation, each ending cleaned *and stripped* (the file's endings never start with a space)."""
     clean = zs.hellaswag_preprocess
-    local = [{"ctx": clean(d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"]), "endings": d["endings"],
-              "label": int(d["label"])} for d in hub_docs]
+    return {"ctx": clean(hub["activity_label"] + ": " + hub["ctx_a"] + " " + hub["ctx_b"]),
+            "endings": [clean(e).strip() for e in hub["endings"]], "label": int(hub["label"])}
+
+
+def test_hellaswag_llamacpp_variant_vs_official_preprocessing():
+    """Queries are rebuilt exactly; an ending that began with a tag loses the leading space lm-eval keeps (the
+    stated deviation), every other ending is identical."""
+    datasets = pytest.importorskip("datasets")
+    official = official_config("hellaswag")["process_docs"](datasets.Dataset.from_list(HUB_HELLASWAG))
+    local = [llamacpp_doc(d) for d in HUB_HELLASWAG]
     ours = zs.task_config("hellaswag", DATA)["process_docs"](datasets.Dataset.from_list(local))
     assert ours["query"] == official["query"]
-    assert ours["choices"] == official["choices"]
     assert ours["query"][0] == "Roof shingle removal: A man is sitting on a roof. He"
+    for doc_ours, doc_official, hub in zip(ours["choices"], official["choices"], HUB_HELLASWAG):
+        for a, b, raw in zip(doc_ours, doc_official, hub["endings"]):
+            if raw.startswith("["):
+                assert b == " " + a, (a, b)  # lm-eval scores "  Grid-tie..." (delimiter + space), we " Grid-tie..."
+            else:
+                assert a == b
+    assert official["choices"][2][0] == " Grid-tie inverters are common."
+
+
+@needs_data
+def test_local_hellaswag_file_is_the_llamacpp_variant():
+    """The shared file really is the cleaned variant (so the deviation note applies): no bracket tags, no ending
+    that starts with a space, and the layout is detected as such."""
+    path = DATA / zs.DATA_FILES["hellaswag"][0]
+    assert zs.hellaswag_layout(path) == "llama.cpp"
+    with open(path, encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f]
+    assert len(docs) == 10042
+    assert not any(re.search(r"\[(title|step|header|substeps)\]", d["ctx"] + " ".join(d["endings"])) for d in docs)
+    assert not any(e.startswith(" ") for d in docs for e in d["endings"])
+
+
+def test_hellaswag_original_layout_uses_lm_eval_preprocessing(tmp_path):
+    lm_utils = pytest.importorskip("lm_eval.tasks.hellaswag.utils")
+    (tmp_path / "hellaswag").mkdir()
+    rows = [{"ind": i, "ctx": "ignored", "split": "val", "source_id": "x", **d} for i, d in enumerate(HUB_HELLASWAG)]
+    (tmp_path / "hellaswag" / "hellaswag_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert zs.hellaswag_layout(tmp_path / "hellaswag" / "hellaswag_val.jsonl") == "original"
+    assert zs.task_config("hellaswag", tmp_path)["process_docs"] is lm_utils.process_docs
+    (tmp_path / "hellaswag" / "hellaswag_val.jsonl").write_text('{"question": "?", "answers": []}\n')
+    with pytest.raises(DataError, match="unknown HellaSwag layout"):
+        zs.hellaswag_layout(tmp_path / "hellaswag" / "hellaswag_val.jsonl")
+
+
+# ------------------------------------------------------------------------------------------ WikiText
+
+def test_wikitext_rows_and_gptq_text_match_a_line_iterator():
+    """Rows as the HF `wikitext` builder yields them (iterate the file, keep the newline, blank -> ""), joined by
+    GPTQ's "\n\n"; checked against Python's own line iteration, with form feeds that str.splitlines would cut."""
+    raw = " = A = \n \n Text one \x0c more . \n\n = = B = = \n tail"
+    rows = [line if line.strip() else "" for line in io.StringIO(raw, newline="\n")]
+    assert wikitext_rows(raw) == rows == [" = A = \n", "", " Text one \x0c more . \n", "", " = = B = = \n", " tail"]
+    assert wikitext_gptq_text(raw) == "\n\n".join(rows)
+
+
+def test_wikitext_documents_cut_at_top_level_headings():
+    raw = " \n = A = \n \n x . \n = = Sub = = \n y \n = B = \n z \n"
+    docs = wikitext_documents(raw)
+    # the leading blank line forms its own whitespace-only document, which is dropped
+    assert docs == [" = A = \n \n x . \n = = Sub = = \n y ", " = B = \n z \n"]
+
+
+@needs_data
+def test_wikitext2_gptq_text_counts(tmp_path):
+    """GPTQ's text of the local wiki.test.raw: 1,294,336 characters, 11,605 newlines (raw file: 1,288,556 / 4,358);
+    load_text gives it for a WikiText raw file, and `rawfile:` the file verbatim."""
+    path = DATA / "wikitext2" / "wiki.test.raw"
+    raw = path.read_text(encoding="utf-8")
+    assert (len(raw), raw.count("\n")) == (1_288_556, 4_358)
+    text = wikitext_gptq_text(raw)
+    assert (len(text), text.count("\n")) == (1_294_336, 11_605)
+    assert load_text(str(path), "eval") == text
+    assert load_text("rawfile:" + str(path), "eval") == raw
+    other = tmp_path / "notes.raw"
+    other.write_text(raw[:1000])
+    assert load_text(str(other), "eval") == raw[:1000]  # only WikiText split names get the GPTQ rows
+    docs = wikitext_documents(raw)
+    assert raw.startswith(" \n = Robert Boulter = \n")  # the leading blank line is a whitespace-only document
+    assert len(docs) == 62 and "\n".join(docs) == raw[2:]
+    assert docs[0].startswith(" = Robert Boulter = \n") and docs[1].startswith(" = Du Fu = \n")
 
 
 # ----------------------------------------------------------------------------------- end to end
@@ -212,18 +294,59 @@ def test_all_tasks_run_offline_and_score_in_unit_interval(tokenizer):
         assert 0.0 <= m["acc"] <= 1.0, task
     assert res["tasks"]["lambada_openai"]["perplexity"] > 1.0
     wt = res["tasks"]["wikitext2"]
-    assert wt["windows"] == LIMIT and wt["seqlen"] == 128
-    # the first windows of the whole file = those of a prefix cut at a line end (byte-level BPE is per word)
-    head = (DATA / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")[:40_000]
+    assert wt["windows"] == LIMIT and wt["seqlen"] == 128 and wt["convention"] == "gptq"
+    # the first windows of GPTQ's text = those of a prefix of it cut at a row end (byte-level BPE is per word);
+    # built here from the raw lines directly, not through moebits.data
+    lines = (DATA / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8").split("\n")[:300]
+    head = "\n\n".join(line + "\n" if line.strip() else "" for line in lines)
     ids = tokenizer(head[:head.rindex("\n")], return_tensors="pt").input_ids[0]
     assert ids.numel() > LIMIT * 128
     assert wt["ppl"] == pytest.approx(perplexity(model, ids, 128, max_windows=LIMIT, progress=False).ppl)
-    scores = [res["tasks"][t][zs.PRIMARY_METRIC[t]] for t in zs.ACCURACY_TASKS]
-    assert res["average"] == pytest.approx(sum(scores) / len(scores))
+    wl = res["tasks"]["wikitext"]
+    assert wl["n"] == LIMIT and wl["word_perplexity"] > wl["byte_perplexity"] > 1.0
+    assert wl["bits_per_byte"] == pytest.approx(math.log2(wl["byte_perplexity"]))
+    avg = res["average"]
+    assert avg["tasks"] == list(zs.ACCURACY_TASKS) and avg["label"] == "Avg (6 tasks, no LS)"
+    for metric in ("acc", "acc_norm"):
+        scores = [res["tasks"][t]["acc_norm" if metric == "acc_norm" and "acc_norm" in res["tasks"][t] else "acc"]
+                  for t in zs.ACCURACY_TASKS]
+        assert avg[metric] == pytest.approx(sum(scores) / len(scores))
     assert "lambada_standard" in res["skipped"] and any("lambada_standard" in n for n in res["notes"])
-    table = zs.format_table([{"model": "tiny", "method": "fp32", "bits": "16-16", "result": res}])
-    assert table.splitlines()[0] == "| Model | Method | #Bits (W-A) | AC | AE | HS | LO | LS | PQ | WG | Avg. | PPL |"
-    assert "| n/a |" in table and f"first {LIMIT} documents" in table
+    assert zs.HELLASWAG_DEVIATION in res["notes"]
+    row = {"model": "tiny", "method": "fp32", "bits": "16-16", "result": res}
+    table = zs.format_table([row])
+    assert table.splitlines()[0] == ("| Model | Method | #Bits (W-A) | Metric | AC | AE | HS | LO | LS | PQ | WG | "
+                                     "Avg (6 tasks, no LS) | PPL | W-PPL |")
+    assert table.splitlines()[2].startswith("| tiny | fp32 | 16-16 | acc_norm | ")
+    assert "| n/a |" in table and f"first {LIMIT} documents" in table and "GPTQ convention" in table
+    assert "llama.cpp variant" in table and "lm-eval's wikitext task" in table
+    both = zs.format_table([row], metric="both").splitlines()
+    assert [line.split(" | ")[3] for line in both[2:4]] == ["acc", "acc_norm"]
+    assert both[2].split(" | ")[11] == f"{100 * avg['acc']:.2f}" and both[3].split(" | ")[11] == f"{100 * avg['acc_norm']:.2f}"
+
+
+@needs_data
+def test_wikitext_task_matches_an_independent_computation(tokenizer):
+    """lm-eval's wikitext task on the local file: the first article (as EleutherAI's document-level data set cuts it),
+    lm-eval's detokenizer, scored in one window here ([prefix] + tokens) and turned into word/byte perplexity."""
+    detokenize = pytest.importorskip("lm_eval.tasks.wikitext.preprocess_wikitext").wikitext_detokenizer
+    model = tiny_moe(len(tokenizer), window=4096)
+    res = zs.evaluate_tasks(model, tokenizer, "wikitext", DATA, limit=1, progress=False)
+    got = res["tasks"]["wikitext"]
+    raw = (DATA / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
+    # article 1: from its heading to the "\n" before article 2's heading (the file's first line is blank, dropped)
+    page = raw[raw.index(" = Robert Boulter = "):raw.index(" = Du Fu = ") - 1]
+    ids = tokenizer(detokenize({"page": page}), add_special_tokens=False).input_ids
+    assert len(ids) < 4096
+    inp = torch.tensor([[tokenizer.bos_token_id] + ids[:-1]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=inp).logits.double(), -1)[0]
+    loglik = logp[torch.arange(len(ids)), torch.tensor(ids)].sum().item()
+    words, nbytes = len(re.split(r"\s+", page)), len(page.encode("utf-8"))
+    assert got["n"] == 1
+    assert got["word_perplexity"] == pytest.approx(math.exp(-loglik / words), rel=1e-4)
+    assert got["byte_perplexity"] == pytest.approx(math.exp(-loglik / nbytes), rel=1e-4)
+    assert got["bits_per_byte"] == pytest.approx(-loglik / nbytes / math.log(2), rel=1e-4)
 
 
 def _lines(path: Path, n: int) -> list[str]:
@@ -301,7 +424,7 @@ def test_model_forced_to_an_answer_scores_exactly(tokenizer, wrong):
         assert m["acc"] == expected, (task, m)
         if "acc_norm" in m:
             assert m["acc_norm"] == expected, (task, m)
-    assert res["average"] == expected
+    assert res["average"]["acc"] == res["average"]["acc_norm"] == expected
     if not wrong:
         assert res["tasks"]["lambada_openai"]["perplexity"] == pytest.approx(1.0, abs=1e-3)
 
@@ -316,3 +439,61 @@ def test_answer_longer_than_the_model_window_is_scored_not_a_crash(tokenizer):
     assert any(n.startswith("piqa: ") and "longer than the model's 24-token window" in n for n in res["notes"])
     assert res["tasks"]["wikitext2"]["seqlen"] == 24
     assert any("max_position_embeddings 24; used 24" in n for n in res["notes"])
+
+
+# ---------------------------------------------------------------------------------------- data checks
+
+
+def _copy_data(dst: Path, tasks, truncate: dict[str, int] | None = None) -> Path:
+    """A data folder with the files of `tasks`, each file in `truncate` cut to its first N lines."""
+    for rel in {f for t in tasks for f in zs.DATA_FILES[t]}:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        if truncate and rel in truncate:
+            (dst / rel).write_text("".join(_lines(DATA / rel, truncate[rel])), encoding="utf-8")
+        else:
+            shutil.copyfile(DATA / rel, dst / rel)
+    return dst
+
+
+@needs_data
+def test_official_files_pass_the_count_check():
+    assert {rel: zs.count_documents(DATA / rel) for rel in zs.OFFICIAL_COUNTS} == zs.OFFICIAL_COUNTS
+    assert zs.OFFICIAL_COUNTS["hellaswag/hellaswag_val.jsonl"] == 10042 and zs.OFFICIAL_COUNTS["piqa/valid.jsonl"] == 1838
+
+
+@needs_data
+def test_truncated_file_is_named_even_with_a_limit(tmp_path, tokenizer):
+    root = _copy_data(tmp_path, ["piqa", "arc_easy"], truncate={"piqa/valid.jsonl": 100})
+    with pytest.raises(DataError) as e:
+        zs.evaluate_tasks(None, None, "arc_easy,piqa", root, limit=5)
+    msg = str(e.value)
+    assert f"{root / 'piqa' / 'valid.jsonl'} has 100 documents, the official split has 1,838" in msg
+    assert "arc" not in msg.split("official split")[0] and "valid-labels" not in msg
+    # a file of one's own can still be scored, on purpose; the labels file is then shorter than the questions
+    res = zs.evaluate_tasks(tiny_moe(len(tokenizer)), tokenizer, "arc_easy", root, limit=3, progress=False,
+                            check_counts=False)
+    assert res["tasks"]["arc_easy"]["n"] == 3
+
+
+@needs_data
+def test_truncated_wikitext_and_hellaswag_are_named(tmp_path):
+    root = _copy_data(tmp_path, ["wikitext2", "hellaswag"],
+                      truncate={"wikitext2/wiki.test.raw": 4000, "hellaswag/hellaswag_val.jsonl": 10041})
+    with pytest.raises(DataError) as e:
+        zs.evaluate_tasks(None, None, "wikitext,hellaswag", root)
+    msg = str(e.value)
+    assert "wiki.test.raw has 4,000 lines, the official split has 4,358" in msg
+    assert "hellaswag_val.jsonl has 10,041 documents, the official split has 10,042" in msg
+
+
+def test_metric_choices(tmp_path):
+    with pytest.raises(ValueError, match="metric must be one of acc, acc_norm, both"):
+        zs.evaluate_tasks(None, None, "piqa", tmp_path, metric="f1")
+    assert [zs.score_metric(t, "acc") for t in zs.ACCURACY_TASKS] == ["acc"] * 6
+    assert [zs.score_metric(t, "acc_norm") for t in zs.ACCURACY_TASKS] == [
+        "acc", "acc_norm", "acc_norm", "acc_norm", "acc_norm", "acc"]
+    assert zs.average_label(["piqa", "winogrande"]) == "Avg (2 tasks, no AC/AE/HS/LO/LS)"
+    avg = zs.summarize({"piqa": {"acc": 0.5, "acc_norm": 0.7}, "winogrande": {"acc": 0.6}, "wikitext2": {"ppl": 9.0},
+                        "arc_easy": {"acc": None, "acc_norm": None}})
+    assert (avg["acc"], avg["acc_norm"]) == (pytest.approx(0.55), pytest.approx(0.65))
+    assert avg["tasks"] == ["piqa", "winogrande"] and avg["label"] == "Avg (2 tasks, no AC/AE/HS/LO/LS)"

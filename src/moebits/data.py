@@ -2,21 +2,82 @@
 
 A source is `demo` (the demo corpus: its training split for calibration, held-out plays for
 evaluation), a path to a plain-text file (`.txt`, `.raw`, ...), or `hf:NAME[:CONFIG]` (a Hugging
-Face dataset's `text` column; needs the `datasets` package and internet or a local cache).
+Face dataset's `text` column, rows joined with ``"\n\n"``; needs the `datasets` package and internet
+or a local cache).
+
+WikiText raw files (``wiki.test.raw``, ``wiki.valid.raw``, ``wiki.train.raw``) are read the way GPTQ
+reads WikiText-2 -- the text every paper that quotes a "WikiText-2 perplexity" (the seeds included)
+evaluates: :func:`wikitext_gptq_text`, i.e. exactly what ``hf:wikitext:wikitext-2-raw-v1`` gives. To
+tokenize such a file byte for byte instead, prefix it with ``rawfile:`` (``rawfile:wiki.test.raw``);
+that variant has fewer newlines and gives a different perplexity, so it is never the default.
 """
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import torch
+
+
+logger = logging.getLogger(__name__)
+
+# A WikiText raw split's file name (wikitext-2-raw-v1 and wikitext-103-raw-v1 use the same names).
+WIKITEXT_RAW_NAME = re.compile(r"^wiki\.(train|valid|test)\.raw$")
+RAWFILE_PREFIX = "rawfile:"
 
 
 class DataError(ValueError):
     pass
 
 
+def wikitext_rows(raw: str) -> list[str]:
+    """The rows of the Hugging Face ``wikitext`` data set built from a raw split: one row per line of the
+    file with its newline kept, and ``""`` for a line that holds only whitespace."""
+    # Split at "\n" only, as iterating over a text file does (str.splitlines would also cut at \x0c, \u2028, ...).
+    lines = [line + "\n" for line in raw.split("\n")]
+    lines[-1] = lines[-1][:-1]  # the text after the last newline has none
+    if not lines[-1]:
+        lines.pop()
+    return [line if line.strip() else "" for line in lines]
+
+
+def wikitext_gptq_text(raw: str) -> str:
+    """The WikiText evaluation text as GPTQ builds it: ``"\n\n".join(rows)`` over :func:`wikitext_rows`.
+    For WikiText-2's ``wiki.test.raw`` (1,288,556 characters, 4,358 newlines) this gives 1,294,336
+    characters with 11,605 newlines; GPTQ then tokenizes that text once."""
+    return "\n\n".join(wikitext_rows(raw))
+
+
+def _is_heading(line: str) -> bool:
+    """A top-level WikiText heading (`` = Title = ``); `` = = Section = = `` and deeper are not."""
+    squeezed = line.replace("= = =", "===").replace("= =", "==").strip()
+    return squeezed.startswith("= ") and squeezed.endswith(" =")
+
+
+def wikitext_documents(raw: str) -> list[str]:
+    """The articles of a raw WikiText split, as EleutherAI's ``wikitext_document_level`` data set (the
+    source of lm-eval's ``wikitext`` task) cuts them: split the file at ``"\n"``, start a new document
+    at every top-level heading line, join each document's lines with ``"\n"``, and drop documents that
+    are only whitespace -- except the last, which is always kept. WikiText-2 test: 62 documents."""
+    docs: list[str] = []
+    lines: list[str] = []
+    for line in raw.split("\n"):
+        if _is_heading(line):
+            page = "\n".join(lines)
+            if page.strip():
+                docs.append(page)
+            lines = []
+        lines.append(line)
+    docs.append("\n".join(lines))
+    return docs
+
+
 def load_text(source: str, purpose: str = "calib") -> str:
-    """`purpose` is "calib" (training split) or "eval" (held-out split) for sources that have both."""
+    """`purpose` is "calib" (training split) or "eval" (held-out split) for sources that have both.
+
+    A file named like a WikiText raw split (``wiki.test.raw``, ...) is returned as GPTQ's text
+    (:func:`wikitext_gptq_text`); ``rawfile:PATH`` returns any file unchanged."""
     if purpose not in ("calib", "eval"):
         raise ValueError(f"purpose must be 'calib' or 'eval', got {purpose!r}")
     if source == "demo":
@@ -37,6 +98,9 @@ def load_text(source: str, purpose: str = "calib") -> str:
         if "text" not in ds.column_names:
             raise DataError(f"{source} has no `text` column (columns: {ds.column_names})")
         return "\n\n".join(ds["text"])
+    verbatim = source.startswith(RAWFILE_PREFIX)
+    if verbatim:
+        source = source[len(RAWFILE_PREFIX):]
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"text source not found: {source} (give `demo`, a text file, or hf:NAME[:CONFIG])")
@@ -48,6 +112,10 @@ def load_text(source: str, purpose: str = "calib") -> str:
         raise DataError(f"cannot read {source} as UTF-8 text: {e}") from None
     if not text.strip():
         raise DataError(f"text source {source} is empty")
+    if not verbatim and WIKITEXT_RAW_NAME.match(path.name):
+        logger.info("%s: WikiText raw split, read as GPTQ's \\n\\n-joined rows (rawfile:%s reads it verbatim)",
+                    source, source)
+        return wikitext_gptq_text(text)
     return text
 
 
