@@ -1,6 +1,8 @@
-"""Zero-shot suite (issue 6): wall time and scores of the paper's Table-1 tasks on one model, offline.
+"""Zero-shot suite (issues 6, 17): wall time and scores of the paper's Table-1 tasks on one model, offline.
 
     python benchmarks/bench_zeroshot.py [--model demo] [--data ../shared/data] [--limit 4000] [--batch-size 16]
+                                        [--metric acc|acc_norm|both] [--tasks all,lambada_standard]
+    python benchmarks/bench_zeroshot.py --limit 20 --name zeroshot_smoke    # a quick check (~1-2 min)
 
 `--model` takes what `moebits.models.loading.load_model` takes: `demo` (the project's demo checkpoint,
 `moebits.demo.CHECKPOINT_DIR`), a local Hugging Face directory, or `tiny:<arch>`. When the demo checkpoint is
@@ -9,7 +11,13 @@ Each task runs in its own `evaluate_tasks` call so that its wall time is measure
 their sum. `--limit` caps the documents per task (first N, lm-eval's `--limit`) and the WikiText-2
 windows; the table states it. The default limit (4000) only cuts HellaSwag (10,042) and LAMBADA (5,153):
 the full suite took ~21 min on the demo model here, HellaSwag alone ~15 min. Writes
-`benchmarks/results/zeroshot.md` through `_common.write_table`.
+`benchmarks/results/NAME.md` (default `zeroshot`) through `_common.write_table`; give a smoke run its own
+`--name` so that it does not replace the real table.
+
+The table's notes state the conventions: PPL is WikiText-2 in GPTQ's convention (the rows of
+`wiki.test.raw` joined with "\n\n"), W-PPL lm-eval's own `wikitext` task (word perplexity over the 62
+articles), which metric each task column holds and how many tasks the average covers, and the HellaSwag
+file's deviation from lm-eval (the llama.cpp variant) when that file is used.
 """
 from __future__ import annotations
 
@@ -33,9 +41,8 @@ from moebits.models.loading import load_model  # noqa: E402
 # Accuracy of a random guess (uniform over the choices; ARC has a few 3- and 5-choice items, ~25%).
 CHANCE = {"arc_challenge": "~25", "arc_easy": "~25", "hellaswag": "25", "lambada_openai": "~0", "piqa": "50",
           "winogrande": "50"}
-# Full-suite size: documents per task (WikiText-2: whole test file).
-FULL_DOCS = {"lambada_openai": 5153, "hellaswag": 10042, "piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172,
-             "winogrande": 1267}
+# Full-suite size: documents per lm-eval task (the official splits' counts; wikitext: articles).
+FULL_DOCS = {t: zs.OFFICIAL_COUNTS[zs.DATA_FILES[t][0]] for t in zs.ACCURACY_TASKS} | {"wikitext": 62}
 
 
 def resolve_model(spec: str):
@@ -61,7 +68,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="evaluation data folder (default: $MOEBITS_DATA or ../shared/data)")
     ap.add_argument("--tasks", default="all,lambada_standard")
     ap.add_argument("--limit", type=int, default=4000,
-                    help="documents per task; 0 = full test sets (~21 min for the demo model here)")
+                    help="documents per task (WikiText-2: windows); 0 = full test sets (~21 min for the demo model "
+                         "here); e.g. 20 for a quick check")
+    ap.add_argument("--metric", default="acc_norm", choices=zs.METRICS,
+                    help="what the task columns show (the JSON-like per-task notes give both)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1,
@@ -83,21 +93,19 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - t0
 
     per_task: dict[str, dict] = {}
-    merged = {"tasks": {}, "metric": {}, "notes": [], "skipped": {}, "limit": limit, "seconds": {}}
+    merged = {"tasks": {}, "metric": args.metric, "notes": [], "skipped": {}, "limit": limit, "seconds": {}}
     for task in tasks:
         t1 = time.perf_counter()
         res = zs.evaluate_tasks(model, tok, [task], data, limit=limit, batch_size=args.batch_size,
-                                seqlen=args.seqlen, progress=False)
+                                seqlen=args.seqlen, progress=False, metric=args.metric)
         wall = time.perf_counter() - t1
         merged["tasks"].update(res["tasks"])
-        merged["metric"].update(res["metric"])
         merged["skipped"].update(res["skipped"])
         merged["notes"] += [n for n in res["notes"] if n not in merged["notes"]]
         merged["seconds"][task] = wall
         per_task[task] = {"wall": wall, **res["tasks"].get(task, {})}
         print(f"{task:15s} {wall:7.1f} s  {res['tasks'].get(task, res['skipped'].get(task))}", flush=True)
-    acc = [merged["tasks"][t][zs.PRIMARY_METRIC[t]] for t in tasks if t in zs.ACCURACY_TASKS]
-    merged["average"] = sum(acc) / len(acc) if acc else None
+    merged["average"] = zs.summarize(merged["tasks"])
     suite_s = sum(merged["seconds"].values())
 
     row = {"model": spec, "method": "Baseline", "bits": "16-16", "result": merged}
@@ -105,8 +113,9 @@ def main(argv=None) -> int:
     header, body, table_notes, _ = zs.table_cells([row])
 
     scope = f"first {limit} documents per task" if limit else "the full test sets"
-    notes = [f"Model: {desc}. Data: `{data}`. Scope: **{scope}** (WikiText-2: "
-             f"{'at most ' + str(limit) + ' windows' if limit else 'whole test file'}). CPU only, "
+    data_shown = os.path.relpath(Path(data).resolve(), Path(__file__).resolve().parents[1])  # no machine paths
+    wiki_scope = f"at most {limit} windows; W-PPL: first {limit} articles" if limit else "whole test file"
+    notes = [f"Model: {desc}. Data: `{data_shown}`. Scope: **{scope}** (WikiText-2: {wiki_scope}). CPU only, "
              f"{torch.get_num_threads()} torch thread(s), batch size {args.batch_size}; lm-eval "
              f"{_version('lm_eval')}, torch {torch.__version__}, {platform.machine()}."]
     notes += table_notes
@@ -115,14 +124,24 @@ def main(argv=None) -> int:
             continue
         m = per_task[task]
         if task == "wikitext2":
-            notes.append(f"Per task -- wikitext2: {m['windows']} windows x {m['seqlen']} tokens, PPL {m['ppl']:.2f}, "
-                         f"{m['wall']:.1f} s ({m['tokens'] / m['wall']:.0f} tokens/s)")
+            notes.append(f"Per task -- wikitext2 (GPTQ convention): {m['windows']} windows x {m['seqlen']} tokens, "
+                         f"PPL {m['ppl']:.2f}, {m['wall']:.1f} s ({m['tokens'] / m['wall']:.0f} tokens/s)")
             continue
-        metric = zs.PRIMARY_METRIC[task]
-        se = m.get(f"{metric}_stderr")
-        notes.append(f"Per task -- {task}: {m['n']}/{FULL_DOCS[task]} docs, {metric} {100 * m[metric]:.2f}"
-                     + (f" ± {100 * se:.2f}" if se is not None else "") + f" % (chance {CHANCE[task]} %), "
-                     f"{m['wall']:.1f} s ({m['n'] / m['wall']:.1f} docs/s)")
+        if task == "wikitext":
+            notes.append(f"Per task -- wikitext (lm-eval's task): {m['n']}/{FULL_DOCS[task]} articles, word_perplexity "
+                         f"{m['word_perplexity']:.2f}, byte_perplexity {m['byte_perplexity']:.4f}, bits_per_byte "
+                         f"{m['bits_per_byte']:.4f}, {m['wall']:.1f} s")
+            continue
+        scores = []
+        for metric in dict.fromkeys(zs.score_metric(task, mm) for mm in ("acc", "acc_norm")):
+            se = m.get(f"{metric}_stderr")
+            scores.append(f"{metric} {100 * m[metric]:.2f}" + (f" ± {100 * se:.2f}" if se is not None else ""))
+        notes.append(f"Per task -- {task}: {m['n']}/{FULL_DOCS[task]} docs, {', '.join(scores)} % "
+                     f"(chance {CHANCE[task]} %), {m['wall']:.1f} s ({m['n'] / m['wall']:.1f} docs/s)")
+    avg = merged["average"]
+    if avg["tasks"]:
+        notes.append(f"{avg['label']}: acc {100 * avg['acc']:.2f} %, acc_norm (acc where a task has none) "
+                     f"{100 * avg['acc_norm']:.2f} %.")
     notes += [
         f"Suite wall time: **{suite_s:.1f} s ({suite_s / 60:.1f} min)** for the tasks above, plus {load_s:.1f} s to "
         "load the model. Each task is its own `evaluate_tasks` call, so ~2 s of harness overhead (dataset load, "

@@ -322,7 +322,8 @@ def test_all_tasks_run_offline_and_score_in_unit_interval(tokenizer):
     assert "llama.cpp variant" in table and "lm-eval's wikitext task" in table
     both = zs.format_table([row], metric="both").splitlines()
     assert [line.split(" | ")[3] for line in both[2:4]] == ["acc", "acc_norm"]
-    assert both[2].split(" | ")[11] == f"{100 * avg['acc']:.2f}" and both[3].split(" | ")[11] == f"{100 * avg['acc_norm']:.2f}"
+    assert both[2].split(" | ")[11] == f"{100 * avg['acc']:.2f}"
+    assert both[3].split(" | ")[11] == f"{100 * avg['acc_norm']:.2f}"
 
 
 @needs_data
@@ -458,7 +459,8 @@ def _copy_data(dst: Path, tasks, truncate: dict[str, int] | None = None) -> Path
 @needs_data
 def test_official_files_pass_the_count_check():
     assert {rel: zs.count_documents(DATA / rel) for rel in zs.OFFICIAL_COUNTS} == zs.OFFICIAL_COUNTS
-    assert zs.OFFICIAL_COUNTS["hellaswag/hellaswag_val.jsonl"] == 10042 and zs.OFFICIAL_COUNTS["piqa/valid.jsonl"] == 1838
+    assert zs.OFFICIAL_COUNTS["hellaswag/hellaswag_val.jsonl"] == 10042
+    assert zs.OFFICIAL_COUNTS["piqa/valid.jsonl"] == 1838
 
 
 @needs_data
@@ -497,3 +499,26 @@ def test_metric_choices(tmp_path):
                         "arc_easy": {"acc": None, "acc_norm": None}})
     assert (avg["acc"], avg["acc_norm"]) == (pytest.approx(0.55), pytest.approx(0.65))
     assert avg["tasks"] == ["piqa", "winogrande"] and avg["label"] == "Avg (2 tasks, no AC/AE/HS/LO/LS)"
+
+
+@needs_data
+def test_cli_eval_metric_both_and_count_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from moebits.cli import app
+
+    runner = CliRunner()
+    base = ["eval", "--model", "tiny:qwen2_moe", "--tasks", "piqa,winogrande", "--data", str(DATA), "--limit", "3"]
+    r = runner.invoke(app, base + ["--metric", "both", "--out", str(tmp_path / "res.json")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "res.json").read_text())
+    assert res["metric"] == "both" and res["average"]["label"] == "Avg (2 tasks, no AC/AE/HS/LO/LS)"
+    piqa, wg = res["tasks"]["piqa"], res["tasks"]["winogrande"]
+    assert res["average"]["acc"] == pytest.approx((piqa["acc"] + wg["acc"]) / 2)
+    assert res["average"]["acc_norm"] == pytest.approx((piqa["acc_norm"] + wg["acc"]) / 2)
+    assert "Avg (2 tasks, no" in r.output and "acc_norm" in r.output
+    r = runner.invoke(app, base + ["--metric", "f1"])
+    assert r.exit_code == 2 and "metric must be one of acc, acc_norm, both" in r.output
+    root = _copy_data(tmp_path / "data", ["winogrande"], truncate={"winogrande/winogrande_xl_validation.jsonl": 7})
+    r = runner.invoke(app, ["eval", "--model", "tiny:qwen2_moe", "--tasks", "winogrande", "--data", str(root)])
+    assert r.exit_code == 2 and "has 7 documents, the official split has 1,267" in " ".join(r.output.split())

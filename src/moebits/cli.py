@@ -256,9 +256,13 @@ def eval_cmd(
     data: Optional[Path] = typer.Option(None, help="folder laid out like shared/data (default: $MOEBITS_DATA or ../shared/data)"),
     limit: Optional[int] = typer.Option(None, help="at most N items per task"),
     batch_size: int = 8, seqlen: int = 2048,
+    metric: str = typer.Option("acc_norm", help="acc | acc_norm (where the task has it, else acc) | both; "
+                                                "the JSON always holds both"),
+    check_counts: bool = typer.Option(True, help="refuse data files whose document count is not the official split's"),
     out: Optional[Path] = typer.Option(None, help="write the scores as JSON here"),
 ):
-    """Perplexity and zero-shot accuracy (lm-eval's tasks on local files)."""
+    """Perplexity (WikiText-2, GPTQ convention; `wikitext`: lm-eval's) and zero-shot accuracy (lm-eval's tasks
+    on local files)."""
     from . import zeroshot
     from .apply import apply_plan
     from .calibrate import Calibration
@@ -268,6 +272,7 @@ def eval_cmd(
 
     try:
         task_list = zeroshot.parse_tasks(tasks)
+        zeroshot.check_metric(metric)
         data_dir = data or zeroshot.default_data_dir()
         if data_dir is None:
             _fail(zeroshot.NO_DATA_MESSAGE)
@@ -282,7 +287,8 @@ def eval_cmd(
                 inputs = Calibration.load_inputs(run / "calib_inputs.safetensors")
             apply_plan(ad, p, inputs)
             label = f"{model} + {plan}"
-        res = zeroshot.evaluate_tasks(m, tok, task_list, data_dir, limit=limit, batch_size=batch_size, seqlen=seqlen)
+        res = zeroshot.evaluate_tasks(m, tok, task_list, data_dir, limit=limit, batch_size=batch_size, seqlen=seqlen,
+                                      metric=metric, check_counts=check_counts)
     except _user_errors() as e:
         _fail(str(e))
     zeroshot.print_table([{"model": label, "method": "fp16" if plan is None else "plan", "result": res}])

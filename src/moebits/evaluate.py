@@ -1,6 +1,13 @@
 """Perplexity, GPTQ convention: tokenize the whole evaluation text once, cut it into
 non-overlapping windows of `seqlen` tokens (the ragged tail is dropped), PPL = exp(mean token NLL)
-over every predicted token of every window."""
+over every predicted token of every window.
+
+Which text is evaluated is the caller's: the `ppl` of `moebits quantize` (``ppl_fp`` / ``ppl_q``) is this
+function on ``moebits.data.load_text(--eval)``. For WikiText-2 that is GPTQ's text, the one the papers
+quote: a ``wiki.test.raw`` file (or ``hf:wikitext:wikitext-2-raw-v1``) becomes the data set's rows joined
+with ``"\n\n"`` (``moebits.data.wikitext_gptq_text``: 1,294,336 characters, not the file's 1,288,556);
+``rawfile:PATH`` tokenizes a file verbatim, which gives a different number. ``moebits eval --tasks
+wikitext2`` is the same measure; ``--tasks wikitext`` is lm-eval's document-level one instead."""
 from __future__ import annotations
 
 import math

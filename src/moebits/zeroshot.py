@@ -245,8 +245,8 @@ def _lm_eval_task_module(task_dir: str, module: str):
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise ImportError(f"cannot import {name} from the installed lm-eval ({e}); moebits mirrors lm-eval 0.4's "
-                          "task folders: install lm-eval>=0.4.5,<0.5") from None
+        raise ImportError(f"cannot import {name} from the installed lm-eval ({e}); moebits uses the task folders "
+                          "of lm-eval 0.4 (pip install 'moebits[eval]', i.e. lm-eval>=0.4.5)") from None
 
 
 def hellaswag_query(ctx: str) -> str:
@@ -487,7 +487,7 @@ def summarize(task_results: Mapping[str, Mapping]) -> dict:
     return out
 
 
-def _check_metric(metric: str) -> str:
+def check_metric(metric: str) -> str:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     return metric
@@ -507,12 +507,13 @@ def evaluate_tasks(model, tokenizer, tasks: str | Sequence[str], data_dir: str |
         {"tasks": {"piqa": {"acc": .., "acc_stderr": .., "acc_norm": .., "acc_norm_stderr": .., "n": ..},
                    "wikitext2": {"ppl": .., "nll": .., "tokens": .., "windows": .., "seqlen": .., "convention": "gptq"},
                    "wikitext": {"word_perplexity": .., "byte_perplexity": .., "bits_per_byte": .., "n": ..}, ...},
-         "average": {"acc": mean acc, "acc_norm": mean of acc_norm-or-acc, "tasks": [..], "label": "Avg (6 tasks, no LS)"},
+         "average": {"acc": mean acc, "acc_norm": mean of acc_norm-or-acc, "tasks": [..],
+                     "label": "Avg (6 tasks, no LS)"},
          "metric": metric, "limit": limit, "seconds": {"wikitext2": .., "harness": .. (lm-eval tasks together)},
          "notes": [...], "skipped": {task: reason}}
     """
     tasks = parse_tasks(tasks)
-    metric = _check_metric(metric)
+    metric = check_metric(metric)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive number of documents (or None for all), got {limit!r}")
     if data_dir is None:
@@ -576,8 +577,10 @@ def convention_notes(tasks: Iterable[str], metric: str = "acc_norm") -> list[str
     if cols:
         for m in shown:
             notes.append(f"Accuracy in % ({m} rows): " + ", ".join(f"{ab} = {t} {score_metric(t, m)}" for t, ab in cols)
-                         + ". Avg (N tasks, no X) = mean over the N accuracy tasks with a score; X = the paper's "
-                           "Table-1 tasks it lacks (n/a columns are not counted).")
+                         + ".")
+        notes.append("Avg (N tasks, no X) = mean of the row's scores over the N accuracy tasks that have one; X = the "
+                     "tasks of the FRI-MxMoE paper's Table 1 it lacks (that paper averages all 7 and does not say "
+                     "whether acc or acc_norm).")
     if "wikitext2" in tasks:
         notes.append(WIKITEXT2_CONVENTION + ".")
     if "wikitext" in tasks:
@@ -596,7 +599,7 @@ def table_cells(rows: list[dict], metric: str | None = None) -> tuple[list[str],
     if metric is None:
         found = {r["result"].get("metric", "acc_norm") for r in rows}
         metric = found.pop() if len(found) == 1 else "both"
-    metric = _check_metric(metric)
+    metric = check_metric(metric)
     shown = ("acc", "acc_norm") if metric == "both" else (metric,)
     cols = [(t, ab) for t, ab in TABLE_COLUMNS if t in present]
     labels = [(k, h) for k, h in (("model", "Model"), ("method", "Method"), ("bits", "#Bits (W-A)"))

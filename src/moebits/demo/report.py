@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from moebits.data import wikitext_gptq_text
 from moebits.demo.corpus import EVAL_PLAYS, PLAYS_FILE, demo_text
 from moebits.evaluate import perplexity
 
@@ -108,10 +109,13 @@ def evaluate_checkpoint(ckpt_dir: str | Path, seed: int = 0, wikitext_path: str 
     result["train_ppl"] = perplexity(model, train_ids, seqlen, max_windows=train_ppl_windows, progress=progress,
                                      desc="ppl train").to_dict()
     if wikitext_path is not None and Path(wikitext_path).exists():
-        wiki_ids = tokenize_text(tokenizer, Path(wikitext_path).read_text(encoding="utf-8"))
+        # GPTQ's WikiText-2 text (the rows joined with "\n\n"), the one the papers' perplexities are measured on
+        wiki_text = wikitext_gptq_text(Path(wikitext_path).read_text(encoding="utf-8"))
+        wiki_ids = tokenize_text(tokenizer, wiki_text)
         result["wikitext2_ppl"] = perplexity(model, wiki_ids, seqlen, progress=progress, desc="ppl wikitext2").to_dict()
         result["wikitext2_path"] = str(wikitext_path)
-        result["wikitext2_chars_per_token"] = len(Path(wikitext_path).read_text(encoding="utf-8")) / wiki_ids.numel()
+        result["wikitext2_convention"] = "gptq"
+        result["wikitext2_chars_per_token"] = len(wiki_text) / wiki_ids.numel()
     windows = random_windows(train_ids, seqlen, usage_windows, seed=seed)
     result["expert_usage"] = dict(windows=usage_windows, seqlen=seqlen, split="train",
                                   layers=usage_stats(expert_counts(model, windows), windows.numel()))
@@ -218,7 +222,9 @@ def write_model_card(ckpt_dir: str | Path, summary: dict) -> str:
         f"| train split (first {ev['train_ppl']['windows']} windows) | {ev['train_ppl']['ppl']:.2f} | {ev['train_ppl']['tokens']:,} |",
     ]
     if "wikitext2_ppl" in ev:
-        lines.append(f"| WikiText-2 test (out of domain; {ev['wikitext2_chars_per_token']:.2f} chars/token) |"
+        convention = ("GPTQ's text: rows joined with \\n\\n" if ev.get("wikitext2_convention") == "gptq"
+                      else "wiki.test.raw tokenized verbatim, not GPTQ's text")
+        lines.append(f"| WikiText-2 test (out of domain; {convention}; {ev['wikitext2_chars_per_token']:.2f} chars/token) |"
                      f" {ev['wikitext2_ppl']['ppl']:.1f} | {ev['wikitext2_ppl']['tokens']:,} |")
     else:
         lines.append("| WikiText-2 test | not measured (no `--wikitext` path given) | |")
