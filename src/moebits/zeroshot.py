@@ -63,7 +63,6 @@ logger = logging.getLogger(__name__)
 # Supported tasks, in the order they are run.
 TASKS: tuple[str, ...] = ("wikitext2", "wikitext", "lambada_openai", "hellaswag", "piqa", "arc_easy",
                           "arc_challenge", "winogrande")
-PERPLEXITY_TASKS: tuple[str, ...] = TASKS[:2]
 ACCURACY_TASKS: tuple[str, ...] = TASKS[2:]
 LM_EVAL_TASKS: tuple[str, ...] = TASKS[1:]  # run through lm-eval's harness
 METRICS: tuple[str, ...] = ("acc", "acc_norm", "both")
@@ -175,7 +174,7 @@ def count_documents(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def check_counts(root: Path, tasks: Sequence[str]) -> None:
+def check_document_counts(root: Path, tasks: Sequence[str]) -> None:
     """Raise a DataError naming every file of `tasks` whose document count differs from the official split's."""
     wrong = []
     for rel in dict.fromkeys(f for t in tasks for f in DATA_FILES.get(t, ())):
@@ -224,7 +223,7 @@ def _check_data(data_dir: Path | None, tasks: Sequence[str], counts: bool = True
         raise FileNotFoundError(f"missing data files in {str(root)!r} ({lines}). Tasks available in that folder: "
                                 f"{', '.join(have) if have else 'none'}")
     if counts:
-        check_counts(root, tasks)
+        check_document_counts(root, tasks)
     if "hellaswag" in tasks:
         hellaswag_layout(root / DATA_FILES["hellaswag"][0])
     return root
