@@ -45,7 +45,7 @@ def median_run(fn, repeats: int):
 
 def fri_cost(ad, cal, units, anchors) -> dict:
     """Wall seconds of profiling `anchors` + fit + predict."""
-    stats = cal.stats_by_unit()
+    stats = cal.stats
     t0 = time.perf_counter()
     table = profile(ad, "expert", anchors, CHOICES, stats, cal.inputs, table=new_table(ad, CHOICES, stats), progress=False)
     t1 = time.perf_counter()
@@ -58,7 +58,7 @@ def fri_cost(ad, cal, units, anchors) -> dict:
 
 
 def full_cost(ad, cal, units) -> dict:
-    stats = cal.stats_by_unit()
+    stats = cal.stats
     t0 = time.perf_counter()
     profile(ad, "expert", units, CHOICES, stats, cal.inputs, table=new_table(ad, CHOICES, stats), progress=False)
     return {"total": time.perf_counter() - t0}
@@ -81,7 +81,7 @@ def layer_metric_extrapolated(d) -> tuple[float, str]:
     units = ad.units()
     layers = sorted({u.layer for u in units})
     subset = [u for u in units if u.expert == 0]
-    stats = cal.stats_by_unit()
+    stats = cal.stats
     t0 = time.perf_counter()
     t = profile(ad, "layer", subset, CHOICES, stats, cal.inputs, windows=d.windows, table=new_table(ad, CHOICES, stats),
                 progress=False)

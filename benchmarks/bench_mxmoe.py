@@ -84,7 +84,7 @@ def main():
         torch.manual_seed(seed)
         cal = calibrate(ad, calibration_windows(tok, "demo", args.nsamples, args.seqlen, seed), seed=seed,
                         progress=False)
-        stats = cal.stats_by_unit()
+        stats = cal.stats
         t0 = time.perf_counter()
         table = profile(ad, "expert", units, choices, stats, cal.inputs, table=new_table(ad, choices, stats),
                         progress=False)

@@ -43,7 +43,7 @@ def main():
     model, tok, ad = load_model(args.model)
     win = calibration_windows(tok, "demo" if args.model == "demo" else args.model, args.nsamples, args.seqlen, args.seed)
     cal = calibrate(ad, win, max_tokens_per_expert=win.numel(), seed=args.seed)  # no cap: both metrics see all tokens
-    stats = cal.stats_by_unit()
+    stats = cal.stats
     choices = [Choice(int(b), 128, args.quantizer) for b in args.bits.split(",")]
     units = ad.units()
 

@@ -3,7 +3,7 @@ import pytest
 from sklearn.linear_model import Ridge
 
 from moebits.features import ABLATIONS, FeatureSpec, build_features, sklearn_pipeline
-from moebits.stats import UnitStats
+from moebits.stats import CalibrationStats, UnitStats
 from moebits.units import Choice, Unit
 
 CHOICES = [Choice(2), Choice(3), Choice(4), Choice(8)]
@@ -22,7 +22,7 @@ def make_stats(n_layers=3, n_experts=2, hidden=64, inter=32, seed=0):
                                      act_outlier_ratio=float(rng.choice([0.0, 1e-3])), act_kurtosis=float(rng.uniform(-1, 50)),
                                      weight_scale=float(rng.uniform(0.01, 0.1)), weight_max_over_mean=float(rng.uniform(5, 20)),
                                      num_layers=n_layers))
-    return out
+    return CalibrationStats.from_rows(out, total_tokens=1000)
 
 
 def test_paper_features_shape_names_and_unit_major_rows():

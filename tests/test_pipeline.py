@@ -204,3 +204,37 @@ def test_calibration_table_and_plan_survive_save_and_reload(tmp_path, text_file)
     assert Plan.load(tmp_path / "r" / "plan.json").assignments == plan.assignments  # resumed, not redone
     with pytest.raises(FileNotFoundError, match="run.json"):
         Pipeline.from_run(tmp_path / "nothing")
+
+
+def test_a_registered_method_runs_through_the_pipeline(tmp_path, text_file):
+    """A new method is one `register_method` entry: its table fill and default solver are used."""
+    import numpy as np
+
+    from moebits import methods
+    from moebits.table import SensitivityTable
+
+    calls = []
+
+    def fill_by_size(run, choices):  # a made-up sensitivity: error 2^-bits, larger for `down`
+        calls.append(len(choices))
+        bits = np.array([c.bits for c in choices], float)
+        scale = np.array([4.0 if u.kind == "down" else 1.0 for u in run.units])
+        return SensitivityTable(run.units, choices, error=scale[:, None] * 2.0 ** -bits[None, :],
+                                frequency=run.calib.frequency())
+
+    methods.register_method(methods.Method("toy", fill_by_size, "ilp", granularity="expert"))
+    try:
+        assert "toy" in methods.method_names()
+        p = Pipeline(_cfg(text_file, method="toy", bits=3.5, save_model=False), tmp_path / "r", progress=False)
+        res = p.execute()
+        assert calls == [4] and res["solver"] == "ilp" and res["avg_bits"] <= 3.5 + 1e-9
+        plan = Plan.load(tmp_path / "r" / "plan.json")
+        assert plan.meta["granularity"] == "expert" and plan.meta["method"] == "toy"
+        for u in p.units:  # expert granularity: gate, up and down of an expert share one choice
+            assert plan.choice(u) == plan.choice(type(u)(u.layer, u.expert, "gate"))
+        with pytest.raises(ValueError, match="already registered"):
+            methods.register_method(methods.Method("toy", fill_by_size, "ilp"))
+    finally:
+        methods._METHODS.pop("toy", None)
+    with pytest.raises(ValueError, match="unknown method 'toy'.*fri"):
+        Pipeline(_cfg(text_file, method="toy"), tmp_path / "r2", progress=False)

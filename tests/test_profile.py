@@ -19,7 +19,7 @@ def _calibrated(arch, cap=100000, windows=6, seqlen=48):
 def test_expert_local_metric_equals_mxmoe_layer_rerun(arch):
     """DESIGN: the layer-output error of one expert's block is expert-local (exact, fp32)."""
     ad, win, cal = _calibrated(arch)
-    st = cal.stats_by_unit()
+    st = cal.stats
     l = ad.moe_layers[-1]
     units = [Unit(l, e, k) for e in (0, 5) for k in ("gate", "up", "down")]
     if ad.num_shared_experts:
@@ -70,5 +70,5 @@ def test_never_routed_expert_gets_fallback_tokens_and_a_warning(caplog):
     assert "never routed" in caplog.text
     inp = cal.inputs[(ad.moe_layers[0], 7)]
     assert inp.fallback and inp.x.shape[0] > 0
-    s = cal.stats_by_unit()[Unit(ad.moe_layers[0], 7, "down")]
+    s = cal.stats[Unit(ad.moe_layers[0], 7, "down")]
     assert s.never_routed and s.tokens == 0 and s.frequency > 0 and s.act_var > 0

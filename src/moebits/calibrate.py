@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .models.adapter import MoEAdapter, RoutedBatch
 from .run import atomic_path
-from .stats import UnitStats, load_stats, save_stats
+from .stats import CalibrationStats, UnitStats
 from .units import KINDS, SHARED, Unit
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class ExpertInputs:
 
 @dataclass
 class Calibration:
-    stats: list[UnitStats]
+    stats: CalibrationStats  # per-unit columns, aligned with adapter.units()
     inputs: dict[tuple[int, int | str], ExpertInputs]  # (layer, expert) -> routed input sample
     total_tokens: int
     never_routed: list[tuple[int, int]] = field(default_factory=list)
@@ -98,20 +98,21 @@ class Calibration:
     STATS_FILE = "stats.json"
     INPUTS_FILE = "calib_inputs.safetensors"
 
-    def stats_by_unit(self) -> dict[Unit, UnitStats]:
-        return {s.unit: s for s in self.stats}
+    def stats_by_unit(self) -> CalibrationStats:
+        """The statistics, indexable by unit (`[unit]` gives its row). Kept for the FRI benchmarks, which
+        build row lists from it; new code uses `stats` directly."""
+        return self.stats
 
     def frequency(self) -> np.ndarray:
-        """[U] routed-token frequency, in the order of the units (`adapter.units()`)."""
-        return np.array([s.frequency for s in self.stats], dtype=np.float64)
+        """[U] routed-token frequency of `stats.units`."""
+        return self.stats.frequency
 
     # -- a calibration in a directory: stats.json (readable) + calib_inputs.safetensors (the samples) --
     def save(self, directory: str | Path) -> None:
         """Write both files atomically (the inputs first: `exists` looks for the stats)."""
         directory = Path(directory)
         self.save_inputs(directory / self.INPUTS_FILE)
-        save_stats(self.stats, directory / self.STATS_FILE,
-                   {"total_tokens": self.total_tokens, "never_routed": [list(k) for k in self.never_routed]})
+        self.stats.save(directory / self.STATS_FILE, {"never_routed": [list(k) for k in self.never_routed]})
 
     @classmethod
     def exists(cls, directory: str | Path) -> bool:
@@ -122,7 +123,7 @@ class Calibration:
         directory = Path(directory)
         if not cls.exists(directory):
             raise FileNotFoundError(f"no calibration in {directory} (expected {cls.STATS_FILE} and {cls.INPUTS_FILE})")
-        stats, meta = load_stats(directory / cls.STATS_FILE)
+        stats, meta = CalibrationStats.load(directory / cls.STATS_FILE)
         return cls(stats, cls.load_inputs(directory / cls.INPUTS_FILE), meta["total_tokens"],
                    [tuple(x) for x in meta.get("never_routed", [])])
 
@@ -234,16 +235,18 @@ def calibrate(adapter: MoEAdapter, windows: torch.Tensor, batch_size: int = 8, m
                                weight_max_over_mean=(w.max() / w.mean().clamp(min=1e-12)).item(),
                                num_layers=len(adapter.decoder_layers),
                                never_routed=(u.layer, u.expert) in never, **m))
-    return Calibration(stats=stats, inputs=inputs, total_tokens=total_tokens, never_routed=never)
+    return Calibration(stats=CalibrationStats.from_rows(stats, total_tokens), inputs=inputs, total_tokens=total_tokens,
+                       never_routed=never)
 
 
-def frequency_summary(stats: list[UnitStats], total_tokens: int) -> list[dict]:
+def frequency_summary(stats: CalibrationStats, total_tokens: int) -> list[dict]:
     """Per MoE layer: min / max / coefficient of variation of routed-expert frequencies (routed tokens /
     calibration tokens, without the never-routed floor), max over mean, and how many were never routed."""
     out = []
-    for layer in sorted({s.unit.layer for s in stats}):
-        tokens = torch.tensor([s.tokens for s in stats if s.unit.layer == layer and s.unit.kind == "gate"
-                               and not s.unit.is_shared], dtype=torch.float64)
+    layer_of = np.array([u.layer for u in stats.units])
+    routed_gate = np.array([u.kind == "gate" and not u.is_shared for u in stats.units])
+    for layer in sorted(set(layer_of.tolist())):
+        tokens = torch.tensor(stats.tokens[(layer_of == layer) & routed_gate], dtype=torch.float64)
         if tokens.numel():
             f = tokens / total_tokens
             mean = f.mean().item()

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .stats import UnitStats
+from .stats import CalibrationStats
 from .units import KINDS, Choice
 
 GROUPS = ("bits", "type", "scale", "act", "weight", "wmax", "depth", "rank")
@@ -110,14 +110,14 @@ def _signed_log1p(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
 
 
-def _act_column(stats: list[UnitStats], act_stat: str) -> tuple[str, np.ndarray]:
+def _act_column(stats: CalibrationStats, act_stat: str) -> tuple[str, np.ndarray]:
     if act_stat == "var":
-        return "log_act_var", _log_pos(np.array([s.act_var for s in stats], float))
+        return "log_act_var", _log_pos(stats.act_var)
     if act_stat == "mean_abs":
-        return "log_act_mean_abs", _log_pos(np.array([s.act_mean_abs for s in stats], float))
+        return "log_act_mean_abs", _log_pos(stats.act_mean_abs)
     if act_stat == "outlier":
-        return "log_act_outlier_ratio", np.log(np.array([s.act_outlier_ratio for s in stats], float) + _OUTLIER_FLOOR)
-    return "slog_act_kurtosis", _signed_log1p(np.array([s.act_kurtosis for s in stats], float))
+        return "log_act_outlier_ratio", np.log(stats.act_outlier_ratio + _OUTLIER_FLOOR)
+    return "slog_act_kurtosis", _signed_log1p(stats.act_kurtosis)
 
 
 def _check_choices_distinguishable(choices: list[Choice], spec: FeatureSpec) -> None:
@@ -131,17 +131,17 @@ def _check_choices_distinguishable(choices: list[Choice], spec: FeatureSpec) -> 
         seen[key] = c
 
 
-def build_features(stats: list[UnitStats], choices: list[Choice], spec: FeatureSpec = FeatureSpec()) -> FeatureMatrix:
-    """Feature rows for every (unit, choice) pair, unit-major. `stats[u]` describes unit u."""
+def build_features(stats: CalibrationStats, choices: list[Choice], spec: FeatureSpec = FeatureSpec()) -> FeatureMatrix:
+    """Feature rows for every (unit, choice) pair of `stats.units` x `choices`, unit-major."""
     _check_choices_distinguishable(choices, spec)
     U, C = len(stats), len(choices)
     per_unit: list[tuple[str, np.ndarray]] = []  # [U] columns, repeated over choices
     per_choice: list[tuple[str, np.ndarray]] = []  # [C] columns, tiled over units
     categorical_names = {"kind": list(range(len(KINDS))), "shared": [0, 1]}
 
-    tokens = np.array([s.tokens for s in stats], float)  # M
-    out_f = np.array([s.out_features for s in stats], float)  # N
-    in_f = np.array([s.in_features for s in stats], float)  # K
+    tokens = stats.tokens.astype(float)  # M
+    out_f = stats.out_features.astype(float)  # N
+    in_f = stats.in_features.astype(float)  # K
     bits = np.array([c.bits for c in choices], float)
 
     if "bits" in spec.groups:
@@ -149,19 +149,19 @@ def build_features(stats: list[UnitStats], choices: list[Choice], spec: FeatureS
     if "rank" in spec.groups:
         per_choice.append(("log1p_rank", np.log1p(np.array([c.rank for c in choices], float))))
     if "type" in spec.groups:
-        per_unit.append(("kind", np.array([KINDS.index(s.unit.kind) for s in stats], float)))
-        per_unit.append(("shared", np.array([1.0 if s.unit.is_shared else 0.0 for s in stats])))
+        per_unit.append(("kind", stats.kind_index))
+        per_unit.append(("shared", stats.is_shared.astype(float)))
     if "scale" in spec.groups:
         per_unit += [("log_M", np.log1p(tokens)), ("log_N", np.log1p(out_f)), ("log_K", np.log1p(in_f)),
                      ("log_flops", np.log1p(2 * tokens * out_f * in_f))]
     if "act" in spec.groups:
         per_unit.append(_act_column(stats, spec.act_stat))
     if "weight" in spec.groups:
-        per_unit.append(("log_weight_scale", _log_pos(np.array([s.weight_scale for s in stats], float))))
+        per_unit.append(("log_weight_scale", _log_pos(stats.weight_scale)))
     if "wmax" in spec.groups:
-        per_unit.append(("log_weight_max_over_mean", _log_pos(np.array([s.weight_max_over_mean for s in stats], float))))
+        per_unit.append(("log_weight_max_over_mean", _log_pos(stats.weight_max_over_mean)))
     if "depth" in spec.groups:
-        per_unit.append(("depth", np.array([s.depth for s in stats], float)))
+        per_unit.append(("depth", stats.depth))
 
     columns: dict[str, np.ndarray] = {}  # name -> [U * C]
     for name, v in per_unit:

@@ -207,7 +207,7 @@ class Pipeline:
         from .profile import new_table, profile
 
         cfg = self.cfg
-        stats = self.calib.stats_by_unit()
+        stats = self.calib.stats
         table = new_table(self.adapter, choices, stats)
         table = self.timed("profile_seconds", lambda: profile(
             self.adapter, cfg.metric, units, choices, stats, self.calib.inputs, windows=self.windows,

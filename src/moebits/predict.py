@@ -8,13 +8,14 @@ quantization error by definition: their entries are 0, never fitted nor predicte
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from sklearn.base import clone
 
 from .features import FeatureMatrix, FeatureSpec, build_features, sklearn_pipeline
 from .fri import FRIRegressor
-from .stats import UnitStats
+from .stats import CalibrationStats, UnitStats
 from .table import SensitivityTable
 from .units import Choice, Unit
 
@@ -26,14 +27,6 @@ class FittedPredictor:
     train_rows: np.ndarray  # [n_train] feature rows the estimator was fitted on (= FRI rule i -> row)
 
 
-def _aligned_stats(table: SensitivityTable, stats: list[UnitStats]) -> list[UnitStats]:
-    by_unit = {s.unit: s for s in stats}
-    missing = [u.name for u in table.units if u not in by_unit]
-    if missing:
-        raise ValueError(f"no calibration stats for {len(missing)} table units, e.g. {missing[:3]}")
-    return [by_unit[u] for u in table.units]
-
-
 def _prepare(estimator, features: FeatureMatrix):
     est = clone(estimator)
     if isinstance(est, FRIRegressor):
@@ -41,10 +34,12 @@ def _prepare(estimator, features: FeatureMatrix):
     return sklearn_pipeline(est, features)
 
 
-def fit_table(table: SensitivityTable, stats: list[UnitStats], estimator=None,
+def fit_table(table: SensitivityTable, stats: CalibrationStats | Sequence[UnitStats], estimator=None,
               spec: FeatureSpec = FeatureSpec()) -> FittedPredictor:
     """Fit a clone of `estimator` (default: FRIRegressor()) on the table's measured, quantized entries."""
-    features = build_features(_aligned_stats(table, stats), table.choices, spec)
+    if not isinstance(stats, CalibrationStats):  # a list of UnitStats rows (the FRI benchmarks)
+        stats = CalibrationStats.from_rows(list(stats))
+    features = build_features(stats.aligned(table.units), table.choices, spec)
     quantized = np.array([not c.is_fp for c in table.choices])  # [C]
     train_mask = table.measured & np.isfinite(table.error) & quantized[None, :]  # [U, C]
     train_rows = np.flatnonzero(train_mask.ravel())  # unit-major, like the feature rows
@@ -71,7 +66,7 @@ def predict_table(table: SensitivityTable, fitted: FittedPredictor) -> Sensitivi
                             seconds=np.where(known, table.seconds, 0.0), frequency=table.frequency.copy())
 
 
-def fit_predict_table(table: SensitivityTable, stats: list[UnitStats], estimator=None,
+def fit_predict_table(table: SensitivityTable, stats: CalibrationStats, estimator=None,
                       spec: FeatureSpec = FeatureSpec()) -> SensitivityTable:
     """Fit on the measured entries of `table`, fill the rest (marked `measured=False`)."""
     return predict_table(table, fit_table(table, stats, estimator, spec))

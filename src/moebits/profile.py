@@ -26,7 +26,7 @@ from .apply import layer_hessians
 from .calibrate import ExpertInputs
 from .models.adapter import MoEAdapter
 from .quant import quantize_weight
-from .stats import UnitStats
+from .stats import CalibrationStats
 from .table import SensitivityTable
 from .units import Choice, Unit
 
@@ -51,7 +51,7 @@ def _quantize_batch(adapter: MoEAdapter, members: list[Unit], choice: Choice, H:
 
 
 @torch.no_grad()
-def profile_expert(adapter: MoEAdapter, units: list[Unit], choices: list[Choice], stats: dict[Unit, UnitStats],
+def profile_expert(adapter: MoEAdapter, units: list[Unit], choices: list[Choice], stats: CalibrationStats,
                    inputs: dict[tuple[int, int | str], ExpertInputs], act_order: bool = False,
                    table: SensitivityTable | None = None, progress: bool = True) -> SensitivityTable:
     """Expert-local metric for `units` x `choices`, written into `table` (a new one if None)."""
@@ -117,7 +117,7 @@ def _run_layer(adapter: MoEAdapter, layer: int, calls) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def profile_layer(adapter: MoEAdapter, units: list[Unit], choices: list[Choice], stats: dict[Unit, UnitStats],
+def profile_layer(adapter: MoEAdapter, units: list[Unit], choices: list[Choice], stats: CalibrationStats,
                   inputs: dict[tuple[int, int | str], ExpertInputs], windows: torch.Tensor, act_order: bool = False,
                   batch_size: int = 8, table: SensitivityTable | None = None, progress: bool = True) -> SensitivityTable:
     """MxMoE's metric: quantize one block, re-run the whole decoder layer on all calibration tokens."""
@@ -146,10 +146,10 @@ def profile_layer(adapter: MoEAdapter, units: list[Unit], choices: list[Choice],
     return table
 
 
-def new_table(adapter: MoEAdapter, choices: list[Choice], stats: dict[Unit, UnitStats]) -> SensitivityTable:
+def new_table(adapter: MoEAdapter, choices: list[Choice], stats: CalibrationStats) -> SensitivityTable:
     units = adapter.units()
     t = SensitivityTable(units, list(choices))
-    t.frequency[:] = [stats[u].frequency for u in units]
+    t.frequency[:] = stats.aligned(units).frequency
     return t
 
 

@@ -15,48 +15,30 @@ from pathlib import Path
 
 import torch
 
-from moebits.data import wikitext_gptq_text
+from moebits.data import random_windows, tokenize, wikitext_gptq_text
 from moebits.demo.corpus import EVAL_PLAYS, PLAYS_FILE, demo_text
+from moebits.demo.model import init_model, load_checkpoint
 from moebits.evaluate import perplexity
-
-
-def tokenize_text(tokenizer, text: str) -> torch.Tensor:
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-
-def random_windows(token_ids: torch.Tensor, seqlen: int, n_windows: int, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, token_ids.numel() - seqlen, (n_windows,), generator=gen)
-    return torch.stack([token_ids[s:s + seqlen] for s in starts.tolist()])
-
-
-def moe_layers(model) -> list[tuple[int, torch.nn.Module]]:
-    """(layer index, experts module) of every decoder layer with a routed-experts block."""
-    return [(i, layer.mlp.experts) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+from moebits.models.adapter import MoEAdapter
 
 
 @torch.no_grad()
 def expert_counts(model, windows: torch.Tensor, batch_size: int = 8) -> dict[int, torch.Tensor]:
-    """Routed tokens per expert, per MoE layer: a forward hook on each `mlp.experts` reads `top_k_index`
-    (its second input, `[tokens, k]`). Each token counts once for each of its k experts."""
-    counts: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer_idx, experts in moe_layers(model):
-        counts[layer_idx] = torch.zeros(experts.num_experts, dtype=torch.long)
+    """Routed tokens per expert, per MoE layer, through the adapter's routing hook. Each token counts once
+    for each of its k experts."""
+    adapter = MoEAdapter(model)
+    counts = {layer: torch.zeros(adapter.num_experts, dtype=torch.long) for layer in adapter.moe_layers}
 
-        def hook(module, args, output, layer_idx=layer_idx):
-            top_k_index = args[1]
-            counts[layer_idx] += torch.bincount(top_k_index.reshape(-1).cpu(), minlength=module.num_experts)
+    def on_batch(b):
+        counts[b.layer] += torch.bincount(b.top_k_index.reshape(-1).cpu(), minlength=adapter.num_experts)
 
-        handles.append(experts.register_forward_hook(hook))
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, windows.size(0), batch_size):
-            model(input_ids=windows[start:start + batch_size], use_cache=False)
+        with adapter.capture_routing(on_batch):
+            for start in range(0, windows.size(0), batch_size):
+                model(input_ids=windows[start:start + batch_size], use_cache=False)
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     return counts
 
@@ -74,19 +56,8 @@ def usage_stats(counts: dict[int, torch.Tensor], n_tokens: int) -> list[dict]:
     return rows
 
 
-def load_checkpoint(ckpt_dir: str | Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-    model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
-    model.eval()
-    return model, tokenizer
-
-
 def untrained_model(config, seed: int):
     """The random-init model of the same config and seed as the training run started from."""
-    from moebits.demo.train import init_model
-
     return init_model(config, seed).eval()
 
 
@@ -100,8 +71,8 @@ def evaluate_checkpoint(ckpt_dir: str | Path, seed: int = 0, wikitext_path: str 
     plays_file = ckpt_dir / PLAYS_FILE
     source = plays_file if plays_file.exists() else None
     eval_text = demo_text("eval", source=source)
-    eval_ids = tokenize_text(tokenizer, eval_text)
-    train_ids = tokenize_text(tokenizer, demo_text("train", source=source))
+    eval_ids = tokenize(tokenizer, eval_text)
+    train_ids = tokenize(tokenizer, demo_text("train", source=source))
 
     result: dict = dict(seqlen=seqlen, eval_plays=list(EVAL_PLAYS), eval_tokens=int(eval_ids.numel()),
                         train_tokens_in_split=int(train_ids.numel()))
@@ -111,12 +82,12 @@ def evaluate_checkpoint(ckpt_dir: str | Path, seed: int = 0, wikitext_path: str 
     if wikitext_path is not None and Path(wikitext_path).exists():
         # GPTQ's WikiText-2 text (the rows joined with "\n\n"), the one the papers' perplexities are measured on
         wiki_text = wikitext_gptq_text(Path(wikitext_path).read_text(encoding="utf-8"))
-        wiki_ids = tokenize_text(tokenizer, wiki_text)
+        wiki_ids = tokenize(tokenizer, wiki_text)
         result["wikitext2_ppl"] = perplexity(model, wiki_ids, seqlen, progress=progress, desc="ppl wikitext2").to_dict()
         result["wikitext2_path"] = str(wikitext_path)
         result["wikitext2_convention"] = "gptq"
         result["wikitext2_chars_per_token"] = len(wiki_text) / wiki_ids.numel()
-    windows = random_windows(train_ids, seqlen, usage_windows, seed=seed)
+    windows = random_windows(train_ids, usage_windows, seqlen, seed=seed)
     result["expert_usage"] = dict(windows=usage_windows, seqlen=seqlen, split="train",
                                   layers=usage_stats(expert_counts(model, windows), windows.numel()))
     result["eval_chars_per_token"] = len(eval_text) / eval_ids.numel()

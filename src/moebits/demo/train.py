@@ -26,30 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moebits.demo.corpus import PLAYS_FILE, build_plays, save_plays, split_plays
-
-EOS = "<|endoftext|>"
-
-#: the shipped demo config (Qwen2-MoE, fine-grained: 32 routed experts of width 128, top-4, one shared
-#: expert of width 128; every layer is MoE; tied embeddings keep the file small). Every expert matrix
-#: is 128 wide in both dimensions, so g128 groups divide every row, as in real MoEs (W3.25 = 3-bit g128).
-DEFAULT_CONFIG: dict = dict(
-    vocab_size=2048,  # with 128-wide experts the 16-bit file must stay <= 20 MB: a small vocab pays for the wider experts
-    hidden_size=128,
-    intermediate_size=256,  # dense-MLP width, unused (decoder_sparse_step=1: every layer is MoE)
-    num_hidden_layers=6,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    num_experts=32,
-    num_experts_per_tok=4,
-    moe_intermediate_size=128,  # a multiple of 128, like real MoEs: with g128 a 64-wide down_proj would pay a whole group of metadata per 64 weights (3-bit = 3.5 bpw) and break the W3.25 budgets
-    shared_expert_intermediate_size=128,  # multiple of 128 (g128-aligned); 256 would push the file past 20 MB
-    decoder_sparse_step=1,
-    norm_topk_prob=False,
-    max_position_embeddings=256,
-    tie_word_embeddings=True,
-    output_router_logits=True,
-    router_aux_loss_coef=0.01,
-)
+from moebits.demo.model import DEFAULT_CONFIG, EOS, build_config, init_model  # noqa: F401 (re-exported)
 
 DEFAULT_TRAINING: dict = dict(seqlen=256, batch_size=32, lr=3e-3, min_lr_ratio=0.05, warmup_steps=50,
                               weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, log_every=25)
@@ -81,23 +58,6 @@ def encode_plays(tokenizer, texts: list[str]) -> torch.Tensor:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
-
-
-def build_config(vocab_size: int, overrides: dict | None = None):
-    from transformers import Qwen2MoeConfig
-
-    params = {**DEFAULT_CONFIG, "vocab_size": vocab_size, **(overrides or {})}
-    config = Qwen2MoeConfig(**params)
-    config.bos_token_id = config.eos_token_id = config.pad_token_id = None  # set from the tokenizer
-    return config
-
-
-def init_model(config, seed: int):
-    """Random-init model of `config` (the same weights for the same seed: the 'untrained' baseline)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def lr_at(step: int, progress: float, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
