@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -140,15 +141,18 @@ def main():
         check = perplexity(d.model, ev.ids, args.seqlen, max_windows=len(ev.windows), progress=False).ppl
         assert abs(check / fp - 1) < 1e-5, (check, fp)  # the per-window evaluation is moebits.evaluate's perplexity
 
-        truth = freq[:, None] * table.error
+        def loss(error, table=table):  # the allocator's objective f_u * l_u(c) for any filling of the table
+            return replace(table, error=error).loss
+
+        truth = table.loss
         a = anchor_units(table, "stratified", args.anchors, seed)
         fri_err = predict(table, stats, a)
-        fri = freq[:, None] * fri_err
+        fri = loss(fri_err)
         m = heldout_metrics(table.error, fri_err, ~a)
         ridge = TransformedTargetRegressor(Ridge(alpha=1.0), func=np.log, inverse_func=np.exp, check_inverse=False)
         ridge_err = predict(table, stats, a, ridge)
         m_ridge = heldout_metrics(table.error, ridge_err, ~a)
-        loss_of = {"full profiling": truth, "FRI": fri, "Ridge, log target (extra)": freq[:, None] * ridge_err}
+        loss_of = {"full profiling": truth, "FRI": fri, "Ridge, log target (extra)": loss(ridge_err)}
 
         # ---- 1. Table 6
         ref = {}
@@ -250,8 +254,7 @@ def main():
             maes.append(mm["mae_log"])
         ppl_s = "—"
         if not args.skip_features_ppl:
-            loss = freq[:, None] * predict(table, stats, a, spec=spec)
-            res = allocate(loss, storage, budget, solver="lagrangian", budget_format=fmt)
+            res = allocate(replace(table, error=predict(table, stats, a, spec=spec)).loss, storage, budget, solver="lagrangian", budget_format=fmt)
             ppl = ev(res.choice_index, choices)
             ppl_s = f"{ppl:.3f} ({ev.delta(res.choice_index, ref[3.25][2], choices)} %)" if 3.25 in ref else f"{ppl:.3f}"
             ppl_s += f"; objective {100 * (totals(truth, storage, res.choice_index)[0] / ref[3.25][1] - 1):+.1f} %" \

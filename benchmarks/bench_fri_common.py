@@ -32,6 +32,7 @@ from moebits.models import load_model
 from moebits.predict import fit_table, predict_table
 from moebits.profile import new_table, profile
 from moebits.sampling import sample_anchors
+from moebits.stats import CalibrationStats
 from moebits.table import SensitivityTable
 from moebits.units import Choice
 
@@ -50,7 +51,7 @@ class Demo:
     windows: torch.Tensor
     cal: Calibration
     table: SensitivityTable  # full ground truth, units in adapter order
-    stats: list  # UnitStats aligned with table.units
+    stats: CalibrationStats  # aligned with table.units
     table_source: str
     calib_seconds: float
 
@@ -77,25 +78,22 @@ def load_demo(model: str = "demo", nsamples: int = 32, seqlen: int = 256, seed: 
             if not cache.exists():
                 print(f"profiling every unit in-process for calibration seed {seed} (as bench_profiling.py "
                       f"--skip-layer does), cached in {cache}", flush=True)
-                st = cal.stats_by_unit()
-                profile(ad, "expert", ad.units(), CHOICES, st, cal.inputs, table=new_table(ad, CHOICES, st),
+                profile(ad, "expert", ad.units(), CHOICES, cal.stats, cal.inputs, table=new_table(ad, CHOICES, cal.stats),
                         progress=progress).to_csv(cache)
             table = SensitivityTable.from_csv(cache)
             src = f"in-process full profiling, calibration seed {seed}"
     else:
-        st = cal.stats_by_unit()
-        table = profile(ad, "expert", ad.units(), CHOICES, st, cal.inputs, table=new_table(ad, CHOICES, st),
+        table = profile(ad, "expert", ad.units(), CHOICES, cal.stats, cal.inputs, table=new_table(ad, CHOICES, cal.stats),
                         progress=progress)
         src = f"profiled in-process ({model})"
-    by_unit = cal.stats_by_unit()
     if [u for u in table.units] != ad.units():
         raise SystemExit("the table's units are not the model's units in adapter order")
     if [c for c in table.choices] != CHOICES:
         raise SystemExit(f"the table's choices {[c.label for c in table.choices]} are not {[c.label for c in CHOICES]}")
     if not (table.complete and table.measured.all()):
         raise SystemExit("the ground-truth table must be fully measured")
-    stats = [by_unit[u] for u in table.units]
-    freq = np.array([s.frequency for s in stats])
+    stats = cal.stats.aligned(table.units)
+    freq = stats.frequency
     if not np.allclose(freq, table.frequency, rtol=1e-9, atol=0):
         bad = np.argmax(np.abs(freq - table.frequency))
         raise SystemExit(f"calibration frequencies differ from the table's (e.g. {table.units[bad].name}: "

@@ -98,11 +98,6 @@ class Calibration:
     STATS_FILE = "stats.json"
     INPUTS_FILE = "calib_inputs.safetensors"
 
-    def stats_by_unit(self) -> CalibrationStats:
-        """The statistics, indexable by unit (`[unit]` gives its row). Kept for the FRI benchmarks, which
-        build row lists from it; new code uses `stats` directly."""
-        return self.stats
-
     def frequency(self) -> np.ndarray:
         """[U] routed-token frequency of `stats.units`."""
         return self.stats.frequency

@@ -8,14 +8,13 @@ quantization error by definition: their entries are 0, never fitted nor predicte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from sklearn.base import clone
 
 from .features import FeatureMatrix, FeatureSpec, build_features, sklearn_pipeline
 from .fri import FRIRegressor
-from .stats import CalibrationStats, UnitStats
+from .stats import CalibrationStats
 from .table import SensitivityTable
 from .units import Choice, Unit
 
@@ -34,11 +33,9 @@ def _prepare(estimator, features: FeatureMatrix):
     return sklearn_pipeline(est, features)
 
 
-def fit_table(table: SensitivityTable, stats: CalibrationStats | Sequence[UnitStats], estimator=None,
+def fit_table(table: SensitivityTable, stats: CalibrationStats, estimator=None,
               spec: FeatureSpec = FeatureSpec()) -> FittedPredictor:
     """Fit a clone of `estimator` (default: FRIRegressor()) on the table's measured, quantized entries."""
-    if not isinstance(stats, CalibrationStats):  # a list of UnitStats rows (the FRI benchmarks)
-        stats = CalibrationStats.from_rows(list(stats))
     features = build_features(stats.aligned(table.units), table.choices, spec)
     quantized = np.array([not c.is_fp for c in table.choices])  # [C]
     train_mask = table.measured & np.isfinite(table.error) & quantized[None, :]  # [U, C]
