@@ -8,6 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU only under its interpreter, which must be chosen before triton is
+    # first imported (triton jit-decorates its own library functions at import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ARCHS = ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3"]
 
