@@ -9,8 +9,11 @@ them, i.e. connected components):
 
 * `tie_gate_up`: gate and up of an expert share bits (MxMoE: they are one fused GEMM `gate_up_proj`).
 * `expert_level`: gate, up and down of an expert share bits (the paper's Table 5 expert granularity).
-* `layer_uniform`: all *routed* experts of a layer share one choice per kind (what a fused-MoE kernel
-  such as vLLM's runs: one bit-width per weight tensor); the shared expert is left free.
+* `layer_uniform`: all *routed* experts of a layer share one choice per kind (one bit-width per fused
+  weight tensor); the shared expert is left free.
+* `vllm_servable`: what vLLM's fused-MoE kernels need: all routed units of a layer (every expert, gate,
+  up and down) share one choice; a shared expert's gate and up share one (vLLM merges them), its down is
+  free. `--target vllm` adds this grouping and restricts the candidates to 4 and 8 bits.
 """
 from __future__ import annotations
 
@@ -39,6 +42,17 @@ def expert_level(units: Sequence[Unit]) -> np.ndarray:
 
 def layer_uniform(units: Sequence[Unit]) -> np.ndarray:
     return factorize((u.layer, u.kind) if not u.is_shared else (u.layer, u.expert, u.kind) for u in units)
+
+
+def vllm_key(u: Unit) -> tuple:
+    """The set of units vLLM runs with one quantization scheme (see `export/vllm_rules.py`)."""
+    if not u.is_shared:
+        return (u.layer, "routed")
+    return (u.layer, "shared", "down" if u.kind == "down" else "gate_up")
+
+
+def vllm_servable(units: Sequence[Unit]) -> np.ndarray:
+    return factorize(vllm_key(u) for u in units)
 
 
 def combine_groups(*groupings: np.ndarray) -> np.ndarray:
