@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Protocol
 
@@ -98,10 +98,16 @@ def unit_modules(keys, units) -> dict[Unit, str]:
     return out
 
 
-def promotions_for(plan: Plan, use_envelope: bool) -> dict[Unit, Promotion]:
+def promotions_for(plan: Plan, use_envelope: bool, shapes: dict[Unit, tuple[int, int]]) -> dict[Unit, Promotion]:
     if use_envelope:
-        return envelope(plan)
-    problems = vllm_problems(plan)
+        promotions = envelope(plan)
+        widened = Plan({u: replace(a, choice=replace(a.choice, bits=promotions[u].bits))
+                        for u, a in plan.assignments.items()})
+        problems = vllm_problems(widened, shapes)  # what promotion cannot fix (group sizes)
+        if problems:
+            raise ExportRefused(refusal_message(problems, False))
+        return promotions
+    problems = vllm_problems(plan, shapes)
     if problems:
         try:
             envelope(plan)
@@ -138,10 +144,10 @@ def write_compressed_tensors(dense_dir: str | Path, quantized: Mapping[Unit, Uni
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     dense_dir, out_dir = Path(dense_dir), Path(out_dir)
-    promotions = promotions_for(plan, use_envelope)
     tensors = load_dense_checkpoint(dense_dir)
     modules = unit_modules(tensors.keys(), plan.units)
     shapes = shapes or {u: tuple(tensors[modules[u] + ".weight"].shape) for u in plan.units}
+    promotions = promotions_for(plan, use_envelope, shapes)
 
     groups: dict[tuple[int, int], list[str]] = {}
     unit_bytes = 0

@@ -9,7 +9,8 @@ servable when:
 
   * every routed unit of a layer (all experts, gate/up/down) has the same bits and group size;
   * every shared expert's gate and up have the same bits and group size;
-  * every quantized unit has 4 or 8 bits and group-wise scales (group_size > 0);
+  * every quantized unit has 4 or 8 bits and group-wise scales with a group size vLLM's Marlin kernels
+    take (32, 64 or 128) that divides the unit's input width;
   * zero points are integers: quantizer rtn or gptq (HQQ optimises real-valued zeros, which the
     compressed-tensors format, an integer zero point per group, cannot hold exactly);
   * units left at 16 bits are kept dense and are simply not targeted; for routed experts that means
@@ -30,6 +31,7 @@ from ..plan import Plan
 from ..units import FP_BITS, Unit
 
 VLLM_BITS = (4, 8)
+VLLM_GROUP_SIZES = (32, 64, 128)
 INTEGER_ZERO_QUANTIZERS = ("rtn", "gptq")
 
 
@@ -46,8 +48,9 @@ def describe_set(key: tuple) -> str:
     return f"layer {key[0]} routed experts" if key[1] == "routed" else f"layer {key[0]} shared expert {key[2]}"
 
 
-def vllm_problems(plan: Plan) -> list[str]:
-    """Why vLLM cannot serve `plan` (empty when it can), one line per offending tied set or unit."""
+def vllm_problems(plan: Plan, shapes: dict[Unit, tuple[int, int]] | None = None) -> list[str]:
+    """Why vLLM cannot serve `plan` (empty when it can), one line per offending tied set or unit.
+    With `shapes` (unit -> (out, in)) the group size is also checked to divide every input width."""
     problems = []
     for key, members in tied_sets(plan.assignments).items():
         choices = {plan.choice(u) for u in members}
@@ -60,8 +63,10 @@ def vllm_problems(plan: Plan) -> list[str]:
             continue
         if bits not in VLLM_BITS:
             problems.append(f"{describe_set(key)}: {bits} bits (vLLM's kernels take {VLLM_BITS})")
-        if group_size <= 0:
-            problems.append(f"{describe_set(key)}: per-channel scales (export needs group-wise, group_size > 0)")
+        if group_size not in VLLM_GROUP_SIZES:
+            problems.append(f"{describe_set(key)}: group size {group_size} (vLLM's kernels take {VLLM_GROUP_SIZES})")
+        elif shapes is not None and any(shapes[u][1] % group_size for u in members):
+            problems.append(f"{describe_set(key)}: group size {group_size} does not divide the input width")
         hqq = sorted({c.quantizer for c in choices if c.quantizer not in INTEGER_ZERO_QUANTIZERS})
         if hqq:
             problems.append(f"{describe_set(key)}: quantizer {hqq[0]} has real-valued zero points "
