@@ -139,6 +139,8 @@ def quantize(
     overwrite: bool = typer.Option(False, help="replace a different run already in --out"),
     save_model: bool = typer.Option(True, help="save the quantized model under OUT/model"),
     trust_remote_code: bool = False,
+    target: str = typer.Option("none", help="serving target the plan must fit: none | vllm (layer-uniform "
+                                            "routed-expert bits from {4, 8}, rtn/gptq, servable by construction)"),
     verbose: bool = False,
 ):
     """Calibrate, profile, allocate, quantize and evaluate: the whole job, resumable."""
@@ -152,7 +154,8 @@ def quantize(
                          candidate_bits=_parse_bits(candidate_bits), wbits=wbits, calib=calib, nsamples=nsamples, seqlen=seqlen,
                          eval=eval, eval_windows=eval_windows, metric=metric, solver=solver, granularity=granularity,
                          tie_gate_up=tie_gate_up, anchors=anchors, sampler=sampler, act_order=act_order, seed=seed,
-                         dtype=dtype, device=device, save_model=save_model, trust_remote_code=trust_remote_code)
+                         dtype=dtype, device=device, save_model=save_model, trust_remote_code=trust_remote_code,
+                         target=target)
     try:
         cfg.budget_request()
         results = Pipeline(cfg, out, overwrite=overwrite).execute()

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .allocate import combine_groups, expert_level, layer_uniform, plan_under_budget, tie_gate_up
+from .allocate.groups import vllm_servable
 from .apply import apply_plan, save_quantized
 from .budget import Budget, budget_request
 from .calibrate import Calibration, calibrate
@@ -69,6 +70,7 @@ class QuantizeConfig:
     batch_size: int = 8
     save_model: bool = True
     trust_remote_code: bool = False
+    target: str = "none"  # serving target the plan must fit: none | vllm (export/vllm_rules.py)
 
     OUTPUT_OPTIONS = ("save_model",)  # do not make a run "different"
 
@@ -77,6 +79,8 @@ class QuantizeConfig:
         d["candidate_bits"] = list(self.candidate_bits)
         for k in self.OUTPUT_OPTIONS:
             d.pop(k)
+        if d["target"] == "none":  # runs made before --target existed keep their spec
+            d.pop("target")
         return d
 
     @classmethod
@@ -111,8 +115,19 @@ class QuantizeConfig:
         return self.granularity or get_method(self.method).granularity or "linear"
 
 
+TARGETS = ("none", "vllm")
+
+
 def candidate_choices(cfg: QuantizeConfig) -> list[Choice]:
-    return get_method(cfg.method).choices(cfg)
+    choices = get_method(cfg.method).choices(cfg)
+    # --- serving target (issue 9): vLLM serves 4/8-bit integer-zero group-wise schemes only
+    if cfg.target not in TARGETS:
+        raise ValueError(f"unknown --target {cfg.target!r}; choose one of {TARGETS}")
+    if cfg.target == "vllm":
+        from .export.vllm_rules import vllm_choices
+
+        choices = vllm_choices(choices)
+    return choices
 
 
 def make_budget(cfg: QuantizeConfig, units: list[Unit], shapes: dict, choices: list[Choice],
@@ -122,8 +137,9 @@ def make_budget(cfg: QuantizeConfig, units: list[Unit], shapes: dict, choices: l
                         latency_model=cfg.cost, seed=cfg.seed, device=cfg.device)
 
 
-def structure_groups(granularity: str, tie: bool, units: list[Unit]) -> np.ndarray | None:
-    """Unit ids that must share a choice: `granularity` linear | expert | layer, `tie` gate with up."""
+def structure_groups(granularity: str, tie: bool, units: list[Unit], target: str = "none") -> np.ndarray | None:
+    """Unit ids that must share a choice: `granularity` linear | expert | layer, `tie` gate with up,
+    `target` vllm: one choice per MoE layer's routed experts and per shared expert's gate/up."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
     parts = []
@@ -133,6 +149,8 @@ def structure_groups(granularity: str, tie: bool, units: list[Unit]) -> np.ndarr
         parts.append(layer_uniform(units))
     if tie:
         parts.append(tie_gate_up(units))
+    if target == "vllm":
+        parts.append(vllm_servable(units))
     return combine_groups(*parts) if parts else None
 
 
@@ -234,7 +252,7 @@ class Pipeline:
         return make_budget(self.cfg, self.units, self.shapes, choices, frequency)
 
     def groups(self) -> np.ndarray | None:
-        return structure_groups(self.cfg.granularity_name, self.cfg.tie_gate_up, self.units)
+        return structure_groups(self.cfg.granularity_name, self.cfg.tie_gate_up, self.units, self.cfg.target)
 
     def allocate(self, choices: list[Choice], table: SensitivityTable) -> Plan:
         plan_p = self.run.path("plan.json")
@@ -243,6 +261,8 @@ class Pipeline:
         cfg = self.cfg
         meta = {"method": cfg.method, "granularity": cfg.granularity_name, "tie_gate_up": cfg.tie_gate_up,
                 "model": cfg.model}
+        if cfg.target != "none":
+            meta["target"] = cfg.target
         if cfg.budget_request()[0] == "wbits":  # no budget: the user fixed the code width
             choice = Choice(cfg.wbits, cfg.group_size, cfg.quantizer)
             plan = Plan.uniform(self.units, self.shapes, choice, {**meta, "solver": "wbits",
@@ -262,6 +282,12 @@ class Pipeline:
                 plan.meta["note"] = explain(budget.cost, budget.total, choices, column,
                                             [self.shapes[u] for u in self.units], budget.describe)
                 self._note(plan.meta["note"])
+        if cfg.target == "vllm":  # --- serving target (issue 9): the plan must be servable
+            from .export.vllm_rules import vllm_problems
+
+            problems = vllm_problems(plan, self.shapes)
+            if problems:
+                raise ValueError("--target vllm: this plan is not servable by vLLM: " + "; ".join(problems))
         plan.save(plan_p)
         self._save_results()
         return plan
@@ -280,6 +306,13 @@ class Pipeline:
 
     def precheck_budget(self, choices: list[Choice]) -> None:
         """Fail before calibrating when a storage budget cannot be met (latency needs frequencies)."""
+        if self.cfg.target == "vllm":  # --- serving target (issue 9): group size must divide every input width
+            from .export.vllm_rules import vllm_problems
+
+            q = next(c for c in choices if not c.is_fp)
+            problems = vllm_problems(Plan.uniform(self.units, self.shapes, q), self.shapes)
+            if problems:
+                raise ValueError(f"--target vllm cannot be met with --group-size {q.group_size}: {problems[0]}")
         if self.cfg.latency is not None or self.run.has("plan.json") or self.cfg.budget_request()[0] == "wbits":
             return
         self.budget(choices, None).check_feasible(self.cfg.solver_name, self.groups())

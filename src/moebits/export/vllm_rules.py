@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 from ..allocate.groups import vllm_key
 from ..plan import Plan
-from ..units import FP_BITS, Unit
+from ..units import FP_BITS, Choice, Unit
 
 VLLM_BITS = (4, 8)
 VLLM_GROUP_SIZES = (32, 64, 128)
@@ -72,6 +72,25 @@ def vllm_problems(plan: Plan, shapes: dict[Unit, tuple[int, int]] | None = None)
             problems.append(f"{describe_set(key)}: quantizer {hqq[0]} has real-valued zero points "
                             "(compressed-tensors stores integer zeros)")
     return problems
+
+
+def vllm_choices(choices: list[Choice]) -> list[Choice]:
+    """The candidates `--target vllm` allocates over: the 4- and 8-bit ones (and 16, kept dense, when the
+    method offers it); refuses settings no choice could serve."""
+    quantized = [c for c in choices if not c.is_fp]
+    bad_q = sorted({c.quantizer for c in quantized if c.quantizer not in INTEGER_ZERO_QUANTIZERS})
+    if bad_q:
+        raise ValueError(f"--target vllm needs integer zero points; quantizer {bad_q[0]} has real-valued ones. "
+                         "Use --quantizer rtn or gptq.")
+    bad_g = sorted({c.group_size for c in quantized if c.group_size not in VLLM_GROUP_SIZES})
+    if bad_g:
+        raise ValueError(f"--target vllm: group size {bad_g[0]} is not one vLLM's kernels take; "
+                         f"use --group-size {' | '.join(map(str, VLLM_GROUP_SIZES))}")
+    kept = [c for c in choices if c.is_fp or c.bits in VLLM_BITS]
+    if not any(not c.is_fp for c in kept):
+        raise ValueError(f"--target vllm allocates over 4 and 8 bits, and the candidates "
+                         f"({sorted({c.bits for c in choices})}) have neither: pass --candidate-bits 4,8")
+    return kept
 
 
 def _fmt(settings) -> str:
