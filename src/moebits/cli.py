@@ -323,6 +323,36 @@ def train_demo_cmd(out: Path = typer.Option(Path("demo-model"), help="where to w
     Console().print_json(data={k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
 
 
+# --- export (issue 9) ------------------------------------------------------------------------------
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="a run directory of `moebits quantize` (its packed model/)"),
+    format: str = typer.Option(..., "--format", help="compressed-tensors (what vLLM serves) | dequantized "
+                                                     "(16-bit weights any transformers loads)"),
+    out: Path = typer.Option(..., help="directory to write"),
+    envelope: bool = typer.Option(False, help="compressed-tensors: promote each MoE layer to its widest bit-width "
+                                              "(exact) so a per-expert plan becomes servable"),
+    verify: bool = typer.Option(True, help="decompress the export with compressed-tensors and compare every "
+                                           "weight with the moebits weight"),
+):
+    """Export a quantized run for serving (docs/export.md)."""
+    from .export.run_export import export_run
+
+    try:
+        r = export_run(run, format, out, use_envelope=envelope, verify=verify)
+    except _user_errors() as e:
+        _fail(str(e))
+    t = Table(title=f"moebits export -> {out}")
+    for c in ("format", "plan bits", "export bits", "promoted units", "schemes", "verified units"):
+        t.add_column(c, justify="right")
+    t.add_row(r["format"], f"{r['plan_avg_bits']:.4f}", f"{r['export_avg_bits']:.4f}", str(r.get("promoted_units", "-")),
+              str(len(r.get("schemes", {})) or "-"), str(r.get("verified_units", "-")))
+    Console().print(t)
+    if r.get("transformers_note"):
+        Console().print(f"[yellow]note:[/] {r['transformers_note']}")
+# --- end export ---------------------------------------------------------------------------------------
+
+
 def main() -> None:  # pragma: no cover
     app()
 

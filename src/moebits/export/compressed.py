@@ -239,7 +239,7 @@ def verify_compressed_tensors(out_dir: str | Path, quantized: Mapping[Unit, Unit
         got = dense[modules[u] + ".weight"]
         if plan.choice(u).is_fp:
             continue
-        want = _dequantize(quantized[u]).to(dtype)
+        want = _dequantize(quantized[u]).to(got.dtype)  # `dtype`, or the stored dtype of a unit kept dense
         if got.shape != want.shape or not torch.equal(got, want):
             diff = (got.float() - want.float()).abs().max().item() if got.shape == want.shape else float("nan")
             raise AssertionError(f"{u.name}: compressed-tensors decompresses {modules[u]} to a different weight "

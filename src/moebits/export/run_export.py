@@ -1,0 +1,162 @@
+"""`moebits export RUN --format {compressed-tensors,dequantized} --out DIR`.
+
+Reads the run's packed model (`RUN/model`, the moebits packed format): each unit's codes, scales and
+zeros from its index, every other tensor as stored. A dense transformers model is rebuilt from it
+(fused experts holding the dequantized codes) and saved with `save_pretrained`, which writes the
+per-expert names that vLLM and transformers read. That is the `dequantized` export; the
+`compressed-tensors` export then replaces every quantized unit with compressed-tensors' tensors
+(`compressed.py`) and checks the result by decompressing it with compressed-tensors.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..plan import Plan
+from ..units import FP_BITS, Unit
+
+FORMATS = ("compressed-tensors", "dequantized")
+
+
+def read_packed_units(model_dir: Path):
+    """`(index, {unit: QuantizedWeight}, every stored tensor)` of a packed checkpoint."""
+    from safetensors.torch import load_file
+
+    from ..packed import read_index
+    from ..packed.io import weights_file
+    from ..quant.pack import unpack_codes
+    from ..quant.qweight import QuantizedWeight
+
+    index = read_index(model_dir)
+    tensors = load_file(str(weights_file(model_dir)))
+    units = {}
+    for name, e in index.units.items():
+        m = index.modules[e.module]
+        spec = m.tensors[e.tensor]
+        base = e.module if m.type == "linear" else f"{e.module}.{e.tensor}"
+        s = spec.sets[e.set]
+        rows = slice(e.row, e.row + e.rows)
+        u_f = v_f = None
+        if e.lowrank:
+            u_f = tensors[f"{base}.{e.lowrank}.U"][e.slot]
+            v_f = tensors[f"{base}.{e.lowrank}.V"][e.slot]
+        if s.bits == FP_BITS:
+            qw = QuantizedWeight(FP_BITS, s.group_size, weight=tensors[f"{base}.{e.set}.weight"][rows], u=u_f, v=v_f)
+        else:
+            codes = unpack_codes(tensors[f"{base}.{e.set}.codes"][rows], s.bits, spec.in_features)
+            qw = QuantizedWeight(s.bits, s.group_size, codes,
+                                 tensors[f"{base}.{e.set}.scale"][rows], tensors[f"{base}.{e.set}.zero"][rows],
+                                 u=u_f, v=v_f)
+        units[Unit.parse(name)] = qw
+    return index, units, tensors
+
+
+def dense_model(model_dir: Path, index, qweights: dict, tensors: dict[str, torch.Tensor]):
+    """The transformers model the packed checkpoint describes, with ordinary (dense) weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import MoEAdapter
+
+    config = AutoConfig.from_pretrained(model_dir)
+    dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    config.quantization_config = None
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unit_tensors = set(index.tensor_names())
+    state = {k: v for k, v in tensors.items() if k not in unit_tensors}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"{model_dir}: tensors the model does not have: {unexpected[:4]}")
+    adapter = MoEAdapter(model)
+    unit_params = {n for prefix, m in index.modules.items()
+                   for n in ([f"{prefix}.weight"] if m.type == "linear" else [f"{prefix}.gate_up_proj",
+                                                                               f"{prefix}.down_proj"])}
+    model.tie_weights()
+    tied = {n for n in missing if n not in unit_params}
+    untied = [n for n in tied if not _is_tied(model, n)]
+    if untied:
+        raise ValueError(f"{model_dir}: tensors missing from the checkpoint: {untied[:4]}")
+    with torch.no_grad():
+        for u, qw in qweights.items():
+            adapter.set_weight(u, qw.dequantize(torch.float32))
+    return model.eval()
+
+
+def _is_tied(model, name: str) -> bool:
+    try:
+        p = model.get_parameter(name)
+    except AttributeError:
+        return False
+    ptrs = {q.data_ptr() for n, q in model.named_parameters(remove_duplicate=False) if n != name}
+    return p.data_ptr() in ptrs
+
+
+def save_dense(model, model_dir: Path, plan: Plan, out_dir: Path) -> Path:
+    """16-bit weights (bf16 if the model is bf16, else fp16) that any transformers loads, with the
+    tokenizer and plan of `model_dir`."""
+    dtype = next(model.parameters()).dtype
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float16).save_pretrained(tmp)
+    for f in model_dir.iterdir():
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))
+                            or f.name == "generation_config.json"):
+            shutil.copy2(f, tmp / f.name)
+    plan.save(tmp / "plan.json")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path, use_envelope: bool = False,
+               verify: bool = True) -> dict:
+    """Export `RUN/model` in `fmt`; returns a report (sizes, bits, schemes, verification)."""
+    from ..packed import is_packed
+
+    run_dir, out = Path(run_dir), Path(out)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
+    if use_envelope and fmt != "compressed-tensors":
+        raise ValueError("--envelope applies to --format compressed-tensors only")
+    model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir} holds no quantized model (expected {run_dir}/model from `moebits quantize`)")
+    if out.resolve() in (run_dir.resolve(), model_dir.resolve()):
+        raise ValueError("--out must be a new directory, not the run or its model")
+    if not is_packed(model_dir):
+        raise ValueError(f"{model_dir} is not a moebits packed checkpoint (a run made before the packed format "
+                         "stored 16-bit weights only, already the `dequantized` export); re-run `moebits quantize` "
+                         "to get the codes an export needs")
+    plan = Plan.load(model_dir / "plan.json")
+    index, qweights, tensors = read_packed_units(model_dir)
+    plan.check_covers(qweights)
+    model = dense_model(model_dir, index, qweights, tensors)
+    shapes = {u: tuple(q.shape) for u, q in qweights.items()}
+    report = {"format": fmt, "out": str(out), "plan_avg_bits": plan.avg_bits(shapes)}
+    if fmt == "dequantized":
+        save_dense(model, model_dir, plan, out)
+        report["export_avg_bits"] = 16.0
+        return report
+
+    from .compressed import ExportRefused, verify_compressed_tensors, write_compressed_tensors
+
+    if any(q.rank for q in qweights.values()):
+        raise ExportRefused("the plan has BT-MoE low-rank compensators, which compressed-tensors cannot store; "
+                            "export it with --format dequantized")
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        dense_dir = save_dense(model, model_dir, plan, Path(tmp) / "dense")
+        rep = write_compressed_tensors(dense_dir, qweights, plan, out, use_envelope, shapes)
+    if verify:
+        rep.verified_units = verify_compressed_tensors(out, qweights, plan)
+    report.update({"export_avg_bits": rep.export_avg_bits, "promoted_units": rep.promoted_units,
+                   "schemes": rep.schemes, "unit_bytes": rep.unit_bytes, "verified_units": rep.verified_units,
+                   "envelope": use_envelope, "transformers_note": rep.transformers_note})
+    (out / "moebits_export.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
