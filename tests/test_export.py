@@ -138,3 +138,44 @@ def test_transformers_loads_uniform_expert_export(tmp_path):
         want = model.float()(ids).logits
         got = loaded.float()(ids).logits
     assert torch.equal(got, want)
+
+
+def packed_run(tmp_path, bits_of, arch="qwen2_moe"):
+    """A run directory whose model/ is the moebits packed format (RTN g32 by `bits_of`)."""
+    from moebits.apply import apply_plan
+    from moebits.packed import save_packed
+
+    model, tok, adapter = load_model(f"tiny:{arch}", "float32", "cpu", False, seed=0)
+    plan = Plan({u: Assignment(Choice(bits_of(u), GS, "rtn")) for u in adapter.units()})
+    qweights = {}
+    apply_plan(adapter, plan, progress=False, codes=qweights)
+    save_packed(model, adapter, plan, qweights, tmp_path / "run" / "model", tokenizer=tok)
+    return tmp_path / "run", plan, qweights, model
+
+
+def test_export_run_compressed_and_dequantized(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moebits.export.run_export import export_run
+
+    run, plan, qweights, model = packed_run(tmp_path, servable_bits)
+    rep = export_run(run, "compressed-tensors", tmp_path / "ct")
+    assert rep["verified_units"] == len(plan.units) and rep["promoted_units"] == 0
+    assert (tmp_path / "ct" / "moebits_export.json").exists() and (tmp_path / "ct" / "tokenizer.json").exists()
+    export_run(run, "dequantized", tmp_path / "dq")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dq", dtype=torch.float32)
+    want = dict(model.named_parameters())
+    for name, p in loaded.named_parameters():  # the quantized model's weights, rounded to fp16
+        assert torch.equal(p, want[name].half().float()), name
+
+
+def test_export_run_refuses_then_envelopes(tmp_path):
+    from moebits.export.run_export import export_run
+
+    run, plan, qweights, _ = packed_run(tmp_path, lambda u: (2, 3, 4)[u.expert % 3] if not u.is_shared else 8)
+    with pytest.raises(ExportRefused, match="--envelope"):
+        export_run(run, "compressed-tensors", tmp_path / "ct")
+    rep = export_run(run, "compressed-tensors", tmp_path / "ct", use_envelope=True)
+    assert rep["verified_units"] == len(plan.units) and rep["export_avg_bits"] > rep["plan_avg_bits"]
+    with pytest.raises(ValueError, match="compressed-tensors only"):
+        export_run(run, "dequantized", tmp_path / "dq", use_envelope=True)

@@ -165,3 +165,40 @@ def test_bad_segments_refused():
         PackedGroupedWeight(2, 8, 16, 8, w.codes, w.scales, w.zeros, w.segments[:1])
     with pytest.raises(ValueError, match="uint8"):
         PackedGroupedWeight(2, 8, 16, 8, {4: w.codes[4][:, :3]}, w.scales, w.zeros, w.segments)
+
+
+def test_kernel_runs_a_packed_checkpoint_layer(tmp_path):
+    """The kernel on a real packed checkpoint (mixed bits per expert and per gate/up) computes what the
+    quantized model's own experts module computes."""
+    from safetensors.torch import load_file
+
+    from moebits.apply import apply_plan
+    from moebits.kernels.from_packed import grouped_weights
+    from moebits.models import load_model
+    from moebits.packed import read_index, save_packed
+    from moebits.plan import Assignment, Plan
+    from moebits.units import Choice
+
+    model, tok, adapter = load_model("tiny:qwen2_moe", "float32", "cpu", False, seed=0)
+    widths, kinds = (2, 3, 4, 8), ("gate", "up", "down")
+
+    def bits(u):  # gate and up of an expert at different widths, experts at different widths
+        return 4 if u.is_shared else widths[(3 * u.expert + kinds.index(u.kind) + u.layer) % 4]
+
+    plan = Plan({u: Assignment(Choice(bits(u), 32, "rtn")) for u in adapter.units()})
+    qweights = {}
+    apply_plan(adapter, plan, progress=False, codes=qweights)
+    save_packed(model, adapter, plan, qweights, tmp_path / "m", tokenizer=tok)
+    index, tensors = read_index(tmp_path / "m"), load_file(str(tmp_path / "m" / "model.safetensors"))
+    layer = adapter.moe_layers[1]
+    prefix = next(p for p, m in index.modules.items() if m.type == "experts" and f"layers.{layer}." in p)
+    w = grouped_weights(index, tensors, prefix)
+    assert len(w["gate_up"].codes) > 1  # several bit-widths in one fused tensor
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(7, adapter.hidden, generator=gen)
+    topk_w, topk_ids = torch.softmax(torch.randn(7, adapter.num_experts, generator=gen), -1).topk(2, -1)
+    got = packed_experts_forward(x.to(DEVICE), topk_ids.to(DEVICE), topk_w.to(DEVICE), w["gate_up"].to(DEVICE),
+                                 w["down"].to(DEVICE)).cpu()
+    with torch.no_grad():
+        want = adapter.experts(layer)(x, topk_ids, topk_w)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
