@@ -131,9 +131,16 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, use_envelope: boo
     if out.resolve() in (run_dir.resolve(), model_dir.resolve()):
         raise ValueError("--out must be a new directory, not the run or its model")
     if not is_packed(model_dir):
-        raise ValueError(f"{model_dir} is not a moebits packed checkpoint (a run made before the packed format "
-                         "stored 16-bit weights only, already the `dequantized` export); re-run `moebits quantize` "
-                         "to get the codes an export needs")
+        # a run saved before the packed format: its model/ already is the dequantized export
+        if fmt == "dequantized":
+            if out.exists():
+                shutil.rmtree(out)
+            shutil.copytree(model_dir, out)
+            return {"format": fmt, "out": str(out), "plan_avg_bits": float("nan"), "export_avg_bits": 16.0,
+                    "note": f"{model_dir} holds 16-bit weights (saved before the packed format): copied as is"}
+        raise ValueError(f"{model_dir} is not a moebits packed checkpoint (a run saved before the packed format "
+                         "keeps 16-bit weights only, no codes); re-run `moebits quantize` to get the codes a "
+                         "compressed-tensors export needs, or export --format dequantized")
     plan = Plan.load(model_dir / "plan.json")
     index, qweights, tensors = read_packed_units(model_dir)
     plan.check_covers(qweights)
