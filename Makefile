@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/moebits quantize --model demo --method fri --quantizer gptq --bits 3.25 --out runs/demo --overwrite
+	$(VENV)/bin/moebits report runs/demo --out runs/demo/report
+	@echo "open runs/demo/report/report.html (or read runs/demo/report/report.md)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -304,6 +304,26 @@ def eval_cmd(
         atomic_write_json(run / "results.json", r)
 
 
+@app.command("report")
+def report_cmd(
+    runs: list[Path] = typer.Argument(..., help="run directories (from `moebits quantize --out`)"),
+    out: Path = typer.Option(..., help="folder for report.md, report.html and img/"),
+    truth: Optional[Path] = typer.Option(None, help="fully profiled table of the same model (e.g. from "
+                                                    "`moebits profile`): FRI runs get predicted vs measured"),
+):
+    """Pictures of what the runs did: bits, sensitivity and frequency per layer x expert, time per stage,
+    perplexity against bits across runs (Markdown and HTML)."""
+    from .report import write_report
+
+    try:
+        res = write_report(runs, out, truth)
+    except _user_errors() as e:
+        _fail(str(e))
+    for name, problems in res["incomplete"].items():
+        console.print(f"[yellow]incomplete run[/] {name}: {'; '.join(problems) or 'not finished'}")
+    Console().print(f"report: {res['markdown']} and {res['html']} ({len(res['images'])} images in {out / 'img'})")
+
+
 @app.command("train-demo")
 def train_demo_cmd(out: Path = typer.Option(Path("demo-model"), help="where to write the trained model"),
                    minutes: float = typer.Option(35.0, help="time budget of the training loop"),
