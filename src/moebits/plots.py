@@ -66,7 +66,8 @@ def grid_panels(panels: dict[str, np.ndarray], layers: list[int], cols: list[str
     finite = np.concatenate([g[np.isfinite(g)] for g in grids]) if grids else np.array([])
     if log:
         finite = finite[finite > 0]
-    fig = Figure(figsize=(min(4.2 * len(panels), 16), 0.45 * len(layers) + 1.8 + 0.02 * len(cols)))
+    panel_width = max(4.2, 0.16 * len(cols))
+    fig = Figure(figsize=(min(panel_width * len(panels) + 1.2, 20), 0.45 * len(layers) + 1.8))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     kw: dict = {"cmap": cmap, "aspect": "auto", "interpolation": "nearest"}
     if discrete is not None:
@@ -86,8 +87,8 @@ def grid_panels(panels: dict[str, np.ndarray], layers: list[int], cols: list[str
         ax.set_title(name)
         ax.set_xlabel("expert")
         ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-        step = max(1, len(cols) // 16)
-        ticks = sorted(set(range(0, len(cols), step)) | {len(cols) - 1})
+        step = max(1, -(-len(cols) // 8))  # at most ~8 labels per panel
+        ticks = [t for t in range(0, len(cols), step) if t <= len(cols) - 1 - step // 2] + [len(cols) - 1]
         ax.set_xticks(ticks, [cols[t] for t in ticks])
         if marks is not None and marks.any():
             r, c = np.nonzero(marks)
