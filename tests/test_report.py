@@ -108,3 +108,24 @@ def test_report_cli_says_where_and_what_is_incomplete(runs, tmp_path):
     r = CliRunner().invoke(app, ["report", str(runs / "uniform"), "--out", str(tmp_path / "p"), "--truth",
                                  str(tmp_path / "none.csv")])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_zero_shot_average_from_moebits_eval_is_plotted(runs, tmp_path):
+    """`moebits eval --run` writes `tasks_average` as zeroshot's average dict; the report plots its
+    acc_norm-or-acc mean against bits and puts it in the table."""
+    import json
+    import shutil
+
+    dirs = []
+    for name, acc in (("uniform", 0.61), ("mxmoe", 0.57)):
+        d = tmp_path / name
+        shutil.copytree(runs / name, d)
+        r = json.loads((d / "results.json").read_text())
+        r["tasks_average"] = {"acc": acc - 0.02, "acc_norm": acc, "tasks": ["piqa", "arc_easy"], "label": "Avg (2 tasks)"}
+        (d / "results.json").write_text(json.dumps(r))
+        dirs.append(d)
+    res = write_report(dirs, tmp_path / "rep")
+    png = tmp_path / "rep" / "img" / "pareto_zeroshot.png"
+    assert png in res["images"] and _coloured_pixels(png) > 200
+    md = res["markdown"].read_text()
+    assert "| 0.6100 |" in md and "| 0.5700 |" in md

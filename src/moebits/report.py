@@ -113,6 +113,18 @@ def size_bytes(results: dict | None) -> float | None:
     return None
 
 
+def zero_shot_average(results: dict | None) -> tuple[float | None, str]:
+    """The zero-shot average `moebits eval --run` left in results.json, and what it averages: the mean of
+    acc_norm-or-acc over the tasks (zeroshot.py's default metric), or a plain number as older runs wrote."""
+    avg = (results or {}).get("tasks_average")
+    if isinstance(avg, dict):
+        for key in ("acc_norm", "acc"):
+            if _num(avg.get(key)) is not None:
+                return _num(avg[key]), f"{avg.get('label') or 'zero-shot average'} ({key})"
+        return None, ""
+    return _num(avg), "zero-shot average"
+
+
 def stage_seconds(results: dict | None) -> dict[str, float]:
     out = {}
     for stage in STAGES:
@@ -329,23 +341,23 @@ def _across_runs(doc: Doc, runs: list[RunView], img: Path, out: Path) -> list[Pa
             {"bits": run.spec["bits"]} if run.spec and run.spec.get("bits") is not None else None)),
             _fmt(r.get("avg_bits"), ".4f"), "—" if size is None else f"{size / 1e6:.2f}",
             _fmt(ppl_q, ".3f"), "—" if ppl_fp is None or ppl_q is None else f"{100 * (ppl_q / ppl_fp - 1):+.2f}",
-            _fmt(r.get("tasks_average"), ".4f"), "—" if secs is None else f"{secs:.1f}",
+            _fmt(zero_shot_average(r)[0], ".4f"), "—" if secs is None else f"{secs:.1f}",
             "complete" if run.complete else "incomplete"])
     doc.table(["run", "method", "quantizer", "budget", "avg bits", "size MB", "ppl", "Δppl %", "zero-shot avg",
                "seconds", "status"], rows)
     doc.p("size: the model as stored (results.json's `model_bytes`, else the expert weights); seconds: the "
           "sum of the stages' wall time (calibration, profiling, fitting, allocation, quantization, evaluation).")
 
-    def points(key):
+    def points(value):
         pts = []
         for run in runs:
             r = run.results or {}
-            x, y = _num(r.get("avg_bits")), _num(r.get(key))
+            x, y = _num(r.get("avg_bits")), value(r)
             if run.complete and x is not None and y is not None:
                 pts.append({"x": x, "y": y, "method": run.method, "label": run.name})
         return pts
 
-    ppl = points("ppl_q")
+    ppl = points(lambda r: _num(r.get("ppl_q")))
     if ppl:
         fps = [v for v in (_num((run.results or {}).get("ppl_fp")) for run in runs if run.complete) if v is not None]
         ref = fps[0] if fps and max(fps) - min(fps) <= 1e-9 * max(fps) else None
@@ -353,9 +365,12 @@ def _across_runs(doc: Doc, runs: list[RunView], img: Path, out: Path) -> list[Pa
                                  reference_label="fp16")
         images.append(path)
         doc.img(path.relative_to(out).as_posix(), "perplexity vs average bits")
-    zs = points("tasks_average")
+    zs = points(lambda r: zero_shot_average(r)[0])
     if zs:
-        path = plots.pareto_plot(zs, img / "pareto_zeroshot.png", "zero-shot accuracy (average)", maximize=True)
+        labels = {label for value, label in (zero_shot_average(run.results) for run in runs if run.complete)
+                  if value is not None}
+        ylabel = labels.pop() if len(labels) == 1 else "zero-shot average (runs differ in tasks)"
+        path = plots.pareto_plot(zs, img / "pareto_zeroshot.png", ylabel, maximize=True)
         images.append(path)
         doc.img(path.relative_to(out).as_posix(), "zero-shot average vs average bits")
     if not ppl and not zs:
