@@ -1,5 +1,6 @@
 """The packed format: bit layout, codes that reproduce the quantizers, save -> load in a fresh
 process with equal logits on every architecture, resident bytes, and damaged files refused."""
+import dataclasses
 import json
 import os
 import struct
@@ -9,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from moebits.apply import apply_plan
 from moebits.models import MoEAdapter, tiny_model
 from moebits.models.loading import byte_tokenizer
-from moebits.packed import (PackedFormatError, load_quantized, read_index, resident_bytes, save_packed)
+from moebits.packed import (PackedFormatError, load_quantized, packed_sizes, read_index, resident_bytes,
+                            save_packed)
 from moebits.plan import Assignment, Plan
 from moebits.quant import hessian_from_inputs, quantize_codes, quantize_weight
 from moebits.quant.pack import pack_codes, packed_bytes, unpack_codes
@@ -97,6 +100,7 @@ def mixed_quantized(arch: str, lowrank: bool = False):
             qw.u = (torch.randn(out, 4, generator=g) * 0.05).half()
             qw.v = (torch.randn(4, k, generator=g) * 0.05).half()
             ad.set_weight(u, qw.dequantize(ad.weight(u).dtype))
+            plan.assignments[u] = Assignment(dataclasses.replace(plan.choice(u), rank=4))
     return model, ad, plan, codes
 
 
@@ -107,6 +111,9 @@ IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 def test_saved_and_loaded_model_has_the_in_memory_logits(arch, tmp_path):
     model, ad, plan, codes = mixed_quantized(arch, lowrank=True)
     sizes = save_packed(model, ad, plan, codes, tmp_path / "model", byte_tokenizer())
+    assert packed_sizes(model, ad, plan) == sizes  # the analytic sizes are the written ones
+    stored = sum(t.numel() * t.element_size() for t in load_file(str(tmp_path / "model" / "model.safetensors")).values())
+    assert stored == sizes["model_bytes"]
     loaded = load_quantized(tmp_path / "model", dtype=torch.float32)
     with torch.no_grad():
         want, got = model(input_ids=IDS).logits, loaded(input_ids=IDS).logits

@@ -55,11 +55,15 @@ def info(model: str = typer.Option("demo", help=MODEL_HELP), as_json: bool = typ
          calib: str = typer.Option("demo", help="text for the routing statistics"),
          nsamples: int = typer.Option(32, help="calibration windows for the routing statistics (0: skip)"),
          seqlen: int = typer.Option(256), seed: int = 0, trust_remote_code: bool = False):
-    """Architecture, experts, units, parameters, and how skewed the routing is."""
+    """Architecture, experts, units, parameters, and how skewed the routing is; for a packed
+    checkpoint (a run's model/), its bits histogram and sizes."""
     from .calibrate import calibrate, frequency_summary
     from .data import calibration_windows
     from .models import load_model
+    from .packed import is_packed
 
+    if is_packed(model):
+        return _info_packed(Path(model), as_json)
     try:
         m, tok, ad = load_model(model, trust_remote_code=trust_remote_code)
         summary = ad.summary()
@@ -92,6 +96,32 @@ def info(model: str = typer.Option("demo", help=MODEL_HELP), as_json: bool = typ
         verdict = "skewed" if min(cvs) > 0.5 else "mildly skewed" if max(cvs) > 0.25 else "near uniform"
         Console().print(f"expert usage is {verdict}: CV {min(cvs):.2f}-{max(cvs):.2f} across layers "
                         "(frequency weighting and anchor sampling exploit skew).")
+
+
+def _info_packed(path: Path, as_json: bool) -> None:
+    from .packed import describe_packed
+
+    try:
+        d = describe_packed(path)
+    except _user_errors() as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(d, indent=2))
+        return
+    t = Table(title=f"{path} (moebits packed, format {d['format_version']}, {d['model_type']})", show_header=False)
+    for k in ("moe_layers", "units", "avg_bits", "model_bytes", "expert_bytes", "file_bytes", "resident_bytes",
+              "fp16_bytes"):
+        v = d[k]
+        t.add_row(k, f"{v:,}" if isinstance(v, int) else f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(t)
+    h = Table(title="units per setting")
+    h.add_column("setting")
+    h.add_column("units", justify="right")
+    for label, n in d["bits_histogram"].items():
+        h.add_row(label, str(n))
+    Console().print(h)
+    Console().print(f"size: {d['model_bytes'] / 2**20:.2f} MiB stored, {d['resident_bytes'] / 2**20:.2f} MiB resident "
+                    f"when loaded, vs {d['fp16_bytes'] / 2**20:.2f} MiB in fp16 ({d['fp16_bytes'] / d['model_bytes']:.2f}x)")
 
 
 def _budget_opts(bits, memory_gb, latency) -> tuple[str, float]:
@@ -138,6 +168,8 @@ def quantize(
     out: Path = typer.Option(..., help="run directory (stages are saved and resumed here)"),
     overwrite: bool = typer.Option(False, help="replace a different run already in --out"),
     save_model: bool = typer.Option(True, help="save the quantized model under OUT/model"),
+    save_format: str = typer.Option("packed", help="packed (real low-bit moebits format, loads with "
+                                                   "`import moebits` + from_pretrained) | dequantized (16-bit weights)"),
     trust_remote_code: bool = False,
     target: str = typer.Option("none", help="serving target the plan must fit: none | vllm (layer-uniform "
                                             "routed-expert bits from {4, 8}, rtn/gptq, servable by construction)"),
@@ -154,8 +186,8 @@ def quantize(
                          candidate_bits=_parse_bits(candidate_bits), wbits=wbits, calib=calib, nsamples=nsamples, seqlen=seqlen,
                          eval=eval, eval_windows=eval_windows, metric=metric, solver=solver, granularity=granularity,
                          tie_gate_up=tie_gate_up, anchors=anchors, sampler=sampler, act_order=act_order, seed=seed,
-                         dtype=dtype, device=device, save_model=save_model, trust_remote_code=trust_remote_code,
-                         target=target)
+                         dtype=dtype, device=device, save_model=save_model, save_format=save_format,
+                         trust_remote_code=trust_remote_code, target=target)
     try:
         cfg.budget_request()
         results = Pipeline(cfg, out, overwrite=overwrite).execute()
@@ -252,10 +284,13 @@ def allocate_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option("demo", help=MODEL_HELP),
-    plan: Optional[Path] = typer.Option(None, help="quantize by this plan before evaluating"),
-    run: Optional[Path] = typer.Option(None, help="a run directory: use its plan and calibration"),
-    tasks: str = typer.Option("all", help="comma list of tasks, or all"),
+    model: str = typer.Option("demo", help=MODEL_HELP + ", or a packed moebits checkpoint"),
+    plan: Optional[Path] = typer.Option(None, help="quantize --model by this plan before evaluating"),
+    run: Optional[Path] = typer.Option(None, help="a run directory: evaluate the quantized model it saved (RUN/model)"),
+    tasks: str = typer.Option("all", help="comma list of tasks, all, or none"),
+    ppl: Optional[bool] = typer.Option(None, "--ppl/--no-ppl",
+                                       help="perplexity on the run's evaluation text (default: on with --run)"),
+    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 (default: the run's)"),
     data: Optional[Path] = typer.Option(None, help="folder laid out like shared/data (default: $MOEBITS_DATA or ../shared/data)"),
     limit: Optional[int] = typer.Option(None, help="at most N items per task"),
     batch_size: int = 8, seqlen: int = 2048,
@@ -265,43 +300,92 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, help="write the scores as JSON here"),
 ):
     """Perplexity (WikiText-2, GPTQ convention; `wikitext`: lm-eval's) and zero-shot accuracy (lm-eval's tasks
-    on local files)."""
+    on local files). With --run, the model the run saved is loaded (not re-quantized) and its perplexity
+    on the run's evaluation text is checked against the run's ppl_q."""
     from . import zeroshot
     from .apply import apply_plan
-    from .calibrate import Calibration
     from .models import load_model
     from .plan import Plan
     from .run import atomic_write_json
 
+    res: dict = {}
     try:
-        task_list = zeroshot.parse_tasks(tasks)
+        task_list = [] if tasks.strip() == "none" else zeroshot.parse_tasks(tasks)
         zeroshot.check_metric(metric)
-        data_dir = data or zeroshot.default_data_dir()
-        if data_dir is None:
-            _fail(zeroshot.NO_DATA_MESSAGE)
-        m, tok, ad = load_model(model)
-        label = model
+        data_dir = None
+        if task_list:
+            data_dir = data or zeroshot.default_data_dir()
+            if data_dir is None:
+                _fail(zeroshot.NO_DATA_MESSAGE)
         if run is not None:
-            plan = plan or run / "plan.json"
-        if plan is not None:
-            p = Plan.load(plan)
-            inputs = None
-            if run is not None and (run / "calib_inputs.safetensors").exists():
-                inputs = Calibration.load_inputs(run / "calib_inputs.safetensors")
-            apply_plan(ad, p, inputs)
-            label = f"{model} + {plan}"
-        res = zeroshot.evaluate_tasks(m, tok, task_list, data_dir, limit=limit, batch_size=batch_size, seqlen=seqlen,
-                                      metric=metric, check_counts=check_counts)
+            if plan is not None:
+                _fail("give --run (evaluate the model it saved) or --plan (quantize --model by a plan), not both")
+            m, tok, label, cfg = _load_run_model(run, dtype)
+            if ppl is not False:
+                res["perplexity"] = _run_perplexity(run, m, tok, cfg)
+        else:
+            m, tok, ad = load_model(model, dtype=dtype or "auto", allow_packed=True)
+            label = model
+            if plan is not None:
+                if ad is None:
+                    _fail(f"{model} is already quantized (packed); evaluate it without --plan")
+                apply_plan(ad, Plan.load(plan))
+                label = f"{model} + {plan}"
+        if task_list:
+            res.update(zeroshot.evaluate_tasks(m, tok, task_list, data_dir, limit=limit, batch_size=batch_size,
+                                               seqlen=seqlen, metric=metric, check_counts=check_counts))
     except _user_errors() as e:
         _fail(str(e))
-    zeroshot.print_table([{"model": label, "method": "fp16" if plan is None else "plan", "result": res}])
+    if task_list:
+        zeroshot.print_table([{"model": label, "method": "plan" if plan or run else "fp16", "result": res}])
     if out is not None:
         atomic_write_json(out, res)
     if run is not None and (run / "results.json").exists():
         r = json.loads((run / "results.json").read_text())
-        r["tasks"] = res["tasks"]
-        r["tasks_average"] = res.get("average")
+        if task_list:
+            r["tasks"] = res["tasks"]
+            r["tasks_average"] = res.get("average")
+        if "perplexity" in res:
+            r["ppl_loaded"] = res["perplexity"]
         atomic_write_json(run / "results.json", r)
+
+
+def _load_run_model(run: Path, dtype: Optional[str]):
+    """The quantized model a run saved, in the run's dtype unless one is given."""
+    from .models import load_model
+    from .packed import is_packed
+    from .pipeline import QuantizeConfig
+
+    spec_p, model_dir = run / "run.json", run / "model"
+    if not spec_p.exists():
+        _fail(f"{run} is not a moebits run directory (no run.json)")
+    if not (model_dir / "config.json").exists():
+        _fail(f"{run} holds no saved model ({model_dir} is missing: the run was made with --no-save-model or did "
+              "not finish); rerun `moebits quantize` with --save-model, or evaluate with --model and --plan")
+    cfg = QuantizeConfig.from_spec(json.loads(spec_p.read_text()))
+    m, tok, _ = load_model(str(model_dir), dtype=dtype or cfg.dtype, device=cfg.device, allow_packed=True)
+    kind = "moebits packed" if is_packed(model_dir) else "dequantized 16-bit"
+    console.print(f"loaded {model_dir} ({kind}, {next(m.parameters()).dtype}); not re-quantized")
+    return m, tok, str(model_dir), cfg
+
+
+def _run_perplexity(run: Path, model, tok, cfg) -> dict:
+    """Perplexity with the run's evaluation settings, next to the run's own ppl_q."""
+    from .data import load_text, tokenize
+    from .evaluate import perplexity
+
+    r = perplexity(model, tokenize(tok, load_text(cfg.eval, "eval")), cfg.seqlen, cfg.batch_size, cfg.eval_windows,
+                   progress=False, desc="eval (loaded)")
+    out = r.to_dict()
+    rp = run / "results.json"
+    ppl_q = json.loads(rp.read_text()).get("ppl_q") if rp.exists() else None
+    msg = f"perplexity of the loaded model: {r.ppl:.6g} ({r.windows} windows of {r.seqlen} tokens of {cfg.eval})"
+    if ppl_q is not None:
+        out["ppl_q"] = ppl_q
+        out["matches_ppl_q"] = f"{r.ppl:.4g}" == f"{ppl_q:.4g}"
+        msg += f"; the run's ppl_q {ppl_q:.6g}: {'equal' if out['matches_ppl_q'] else 'DIFFERENT'} to 4 significant digits"
+    Console().print(msg)
+    return out
 
 
 @app.command("report")

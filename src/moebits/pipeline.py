@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 GRANULARITIES = ("linear", "expert", "layer")
 
 
+SAVE_FORMATS = ("packed", "dequantized")
+
+
 @dataclass
 class QuantizeConfig:
     model: str = "demo"
@@ -69,10 +72,11 @@ class QuantizeConfig:
     device: str = "cpu"
     batch_size: int = 8
     save_model: bool = True
+    save_format: str = "packed"  # packed (real low-bit, moebits format) | dequantized (16-bit HF checkpoint)
     trust_remote_code: bool = False
     target: str = "none"  # serving target the plan must fit: none | vllm (export/vllm_rules.py)
 
-    OUTPUT_OPTIONS = ("save_model",)  # do not make a run "different"
+    OUTPUT_OPTIONS = ("save_model", "save_format")  # do not make a run "different"
 
     def spec(self) -> dict:
         d = asdict(self)
@@ -157,6 +161,8 @@ def structure_groups(granularity: str, tie: bool, units: list[Unit], target: str
 class Pipeline:
     def __init__(self, cfg: QuantizeConfig, out: str | Path, overwrite: bool = False, progress: bool = True):
         self.method = get_method(cfg.method)
+        if cfg.save_format not in SAVE_FORMATS:
+            raise ValueError(f"unknown save format {cfg.save_format!r}; choose one of {', '.join(SAVE_FORMATS)}")
         self.cfg, self.progress = cfg, progress
         self.run = Run(out, cfg.spec(), overwrite=overwrite)
         self.results: dict = {}
@@ -300,9 +306,23 @@ class Pipeline:
             notes.append(line)
 
     def quantize(self, plan: Plan) -> None:
+        self.codes = {} if self.cfg.save_model and self.cfg.save_format == "packed" else None
         self.results["quantize_seconds"] = round(apply_plan(self.adapter, plan, self.calib.inputs, self.cfg.act_order,
-                                                            self.progress), 4)
+                                                            self.progress, codes=self.codes), 4)
         self._save_results()
+
+    def save(self, plan: Plan) -> dict:
+        """Save the quantized model under model/ (packed, or dequantized 16-bit); return the packed
+        format's sizes (`model_bytes`, `expert_bytes`), also when it is not the format written."""
+        from .packed import packed_sizes, save_packed
+
+        cfg, out = self.cfg, self.run.path("model")
+        if cfg.save_model and cfg.save_format == "packed":
+            return save_packed(self.model, self.adapter, plan, self.codes, out, self.tokenizer)
+        sizes = packed_sizes(self.model, self.adapter, plan)  # before save_quantized rounds the model to 16 bits
+        if cfg.save_model:
+            save_quantized(self.model, self.tokenizer, plan, out)
+        return sizes
 
     def precheck_budget(self, choices: list[Choice]) -> None:
         """Fail before calibrating when a storage budget cannot be met (latency needs frequencies)."""
@@ -332,15 +352,15 @@ class Pipeline:
         self.quantize(plan)
         self.results.pop("ppl_q", None)  # a quantized model is only ever evaluated right after quantizing
         self.evaluate("ppl_q")
-        if cfg.save_model:
-            save_quantized(self.model, self.tokenizer, plan, self.run.path("model"))
+        sizes = self.save(plan)
         unit_bits = plan.storage_bits(self.shapes)
-        other = sum(p.numel() for p in self.model.parameters()) - sum(a * b for a, b in self.shapes.values())
         self.results.update({
             "method": cfg.method, "quantizer": cfg.quantizer, "solver": plan.meta.get("solver"),
             "model": cfg.model, "budget": plan.meta.get("budget"),
             "avg_bits": plan.avg_bits(self.shapes), "weight_bytes": unit_bits / 8,
-            "model_bytes": unit_bits / 8 + 2 * other,  # non-unit weights kept in 16 bits
+            # bytes of the packed checkpoint: every tensor, and the units' codes/scales/zeros/fp16 rows
+            "model_bytes": sizes["model_bytes"], "expert_bytes": sizes["expert_bytes"],
+            "model_format": (cfg.save_format if cfg.save_model else None),
             "bits_histogram": plan.bits_histogram(),
             "eval_seconds": self.results.get("ppl_fp_eval_seconds", 0) + self.results.get("ppl_q_eval_seconds", 0),
             "never_routed": len(self.calib.never_routed), "done": True,

@@ -82,9 +82,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
 
 
 def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str = "cpu", trust_remote_code: bool = False,
-               seed: int = 0):
-    """Returns (model, tokenizer, adapter). `spec`: "demo", "tiny:<arch>", a local path, or a hub name."""
+               seed: int = 0, allow_packed: bool = False):
+    """Returns (model, tokenizer, adapter). `spec`: "demo", "tiny:<arch>", a local path, or a hub name.
+
+    A moebits packed checkpoint (an already quantized model) loads only with `allow_packed` (for
+    evaluation and inspection); its experts stay packed, so the adapter is None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..packed import is_packed
 
     torch_dtype = resolve_dtype(dtype, device)
     if spec.startswith("tiny:"):
@@ -104,6 +109,15 @@ def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str = "cpu"
             if not (p / "config.json").exists():
                 raise ModelLoadError(f"{p} exists but holds no config.json: not a Hugging Face model directory")
             path = str(p)
+            if is_packed(p):
+                if not allow_packed:
+                    raise ModelLoadError(f"{p} is a moebits packed (already quantized) checkpoint: evaluate it "
+                                         "(`moebits eval --model`) or inspect it (`moebits info --model`); "
+                                         "quantize the original model instead")
+                from ..packed import load_quantized
+
+                model = load_quantized(p, dtype=resolve_dtype(dtype, device), device=device)
+                return model, AutoTokenizer.from_pretrained(str(p)), None
         elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
             raise ModelLoadError(f"model path not found: {spec}")
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .io import (INDEX_KEY, QUANT_METHOD, WEIGHTS_NAME, PackedFormatError, build_packed, read_index, save_packed,
-                 verify_checksums)
+from .io import (INDEX_KEY, QUANT_METHOD, WEIGHTS_NAME, PackedFormatError, build_packed, packed_sizes, read_index,
+                 save_packed, unit_bytes, verify_checksums)
 from .layout import FORMAT_VERSION, PackedIndex
 
 
@@ -50,6 +50,50 @@ def resident_bytes(model) -> int:
     return total
 
 
-__all__ = ["save_packed", "build_packed", "read_index", "verify_checksums", "load_quantized", "is_packed",
+__all__ = ["describe_packed", "save_packed", "build_packed", "packed_sizes", "unit_bytes", "read_index", "verify_checksums", "load_quantized", "is_packed",
            "resident_bytes", "PackedIndex", "PackedFormatError", "FORMAT_VERSION", "WEIGHTS_NAME", "INDEX_KEY",
            "QUANT_METHOD"]
+
+
+def describe_packed(path: str | Path, load: bool = True) -> dict:
+    """What `moebits info` shows for a packed checkpoint: bits histogram, stored and resident bytes,
+    and the same model's size in fp16."""
+    import json
+
+    from safetensors import safe_open
+
+    from .io import weights_file
+
+    path = Path(path)
+    index = read_index(path)
+    cfg = json.loads((path / "config.json").read_text())
+    unit_tensors = set(index.tensor_names())
+    with safe_open(str(weights_file(path)), framework="pt") as f:
+        shapes = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+    elem = {"F16": 2, "BF16": 2, "F32": 4, "U8": 1, "I64": 8, "I32": 4, "F64": 8}
+    nbytes = {k: elem.get(dt, 4) * _numel(s) for k, (s, dt) in shapes.items()}
+    unit_params = 0
+    for m in index.modules.values():
+        if m.type == "experts":
+            unit_params += 3 * m.num_experts * m.intermediate * m.hidden
+        else:
+            unit_params += m.out_features * m.tensors["weight"].in_features
+    other_params = sum(_numel(s) for k, (s, _) in shapes.items() if k not in unit_tensors)
+    q = cfg.get("quantization_config", {})
+    out = {
+        "format_version": index.format_version, "model_type": cfg.get("model_type"),
+        "moe_layers": sum(m.type == "experts" for m in index.modules.values()), "units": len(index.units),
+        "avg_bits": q.get("avg_bits"), "bits_histogram": index.bits_histogram(),
+        "model_bytes": sum(nbytes.values()), "expert_bytes": sum(nbytes[k] for k in unit_tensors),
+        "file_bytes": weights_file(path).stat().st_size, "fp16_bytes": 2 * (unit_params + other_params),
+    }
+    if load:
+        out["resident_bytes"] = resident_bytes(load_quantized(path))
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

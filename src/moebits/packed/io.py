@@ -101,6 +101,49 @@ def _narrowest_exact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def unit_bytes(choice, out_features: int, in_features: int) -> int:
+    """Bytes a unit takes in the packed format (rows padded to whole bytes, fp16 scale + zero per group)."""
+    if choice.bits == FP_BITS:
+        n = 2 * out_features * in_features
+    else:
+        n = out_features * (packed_bytes(in_features, choice.bits) + 4 * choice.groups_per_row(in_features))
+    return n + 2 * choice.rank * (out_features + in_features)
+
+
+def _replaced_names(model, adapter: MoEAdapter) -> set[str]:
+    """State-dict names of the dense unit weights the packed modules replace."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = set()
+    for layer in adapter.moe_layers:
+        prefix = names[id(adapter.experts(layer))]
+        out |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
+        shared = adapter.shared_mlp(layer)
+        if shared is not None:
+            out |= {f"{names[id(getattr(shared, f'{k}_proj'))]}.weight" for k in KINDS}
+    return out
+
+
+def _other_tensors(model, adapter: MoEAdapter) -> dict[str, torch.Tensor]:
+    """Every tensor that is not a unit, tied copies once, each in its narrowest exact dtype."""
+    replaced, seen, out = _replaced_names(model, adapter), set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if name in replaced or key in seen:  # tied weights (lm_head = embed_tokens): stored once, re-tied at load
+            continue
+        seen.add(key)
+        out[name] = _narrowest_exact(t.detach().cpu()).contiguous()
+    return out
+
+
+def packed_sizes(model, adapter: MoEAdapter, plan: Plan) -> dict:
+    """`model_bytes` and `expert_bytes` of the packed checkpoint of `model` quantized by `plan`,
+    without writing it (equal to what `save_packed` returns)."""
+    shapes = adapter.shapes()
+    expert = sum(unit_bytes(plan.choice(u), *shapes[u]) for u in adapter.units())
+    other = sum(t.numel() * t.element_size() for t in _other_tensors(model, adapter).values())
+    return {"model_bytes": expert + other, "expert_bytes": expert}
+
+
 def build_packed(model, adapter: MoEAdapter, plan: Plan,
                  qweights: dict[Unit, QuantizedWeight]) -> tuple[dict[str, torch.Tensor], PackedIndex, set[str]]:
     """All tensors to store, the index, and the names of the unit tensors among them."""
@@ -112,7 +155,6 @@ def build_packed(model, adapter: MoEAdapter, plan: Plan,
     modules: dict[str, ModuleSpec] = {}
     entries: dict[str, UnitEntry] = {}
     tensors: dict[str, torch.Tensor] = {}
-    replaced: set[str] = set()
     for layer in adapter.moe_layers:
         ex = adapter.experts(layer)
         prefix = names[id(ex)]
@@ -127,7 +169,6 @@ def build_packed(model, adapter: MoEAdapter, plan: Plan,
             tspecs[tname] = b.spec
             tensors.update(b.tensors(f"{prefix}.{tname}"))
         modules[prefix] = ModuleSpec("experts", tspecs, adapter.num_experts, adapter.intermediate, adapter.hidden)
-        replaced |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
         shared = adapter.shared_mlp(layer)
         if shared is None:
             continue
@@ -140,18 +181,9 @@ def build_packed(model, adapter: MoEAdapter, plan: Plan,
             modules[prefix] = ModuleSpec("linear", {LINEAR_TENSOR: b.spec}, out_features=lin.out_features,
                                          bias=lin.bias is not None)
             tensors.update(b.tensors(prefix))
-            replaced.add(f"{prefix}.weight")
     unit_names = set(tensors)
     index = PackedIndex(modules, entries, {n: crc32(t) for n, t in sorted(tensors.items())})
-    seen: dict[tuple, str] = {}
-    for name, t in model.state_dict().items():
-        if name in replaced:
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if key in seen:  # tied weights (e.g. lm_head = embed_tokens): stored once, re-tied at load
-            continue
-        seen[key] = name
-        tensors[name] = _narrowest_exact(t.detach().cpu()).contiguous()
+    tensors.update(_other_tensors(model, adapter))
     return tensors, index, unit_names
 
 
