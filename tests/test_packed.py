@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from moebits.apply import apply_plan
 from moebits.models import MoEAdapter, tiny_model
 from moebits.models.loading import byte_tokenizer
-from moebits.packed import (PackedFormatError, load_quantized, packed_sizes, read_index, resident_bytes,
-                            save_packed)
+from moebits.packed import (PackedFormatError, load_quantized, packed_sizes, read_index, read_units,
+                            resident_bytes, save_packed)
 from moebits.plan import Assignment, Plan
 from moebits.quant import hessian_from_inputs, quantize_codes, quantize_weight
 from moebits.quant.pack import pack_codes, packed_bytes, unpack_codes
@@ -114,6 +114,13 @@ def test_saved_and_loaded_model_has_the_in_memory_logits(arch, tmp_path):
     assert packed_sizes(model, ad, plan) == sizes  # the analytic sizes are the written ones
     stored = sum(t.numel() * t.element_size() for t in load_file(str(tmp_path / "model" / "model.safetensors")).values())
     assert stored == sizes["model_bytes"]
+    # read back unit by unit: exactly the codes, scales, zeros (and factors) the quantizer returned
+    back = read_units(tmp_path / "model")
+    assert back.keys() == codes.keys()
+    for u, qw in codes.items():
+        assert torch.equal(back[u].dequantize(), qw.dequantize()), u
+        if qw.codes is not None:
+            assert torch.equal(back[u].codes, qw.codes) and torch.equal(back[u].zero, qw.zero)
     loaded = load_quantized(tmp_path / "model", dtype=torch.float32)
     with torch.no_grad():
         want, got = model(input_ids=IDS).logits, loaded(input_ids=IDS).logits

@@ -5,7 +5,7 @@ first missing stage and a finished stage is never silently redone or half-writte
     DIR/stats.json      calibration statistics           (calibrate; with calib_inputs.safetensors)
     DIR/table.csv       sensitivity table                (profile)
     DIR/plan.json       unit -> choice                   (allocate)
-    DIR/model/          quantized model, safetensors     (quantize)
+    DIR/model/          quantized model, packed format   (quantize; see moebits.packed)
     DIR/results.json    metrics and seconds per stage    (evaluate)
 """
 from __future__ import annotations

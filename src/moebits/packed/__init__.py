@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .io import (INDEX_KEY, QUANT_METHOD, WEIGHTS_NAME, PackedFormatError, build_packed, packed_sizes, read_index,
-                 save_packed, unit_bytes, verify_checksums)
+                 read_units, save_packed, unit_bytes, verify_checksums)
 from .layout import FORMAT_VERSION, PackedIndex
 
 
@@ -50,7 +50,7 @@ def resident_bytes(model) -> int:
     return total
 
 
-__all__ = ["describe_packed", "save_packed", "build_packed", "packed_sizes", "unit_bytes", "read_index", "verify_checksums", "load_quantized", "is_packed",
+__all__ = ["describe_packed", "read_units", "save_packed", "build_packed", "packed_sizes", "unit_bytes", "read_index", "verify_checksums", "load_quantized", "is_packed",
            "resident_bytes", "PackedIndex", "PackedFormatError", "FORMAT_VERSION", "WEIGHTS_NAME", "INDEX_KEY",
            "QUANT_METHOD"]
 

@@ -324,3 +324,36 @@ def verify_checksums(model, index: PackedIndex, f: Path) -> None:
         if crc32(t) != want:
             raise PackedFormatError(f"{f}: tensor {name} is corrupted (crc32 differs from the one written); "
                                     "re-save or copy the checkpoint again")
+
+
+def read_units(path: str | Path) -> dict[Unit, QuantizedWeight]:
+    """Every unit of a packed checkpoint as a `QuantizedWeight` (codes unpacked to uint8 `[out, in]`),
+    for exporters and checks. Checksums are verified."""
+    from safetensors import safe_open
+
+    from ..quant.pack import unpack_codes
+
+    f = weights_file(path)
+    index = read_index(f)
+    with safe_open(str(f), framework="pt") as sf:
+        tensors = {n: sf.get_tensor(n) for n in index.tensor_names()}
+    for name, want in index.checksums.items():
+        if crc32(tensors[name]) != want:
+            raise PackedFormatError(f"{f}: tensor {name} is corrupted (crc32 differs from the one written)")
+    out = {}
+    for name, e in index.units.items():
+        m = index.modules[e.module]
+        spec = m.tensors[e.tensor]
+        ss = spec.sets[e.set]
+        base = e.module if m.type == "linear" else f"{e.module}.{e.tensor}"
+        rows = slice(e.row, e.row + e.rows)
+        if ss.bits == FP_BITS:
+            qw = QuantizedWeight(ss.bits, ss.group_size, weight=tensors[f"{base}.{e.set}.weight"][rows])
+        else:
+            codes = unpack_codes(tensors[f"{base}.{e.set}.codes"][rows], ss.bits, spec.in_features)
+            qw = QuantizedWeight(ss.bits, ss.group_size, codes, tensors[f"{base}.{e.set}.scale"][rows],
+                                 tensors[f"{base}.{e.set}.zero"][rows])
+        if e.lowrank:
+            qw.u, qw.v = tensors[f"{base}.{e.lowrank}.U"][e.slot], tensors[f"{base}.{e.lowrank}.V"][e.slot]
+        out[Unit.parse(name)] = qw
+    return out

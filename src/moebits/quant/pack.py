@@ -78,6 +78,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         shifts = torch.arange(per, device=p.device, dtype=torch.uint8) * bits
         v = (p[..., None] >> shifts) & (2 ** bits - 1)
         return v.reshape(p.shape[0], -1)[:, :k].reshape(*lead, k)
+    if k % 8 == 0:  # 8 values fill exactly `bits` bytes: read them as one little-endian 64-bit word
+        word = (p.reshape(-1, k // 8, bits).to(torch.int64)
+                << (torch.arange(bits, device=p.device) * 8)).sum(-1)  # [rows, k/8]
+        v = (word[..., None] >> (torch.arange(8, device=p.device) * bits)) & (2 ** bits - 1)
+        return v.to(torch.uint8).reshape(*lead, k)
     byte, shift = _positions(k, bits, p.device)
     wide = torch.cat([p, torch.zeros(p.shape[0], 1, dtype=torch.uint8, device=p.device)], dim=1).to(torch.int32)
     window = wide[:, byte] | (wide[:, byte + 1] << 8)
