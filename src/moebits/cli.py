@@ -179,8 +179,6 @@ def quantize(
     from .pipeline import Pipeline, QuantizeConfig
 
     _setup_logging(verbose)
-    if wbits is None:
-        _budget_opts(bits, memory_gb, latency)
     cfg = QuantizeConfig(model=model, method=method, quantizer=quantizer, bits=bits, memory_gb=memory_gb,
                          latency=latency, gpu=gpu, cost=cost, batch_tokens=batch_tokens, group_size=group_size,
                          candidate_bits=_parse_bits(candidate_bits), wbits=wbits, calib=calib, nsamples=nsamples, seqlen=seqlen,
@@ -189,7 +187,7 @@ def quantize(
                          dtype=dtype, device=device, save_model=save_model, save_format=save_format,
                          trust_remote_code=trust_remote_code, target=target)
     try:
-        cfg.budget_request()
+        cfg.budget_request()  # exactly one budget (or --wbits), before any work
         results = Pipeline(cfg, out, overwrite=overwrite).execute()
     except _user_errors() as e:
         _fail(str(e))
