@@ -88,6 +88,7 @@ def main():
         "(routed and shared), metadata included; attention, embeddings, router and norms stay fp16.",
         "resident = parameters + buffers of the loaded model (`moebits.packed.resident_bytes`), compared with "
         "results.json's model_bytes (the stored tensors).",
+        "disk is the safetensors file, header included: its index (one JSON entry and a crc32 per unit tensor) is the difference between disk and resident; the MPQ-Freq plans give most experts 2 bits and the most frequently routed ones 8, with few 3/4-bit units.",
         f"decode: tokens/s of packed vs dense fp32 (ratio = packed speed / dense speed), greedy, "
         f"{args.new_tokens} new tokens after a 16-token prompt, {args.threads} thread(s), best of {args.repeats}; "
         "packed dequantizes the routed experts at every step on the CPU (the Triton kernel of issue 9 does "
