@@ -58,8 +58,9 @@ def test_report_from_tiny_runs_has_every_picture_and_flags_incomplete_runs(runs,
     names = {p.name for p in res["images"]}
     for run in ("uniform", "fri", "mxmoe"):
         assert {f"{run}_bits.png", f"{run}_bits_hist.png", f"{run}_frequency.png", f"{run}_stages.png"} <= names
-    assert {"fri_sensitivity.png", "mxmoe_sensitivity.png", "fri_fri_vs_truth.png", "pareto_ppl.png"} <= names
+    assert {"fri_sensitivity.png", "mxmoe_sensitivity.png", "fri_predicted_vs_truth.png", "pareto_ppl.png"} <= names
     assert "uniform_sensitivity.png" not in names  # uniform has no table
+    assert "mxmoe_predicted_vs_truth.png" not in names  # nothing predicted in a full profile
     assert "interrupted_frequency.png" in names  # what an incomplete run has is still shown
     # the side-by-side table: one row per run, numbers from results.json
     rows = [line for line in md.splitlines() if line.startswith("| ")][1:]

@@ -180,7 +180,7 @@ def predicted_vs_measured(predicted: np.ndarray, measured: np.ndarray, bits: np.
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("measured error (held-out units)")
-    ax.set_ylabel("FRI prediction")
+    ax.set_ylabel("predicted error")
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")

@@ -7,8 +7,9 @@ Writes `DIR/report.md` and `DIR/report.html` (the same content) with PNGs under 
   the same grid, FRI anchors marked; the bits histogram; seconds per stage;
 * across runs: perplexity (and the zero-shot average when `moebits eval --run` added one) against average
   bits, one marker per method, the Pareto front drawn; the runs side by side in a table;
-* for FRI runs, with `--truth TABLE` (a fully profiled table of the same model and choices): predicted
-  against measured error on the held-out (non-anchor) units, with Spearman rho and the mean |log10| error.
+* for runs whose table is partly predicted (FRI: measured at anchors only), with `--truth TABLE` (a fully
+  profiled table of the same model and choices): predicted against measured error on the held-out
+  (non-anchor) units, with Spearman rho and the mean |log10| error.
 
 A run directory is read defensively: whatever is missing or unreadable is listed under the run
 ("incomplete") and the rest is still shown; nothing a run lacks stops the report.
@@ -75,6 +76,16 @@ def _read(run: RunView, name: str, reader):
         return None
 
 
+def _profiles(method: str) -> bool:
+    """Whether a run of `method` writes a sensitivity table (unknown methods: look for one)."""
+    from .methods import get_method
+
+    try:
+        return get_method(method).profiles
+    except ValueError:
+        return False
+
+
 def read_run(path: str | Path, name: str | None = None) -> RunView:
     path = Path(path)
     run = RunView(path, name or path.name or str(path))
@@ -86,7 +97,7 @@ def read_run(path: str | Path, name: str | None = None) -> RunView:
         run.problems[-1] += " (not a moebits run directory)"
     run.results = _read(run, "results.json", lambda p: json.loads(p.read_text()))
     run.plan = _read(run, "plan.json", Plan.load)
-    if run.method not in ("uniform", "freq") or (path / "table.csv").exists():
+    if _profiles(run.method) or (path / "table.csv").exists():
         run.table = _read(run, "table.csv", SensitivityTable.from_csv)
     run.stats = _read(run, "stats.json", lambda p: CalibrationStats.load(p)[0])
     if run.results is not None and not run.results.get("done"):
@@ -154,6 +165,11 @@ def _fmt(x, spec: str, missing: str = "—") -> str:
 def anchor_units(table: SensitivityTable) -> np.ndarray:
     """[U] bool: units measured at every choice (FRI anchors; all units of a full profile)."""
     return table.measured.all(axis=1)
+
+
+def is_predicted(table: SensitivityTable | None) -> bool:
+    """A table measured at some units and predicted at the others (FRI, or any method that predicts)."""
+    return table is not None and bool(table.measured.any()) and not bool(table.measured.all())
 
 
 def heldout_comparison(run_table: SensitivityTable, truth: SensitivityTable) -> dict:
@@ -277,7 +293,7 @@ def _run_section(doc: Doc, run: RunView, img: Path, out: Path, slug: str, truth:
 
     table = run.table
     marks = None  # [layers, experts] FRI anchors (whole experts: the same cells for every kind)
-    if table is not None and run.method == "fri":
+    if is_predicted(table):
         marks = plots.unit_grid(anchor_units(table).astype(float), table.units, KINDS[0])[0] == 1
     if run.plan is not None:
         units = run.plan.units
@@ -313,17 +329,17 @@ def _run_section(doc: Doc, run: RunView, img: Path, out: Path, slug: str, truth:
     if seconds:
         add(plots.bar_chart(seconds, img / f"{slug}_stages.png", f"{run.name}: seconds per stage", "seconds",
                             color="tab:orange"), "time per stage")
-    if truth is not None and table is not None and run.method == "fri":
+    if truth is not None and is_predicted(table):
         try:
             cmp = heldout_comparison(table, truth)
         except ValueError as e:
             doc.p(f"predicted vs measured: not shown ({e}).")
         else:
-            doc.p(f"FRI on held-out units: {cmp['n']:,} predicted entries, Spearman rho {cmp['rho']:.3f} "
+            doc.p(f"Prediction on held-out units: {cmp['n']:,} predicted entries, Spearman rho {cmp['rho']:.3f} "
                   f"(within a bit-width, mean {cmp['rho_within_bits']:.3f}), mean |log10 predicted - log10 measured| "
                   f"{cmp['mae_log10']:.3f}.")
             add(plots.predicted_vs_measured(cmp["predicted"], cmp["measured"], cmp["bits"],
-                                            img / f"{slug}_fri_vs_truth.png", f"{run.name}: FRI vs measured"),
+                                            img / f"{slug}_predicted_vs_truth.png", f"{run.name}: predicted vs measured"),
                 "predicted vs measured error")
     return images
 
