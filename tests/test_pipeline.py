@@ -50,7 +50,7 @@ def _reference_rtn(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 
 def test_uniform_run_writes_plan_results_and_resumes(tmp_path, text_file):
     out = tmp_path / "run"
-    p = Pipeline(_cfg(text_file, save_model=False), out, progress=False)  # saving casts through fp16
+    p = Pipeline(_cfg(text_file, save_model=False), out, progress=False)  # compare the model as evaluated
     res = p.execute()
     # the evaluated model holds exactly the 3-bit g32 RTN weights of the original units, and every other
     # parameter is untouched
