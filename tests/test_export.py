@@ -179,3 +179,21 @@ def test_export_run_refuses_then_envelopes(tmp_path):
     assert rep["verified_units"] == len(plan.units) and rep["export_avg_bits"] > rep["plan_avg_bits"]
     with pytest.raises(ValueError, match="compressed-tensors only"):
         export_run(run, "dequantized", tmp_path / "dq", use_envelope=True)
+
+
+def test_export_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from moebits.cli import app
+
+    run, plan, _, _ = packed_run(tmp_path, lambda u: 2 if u.expert == 1 else 4)
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", str(run), "--format", "compressed-tensors", "--out", str(tmp_path / "ct")])
+    assert r.exit_code != 0 and "--envelope" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["export", str(run), "--format", "compressed-tensors", "--out", str(tmp_path / "ct"),
+                            "--envelope"])
+    assert r.exit_code == 0, r.output
+    rep = __import__("json").loads((tmp_path / "ct" / "moebits_export.json").read_text())
+    assert rep["verified_units"] == len(plan.units) and rep["envelope"] is True
+    r = runner.invoke(app, ["export", str(run), "--format", "onnx", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "compressed-tensors" in r.output
