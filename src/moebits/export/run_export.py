@@ -17,42 +17,18 @@ from pathlib import Path
 import torch
 
 from ..plan import Plan
-from ..units import FP_BITS, Unit
 
 FORMATS = ("compressed-tensors", "dequantized")
 
 
 def read_packed_units(model_dir: Path):
-    """`(index, {unit: QuantizedWeight}, every stored tensor)` of a packed checkpoint."""
+    """`(index, {unit: QuantizedWeight}, every stored tensor)` of a packed checkpoint (checksums verified)."""
     from safetensors.torch import load_file
 
-    from ..packed import read_index
+    from ..packed import read_index, read_units
     from ..packed.io import weights_file
-    from ..quant.pack import unpack_codes
-    from ..quant.qweight import QuantizedWeight
 
-    index = read_index(model_dir)
-    tensors = load_file(str(weights_file(model_dir)))
-    units = {}
-    for name, e in index.units.items():
-        m = index.modules[e.module]
-        spec = m.tensors[e.tensor]
-        base = e.module if m.type == "linear" else f"{e.module}.{e.tensor}"
-        s = spec.sets[e.set]
-        rows = slice(e.row, e.row + e.rows)
-        u_f = v_f = None
-        if e.lowrank:
-            u_f = tensors[f"{base}.{e.lowrank}.U"][e.slot]
-            v_f = tensors[f"{base}.{e.lowrank}.V"][e.slot]
-        if s.bits == FP_BITS:
-            qw = QuantizedWeight(FP_BITS, s.group_size, weight=tensors[f"{base}.{e.set}.weight"][rows], u=u_f, v=v_f)
-        else:
-            codes = unpack_codes(tensors[f"{base}.{e.set}.codes"][rows], s.bits, spec.in_features)
-            qw = QuantizedWeight(s.bits, s.group_size, codes,
-                                 tensors[f"{base}.{e.set}.scale"][rows], tensors[f"{base}.{e.set}.zero"][rows],
-                                 u=u_f, v=v_f)
-        units[Unit.parse(name)] = qw
-    return index, units, tensors
+    return read_index(model_dir), read_units(model_dir), load_file(str(weights_file(model_dir)))
 
 
 def dense_model(model_dir: Path, index, qweights: dict, tensors: dict[str, torch.Tensor]):
