@@ -136,7 +136,7 @@ def _budget_opts(bits, memory_gb, latency) -> tuple[str, float]:
 @app.command()
 def quantize(
     model: str = typer.Option("demo", help=MODEL_HELP),
-    method: str = typer.Option("uniform", help="uniform | freq | mxmoe | fri (see `moebits.methods`)"),
+    method: str = typer.Option("uniform", help="uniform | freq | mxmoe | fri | rl (see `moebits.methods`)"),
     quantizer: str = typer.Option("rtn", help="rtn | gptq | hqq"),
     bits: Optional[float] = typer.Option(None, help="budget: average storage bits per weight (3.25 = 3-bit g128)"),
     memory_gb: Optional[float] = typer.Option(None, help="budget: GB of expert weights"),
@@ -155,7 +155,7 @@ def quantize(
     eval: str = typer.Option("demo", "--eval", help="evaluation text (held-out split for demo)"),
     eval_windows: Optional[int] = typer.Option(None, help="evaluate at most this many windows"),
     metric: str = typer.Option("expert", help="profiling metric: expert (exact, fast) | layer (MxMoE's rerun)"),
-    solver: Optional[str] = typer.Option(None, help="ilp | lagrangian | freq | uniform (default: the method's)"),
+    solver: Optional[str] = typer.Option(None, help="ilp | lagrangian | freq | uniform | rl (default: the method's)"),
     granularity: Optional[str] = typer.Option(None, help="linear (per block) | expert | layer (default: the "
                                                          "method's, linear for the built-in ones)"),
     tie_gate_up: bool = typer.Option(False, help="gate and up of an expert share one choice"),
@@ -173,6 +173,17 @@ def quantize(
     trust_remote_code: bool = False,
     target: str = typer.Option("none", help="serving target the plan must fit: none | vllm (layer-uniform "
                                             "routed-expert bits from {4, 8}, rtn/gptq, servable by construction)"),
+    # -- DMPQ (rl) and quantization-aware training ---------------------------------------------
+    rl_steps: int = typer.Option(20_000, help="rl: PPO environment steps"),
+    reward: str = typer.Option("1,0,0,0", help="rl: w_acc,w_lat,w_mem,w_eng of R = w_acc·ΔAcc − w_lat·L − w_mem·M − "
+                                               "w_eng·E (L, M, E relative to the all-16-bit plan)"),
+    rl_accuracy: str = typer.Option("proxy", help="rl: ΔAcc from the profiled table (proxy, additive) or measured "
+                                                  "(NLL of the quantized model on held-out calibration windows)"),
+    rl_sensitivity: str = typer.Option("table", help="rl: expert sensitivity s_e in the state: table | measured"),
+    energy: str = typer.Option("horowitz45nm", help="rl: energy model of the reward: horowitz45nm | h100-tdp"),
+    qat_steps: int = typer.Option(0, help="quantization-aware fine-tuning steps of the experts after allocation "
+                                          "(STE, calibration text only; 0 = post-training quantization)"),
+    qat_lr: float = typer.Option(1e-4, help="QAT learning rate (Adam)"),
     verbose: bool = False,
 ):
     """Calibrate, profile, allocate, quantize and evaluate: the whole job, resumable."""
@@ -185,9 +196,14 @@ def quantize(
                          eval=eval, eval_windows=eval_windows, metric=metric, solver=solver, granularity=granularity,
                          tie_gate_up=tie_gate_up, anchors=anchors, sampler=sampler, act_order=act_order, seed=seed,
                          dtype=dtype, device=device, save_model=save_model, save_format=save_format,
-                         trust_remote_code=trust_remote_code, target=target)
+                         trust_remote_code=trust_remote_code, target=target, rl_steps=rl_steps,
+                         rl_accuracy=rl_accuracy, rl_sensitivity=rl_sensitivity, energy=energy, qat_steps=qat_steps,
+                         qat_lr=qat_lr)
     try:
         cfg.budget_request()  # exactly one budget (or --wbits), before any work
+        from .dmpq import parse_reward
+
+        cfg.reward = parse_reward(reward)
         results = Pipeline(cfg, out, overwrite=overwrite).execute()
     except _user_errors() as e:
         _fail(str(e))

@@ -125,15 +125,38 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def random_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """`nsamples` windows of `seqlen` tokens at seeded random offsets: `[nsamples, seqlen]`."""
-    n = token_ids.numel()
-    if n <= seqlen:
-        raise DataError(f"calibration text has {n} tokens, not more than one window of {seqlen}; "
+def window_starts(n_tokens: int, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """The seeded offsets `random_windows` cuts its windows at: `[nsamples]`."""
+    if n_tokens <= seqlen:
+        raise DataError(f"calibration text has {n_tokens} tokens, not more than one window of {seqlen}; "
                         "use a longer text or a smaller --seqlen")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n - seqlen, (nsamples,), generator=g)
+    return torch.randint(0, n_tokens - seqlen, (nsamples,), generator=g)
+
+
+def random_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens at seeded random offsets: `[nsamples, seqlen]`."""
+    starts = window_starts(token_ids.numel(), nsamples, seqlen, seed)
     return torch.stack([token_ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def held_out_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, calib_nsamples: int, seed: int = 0
+                     ) -> torch.Tensor:
+    """`[nsamples, seqlen]` windows of the calibration text that share no token position with the
+    `calib_nsamples` calibration windows `random_windows(token_ids, calib_nsamples, seqlen, seed)`:
+    a validation slice for choices that must not be scored on the calibration tokens themselves (nor on
+    the evaluation text). Non-overlapping with each other, in text order."""
+    n = token_ids.numel()
+    used = torch.zeros(n, dtype=torch.bool)
+    for s in window_starts(n, calib_nsamples, seqlen, seed).tolist():
+        used[s:s + seqlen] = True
+    free = [s for s in range(0, n - seqlen + 1, seqlen) if not used[s:s + seqlen].any()]
+    if len(free) < nsamples:
+        raise DataError(f"the calibration text has only {len(free)} windows of {seqlen} tokens outside the "
+                        f"{calib_nsamples} calibration windows; ask for fewer held-out windows")
+    g = torch.Generator().manual_seed(seed + 1)
+    pick = sorted(torch.randperm(len(free), generator=g)[:nsamples].tolist())
+    return torch.stack([token_ids[free[i]:free[i] + seqlen] for i in pick])
 
 
 def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 FillTable = Callable[["Pipeline", "list[Choice]"], SensitivityTable]
 
 # modules that register methods of their own (imported on the first look-up), e.g. "moebits.bt"
-PLUGIN_MODULES: list[str] = []
+PLUGIN_MODULES: list[str] = ["moebits.dmpq"]
 
 
 def candidate_bits_choices(cfg: "QuantizeConfig") -> list[Choice]:

@@ -75,12 +75,21 @@ class QuantizeConfig:
     save_format: str = "packed"  # packed (real low-bit, moebits format) | dequantized (16-bit HF checkpoint)
     trust_remote_code: bool = False
     target: str = "none"  # serving target the plan must fit: none | vllm (export/vllm_rules.py)
+    # DMPQ (rl solver) and quantization-aware training (any method); see dmpq.py and qat.py
+    rl_steps: int = 20_000
+    reward: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0)  # w_acc, w_lat, w_mem, w_eng
+    rl_accuracy: str = "proxy"  # proxy (additive table) | measured (held-out NLL of the quantized model)
+    rl_sensitivity: str = "table"  # s_e: table (f*l at 2 bits) | measured (held-out NLL, one expert at 2 bits)
+    energy: str = "horowitz45nm"  # energy model of the reward (energy.ENERGY_SPECS)
+    qat_steps: int = 0  # > 0: quantization-aware fine-tuning of the experts after allocation
+    qat_lr: float = 1e-4
 
     OUTPUT_OPTIONS = ("save_model", "save_format")  # do not make a run "different"
 
     def spec(self) -> dict:
         d = asdict(self)
         d["candidate_bits"] = list(self.candidate_bits)
+        d["reward"] = list(self.reward)
         for k in self.OUTPUT_OPTIONS:
             d.pop(k)
         if d["target"] == "none":  # runs made before --target existed keep their spec
@@ -94,8 +103,9 @@ class QuantizeConfig:
         if unknown:
             raise ValueError(f"run spec has options this version does not know: {unknown}")
         d = dict(spec)
-        if "candidate_bits" in d:
-            d["candidate_bits"] = tuple(d["candidate_bits"])
+        for k in ("candidate_bits", "reward"):
+            if k in d:
+                d[k] = tuple(d[k])
         return cls(**d)
 
     def budget_request(self) -> tuple[str, float]:
@@ -279,8 +289,13 @@ class Pipeline:
                        "storage bits per weight (group metadata included)")
         else:
             budget = self.allocation_budget = self.budget(choices, table.frequency)
+            options = {}
+            if cfg.solver_name == "rl":  # DMPQ's reward and state need more than the table and the budget
+                from .dmpq import rl_solver_options
+
+                options = rl_solver_options(self, choices, table, budget)
             plan = self.timed("allocate_seconds", lambda: plan_under_budget(
-                table, budget, cfg.solver_name, groups=self.groups(), meta=meta))
+                table, budget, cfg.solver_name, groups=self.groups(), meta=meta, **options))
             if cfg.solver_name == "uniform":
                 from .allocate.uniform import explain
 
@@ -307,6 +322,15 @@ class Pipeline:
 
     def quantize(self, plan: Plan) -> None:
         self.codes = {} if self.cfg.save_model and self.cfg.save_format == "packed" else None
+        if self.cfg.qat_steps > 0:  # fine-tune under the plan; leaves the model quantized by it (RTN grid)
+            from .qat import quantization_aware_training
+
+            res = quantization_aware_training(self.adapter, plan, self.windows, self.cfg.qat_steps, self.cfg.qat_lr,
+                                              seed=self.cfg.seed, progress=self.progress, codes=self.codes)
+            self.results["quantize_seconds"] = round(res.seconds, 4)
+            self.results["qat"] = res.to_dict()
+            self._save_results()
+            return
         self.results["quantize_seconds"] = round(apply_plan(self.adapter, plan, self.calib.inputs, self.cfg.act_order,
                                                             self.progress, codes=self.codes), 4)
         self._save_results()

@@ -146,7 +146,7 @@ def quantization_aware_training(adapter: MoEAdapter, plan: Plan, windows: torch.
     device = latent[0].device
     try:
         for _ in range(steps):
-            rows = torch.randint(0, windows.shape[0], (min(batch_size, windows.shape[0]),), generator=g)
+            rows = torch.randperm(windows.shape[0], generator=g)[:batch_size]  # distinct windows per batch
             ids = windows[rows].to(device)
             logits = model(input_ids=ids, use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1))

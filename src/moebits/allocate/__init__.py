@@ -8,6 +8,8 @@ One entry point, `allocate`, dispatches to a solver module with the same contrac
     lagrangian  bisection on lambda + greedy fill (FRI-MxMoE; `fill=False` is the paper exactly)
     freq        MPQ-Freq: the most frequently routed units get the most bits
     uniform     one column for every unit
+    rl          DMPQ: PPO over raise/lower moves (optional extra `rl`); options `objectives` ([U, C] per
+                name) and `features` ([U, F]) are summed over groups like loss and cost
 
 `groups` ties units to one choice (see `groups.py`); the budget is checked against the feasible range
 first (`check_budget`), so every solver may assume it is feasible.
@@ -21,12 +23,13 @@ import time
 
 import numpy as np
 
-from . import freq, ilp, lagrangian, uniform
+from . import freq, ilp, lagrangian, rl, uniform
 from .groups import combine_groups, expert_level, layer_uniform, reduce_groups, tie_gate_up
 from .planning import plan_under_budget, to_plan
 from .problem import AllocationResult, BudgetFormat, InfeasibleBudgetError, check_feasible, check_problem, totals
 
-SOLVERS = {"ilp": ilp.solve, "lagrangian": lagrangian.solve, "freq": freq.solve, "uniform": uniform.solve}
+SOLVERS = {"ilp": ilp.solve, "lagrangian": lagrangian.solve, "freq": freq.solve, "uniform": uniform.solve,
+           "rl": rl.solve}
 
 __all__ = ["allocate", "AllocationResult", "InfeasibleBudgetError", "SOLVERS", "to_plan", "plan_under_budget",
            "check_budget", "tie_gate_up", "expert_level", "layer_uniform", "combine_groups"]
@@ -76,6 +79,11 @@ def allocate(loss, cost, budget: float, solver: str = "lagrangian", groups=None,
         loss_g, cost_g, freq_g, inverse = reduce_groups(loss, cost, groups, frequency)
         if solver == "freq":
             options["frequency"] = freq_g
+        if options.get("objectives"):  # rl: per-unit cost matrices of the reward, summed like cost
+            options["objectives"] = {k: reduce_groups(m, m, groups)[0] for k, m in options["objectives"].items()}
+        if options.get("features") is not None:  # rl: per-unit statistics, summed over the group
+            feats = np.asarray(options["features"], dtype=np.float64)
+            options["features"] = reduce_groups(feats, feats, groups)[0]
     else:
         loss_g, cost_g = loss, cost
     _check_reduced(cost_g, budget, solver, budget_format)

@@ -27,6 +27,8 @@ def to_plan(units: Sequence[Unit], choices: Sequence[Choice], result: Allocation
         "total_cost": result.total_cost, "seconds": result.seconds, "lambda": result.lambda_,
         "optimal": result.optimal, "gap": result.gap,
     }
+    if result.solver == "rl":  # the search's own account: objective, episodes, whether it had to repair
+        solver_meta["rl"] = result.info
     return Plan(assignments, {**solver_meta, **(meta or {})})
 
 

@@ -1,0 +1,34 @@
+"""The `rl` solver (DMPQ): PPO over raise/lower moves of one group's bit-width, with the allocation
+contract of every solver. Imports gymnasium / stable-baselines3 only when called (optional extra `rl`).
+
+Columns are reordered by increasing cost so that "raise" is the next dearer choice. Besides the
+frequency-weighted loss and the budget's cost it takes, as options (already reduced to groups by
+`allocate`): `objectives` {"lat", "mem", "eng"} -> [G, C] for the reward's cost terms, `features`
+[G, F] (f, c, s statistics) for the state, `weights` (w_acc, w_lat, w_mem, w_eng), `steps`, `seed`,
+and `accuracy` (a measured, non-additive loss of a plan; None = the additive proxy `loss`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .problem import AllocationResult, totals
+
+
+def solve(loss: np.ndarray, cost: np.ndarray, budget: float, *, steps: int = 20_000,
+          weights=(1.0, 0.0, 0.0, 0.0), objectives: dict | None = None, features: np.ndarray | None = None,
+          seed: int = 0, horizon: int | None = None, accuracy=None, start: str = "random") -> AllocationResult:
+    from ..rl import GroupProblem, search
+
+    order = np.argsort(cost.mean(axis=0), kind="stable")  # columns by increasing cost
+    objectives = {k: np.asarray(m, dtype=np.float64)[:, order] for k, m in (objectives or {}).items()}
+    acc = None
+    if accuracy is not None:  # the measured loss reads columns of the caller's order
+        def acc(idx, _f=accuracy):
+            return _f(order[idx])
+    problem = GroupProblem(loss[:, order], cost[:, order], budget, objectives, features)
+    res = search(problem, weights, steps=steps, seed=seed, horizon=horizon, accuracy=acc, start=start)
+    idx = order[res.choice_index]
+    total_loss, total_cost = totals(loss, cost, idx)
+    info = {"objective": res.objective, "repaired": res.repaired, "episodes": res.episodes,
+            "evaluations": res.evaluations, "steps": res.steps, "search_seconds": res.seconds, **res.info}
+    return AllocationResult(idx, total_loss, total_cost, budget, "rl", info=info)

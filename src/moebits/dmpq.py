@@ -1,0 +1,114 @@
+"""The `rl` method (DMPQ, seed 004): bits from {2, 4, 8, 16} per expert, chosen by a PPO agent that
+trades accuracy against latency, memory and energy (`allocate/rl.py`, `rl/`).
+
+    table     every unit x {2, 4, 8, 16} profiled (as mxmoe): the additive proxy of ΔAcc
+    solver    `rl`, at expert granularity (gate/up/down of an expert share bits) unless told otherwise
+    reward    R = w_acc ΔAcc - w_lat L - w_mem M - w_eng E   (`--reward w_acc,w_lat,w_mem,w_eng`)
+              L: the budget's latency model (roofline on --gpu, or latency-fri with --cost latency-fri);
+              M: exact storage bytes; E: `energy.py` (--energy); ΔAcc: the proxy, or measured
+              (`--rl-accuracy measured`: NLL of the quantized model on held-out calibration windows)
+    state     bits, f_u, c_u (gradient contribution), s_u (sensitivity: table or measured), costs, budget
+
+Registered through `methods.PLUGIN_MODULES`; `rl_solver_options` gives the solver what it needs beyond
+loss and cost whenever the solver is `rl` (also for another method's table with `--solver rl`).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import cost as costs
+from .energy import energy_matrix
+from .methods import Method, register_method
+from .units import FP_BITS, Choice
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .budget import Budget
+    from .pipeline import Pipeline, QuantizeConfig
+    from .table import SensitivityTable
+
+log = logging.getLogger(__name__)
+
+DMPQ_BITS = (2, 4, 8, FP_BITS)
+RL_ACCURACY = ("proxy", "measured")
+RL_SENSITIVITY = ("table", "measured")
+HELD_OUT_WINDOWS = 8  # validation windows for measured ΔAcc / sensitivity
+
+
+def dmpq_choices(cfg: "QuantizeConfig") -> list[Choice]:
+    return [Choice(b, cfg.group_size, cfg.quantizer) for b in DMPQ_BITS]
+
+
+def fill_rl(run: "Pipeline", choices: list[Choice]) -> "SensitivityTable":
+    """Profile every unit x choice: the additive proxy the reward (and a knapsack) reads."""
+    return run.measure(run.units, choices)
+
+
+def parse_reward(text: str) -> tuple[float, float, float, float]:
+    try:
+        w = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        w = ()
+    if len(w) != 4 or not all(np.isfinite(w)):
+        raise ValueError(f"--reward takes four numbers w_acc,w_lat,w_mem,w_eng (e.g. 1,0,0,0), got {text!r}")
+    return w  # type: ignore[return-value]
+
+
+def _held_out(run: "Pipeline"):
+    from .data import held_out_windows, load_text, tokenize
+
+    cfg = run.cfg
+    ids = tokenize(run.tokenizer, load_text(cfg.calib, "calib"))
+    return held_out_windows(ids, HELD_OUT_WINDOWS, cfg.seqlen, cfg.nsamples, cfg.seed)
+
+
+def rl_solver_options(run: "Pipeline", choices: list[Choice], table: "SensitivityTable", budget: "Budget") -> dict:
+    """Reward terms, state statistics and search settings for the `rl` solver of a pipeline run."""
+    from .expert_stats import gradient_contribution, measured_sensitivity, table_sensitivity
+
+    cfg = run.cfg
+    if cfg.rl_accuracy not in RL_ACCURACY:
+        raise ValueError(f"--rl-accuracy must be one of {RL_ACCURACY}, got {cfg.rl_accuracy!r}")
+    if cfg.rl_sensitivity not in RL_SENSITIVITY:
+        raise ValueError(f"--rl-sensitivity must be one of {RL_SENSITIVITY}, got {cfg.rl_sensitivity!r}")
+    shapes = [run.shapes[u] for u in table.units]
+    freq = table.frequency
+    if budget.kind == "latency":
+        lat = budget.cost
+    else:
+        lat = costs.latency_matrix(shapes, freq, choices, cfg.gpu, cfg.batch_tokens)
+        if cfg.cost == "latency-fri":
+            from .latency import latency_fri_matrix
+
+            lat = latency_fri_matrix(shapes, freq, choices, cfg.batch_tokens, seed=cfg.seed, device=cfg.device)[0]
+    objectives = {"lat": lat, "mem": costs.storage_matrix(shapes, choices) / costs.BITS_PER_BYTE,
+                  "eng": energy_matrix(shapes, freq, choices, cfg.batch_tokens, cfg.energy)}
+    contribution = run.timed("contribution_seconds", lambda: gradient_contribution(run.adapter, run.windows))
+    scorer = None
+    groups = run.groups()
+    if cfg.rl_accuracy == "measured" or cfg.rl_sensitivity == "measured":
+        from .plan_scorer import MeasuredLoss
+
+        inverse = None if groups is None else np.unique(groups, return_inverse=True)[1].reshape(-1)
+        scorer = MeasuredLoss(run.adapter, choices, _held_out(run), run.calib.inputs, cfg.act_order, cfg.batch_size)
+    if cfg.rl_sensitivity == "measured":
+        low = int(np.argmin([c.bits for c in choices]))
+        sens = run.timed("sensitivity_seconds", lambda: measured_sensitivity(
+            scorer, low, groups if groups is not None else np.arange(len(table.units))))
+    else:
+        sens = table_sensitivity(table, min(c.bits for c in choices))
+    accuracy = None
+    if cfg.rl_accuracy == "measured":
+        scorer.inverse = inverse
+        accuracy = scorer
+    run.results["rl_statistics"] = {"f": "calibration frequency", "c": "Fisher-diagonal gradient contribution",
+                                    "s": f"{cfg.rl_sensitivity} sensitivity at {min(c.bits for c in choices)} bits",
+                                    "accuracy": cfg.rl_accuracy}
+    return {"objectives": objectives, "features": np.column_stack([freq, contribution, sens]),
+            "weights": tuple(cfg.reward), "steps": cfg.rl_steps, "seed": cfg.seed, "accuracy": accuracy}
+
+
+register_method(Method("rl", fill_rl, "rl", dmpq_choices, granularity="expert",
+                       description="DMPQ: PPO over per-expert bits {2,4,8,16}, hardware-aware reward"))
