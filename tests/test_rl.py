@@ -99,3 +99,32 @@ def test_energy_matrix_matches_a_hand_computation():
         want = p * (bytes_ * 160e-12 + 2 * m * in_f * out_f * 0.75e-12)
         assert e[0, j] == pytest.approx(want, rel=1e-12)
     assert spec.joules_per_byte == pytest.approx(160e-12) and np.all(np.diff(e[0]) > 0)
+
+
+def test_quantize_method_rl_with_qat_end_to_end(tmp_path, text_file):
+    """`moebits quantize --method rl`: bits from {2,4,8,16}, one width per expert, within the budget;
+    `--qat-steps` fine-tunes under that plan and records it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from moebits.cli import app
+    from moebits.plan import Plan
+
+    args = ["quantize", "--model", "tiny:qwen2_moe", "--method", "rl", "--bits", "5", "--group-size", "32",
+            "--calib", str(text_file), "--eval", str(text_file), "--nsamples", "4", "--seqlen", "64",
+            "--eval-windows", "2", "--rl-steps", "200", "--reward", "1,0.1,0.1,0.1", "--qat-steps", "2",
+            "--dtype", "float32", "--no-save-model", "--out", str(tmp_path / "run")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    plan = Plan.load(tmp_path / "run" / "plan.json")
+    assert res["avg_bits"] <= 5 + 1e-9 and res["qat"]["steps"] == 2
+    assert {a.choice.bits for a in plan.assignments.values()} <= {2, 4, 8, 16}
+    by_expert = {}
+    for u, a in plan.assignments.items():
+        by_expert.setdefault((u.layer, u.expert), set()).add(a.choice.bits)
+    assert all(len(b) == 1 for b in by_expert.values())
+    assert plan.meta["solver"] == "rl" and plan.meta["rl"]["repaired"] is False
+    bad = CliRunner().invoke(app, args[:-1] + [str(tmp_path / "r2"), "--reward", "1,2"])
+    assert bad.exit_code == 2 and "--reward takes four numbers" in bad.output
