@@ -44,9 +44,10 @@ class _FakeQuantSlices(nn.Module):
     """Parametrization of a fused expert tensor `[E, rows, in]` (or a plain `[out, in]` weight): row
     ranges `(start, stop)` each with a bit-width per expert; 16 bits = frozen (no gradient)."""
 
-    def __init__(self, regions: list[tuple[int, int, list[int]]], group_size: int, batched: bool):
+    def __init__(self, regions: list[tuple[int, int, list[int]]], group_size: int, batched: bool,
+                 fake_quant: bool = True):
         super().__init__()
-        self.regions, self.group_size, self.batched = regions, group_size, batched
+        self.regions, self.group_size, self.batched, self.fake_quant = regions, group_size, batched, fake_quant
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         x = w if self.batched else w.unsqueeze(0)
@@ -58,7 +59,8 @@ class _FakeQuantSlices(nn.Module):
                 if b == FP_BITS:
                     continue
                 sel = torch.tensor([i for i, bi in enumerate(bits) if bi == b], device=w.device)
-                out = out.index_put((sel,), fake_quant_ste(part.index_select(0, sel), b, self.group_size))
+                sub = part.index_select(0, sel)
+                out = out.index_put((sel,), fake_quant_ste(sub, b, self.group_size) if self.fake_quant else sub)
             pieces.append(out)
         y = torch.cat(pieces, dim=1)
         return y if self.batched else y.squeeze(0)
@@ -92,7 +94,7 @@ def _check_plan(adapter: MoEAdapter, plan: Plan) -> int:
     return sizes.pop() if sizes else 128
 
 
-def _register(adapter: MoEAdapter, plan: Plan, group_size: int) -> list[tuple[nn.Module, str]]:
+def _register(adapter: MoEAdapter, plan: Plan, group_size: int, fake_quant: bool) -> list[tuple[nn.Module, str]]:
     """Put fake-quantization parametrizations on every expert tensor; returns (module, name) pairs."""
     done = []
     inter = adapter.intermediate
@@ -101,9 +103,9 @@ def _register(adapter: MoEAdapter, plan: Plan, group_size: int) -> list[tuple[nn
         E = adapter.num_experts
         b = {k: [plan.choice(Unit(layer, e, k)).bits for e in range(E)] for k in KINDS}
         parametrize.register_parametrization(
-            ex, "gate_up_proj", _FakeQuantSlices([(0, inter, b["gate"]), (inter, 2 * inter, b["up"])], group_size, True))
+            ex, "gate_up_proj", _FakeQuantSlices([(0, inter, b["gate"]), (inter, 2 * inter, b["up"])], group_size, True, fake_quant))
         parametrize.register_parametrization(
-            ex, "down_proj", _FakeQuantSlices([(0, ex.down_proj.shape[1], b["down"])], group_size, True))
+            ex, "down_proj", _FakeQuantSlices([(0, ex.down_proj.shape[1], b["down"])], group_size, True, fake_quant))
         done += [(ex, "gate_up_proj"), (ex, "down_proj")]
         mlp = adapter.shared_mlp(layer)
         if mlp is not None:
@@ -111,17 +113,19 @@ def _register(adapter: MoEAdapter, plan: Plan, group_size: int) -> list[tuple[nn
                 lin = getattr(mlp, f"{k}_proj")
                 bits = plan.choice(Unit(layer, SHARED, k)).bits
                 parametrize.register_parametrization(
-                    lin, "weight", _FakeQuantSlices([(0, lin.weight.shape[0], [bits])], group_size, False))
+                    lin, "weight", _FakeQuantSlices([(0, lin.weight.shape[0], [bits])], group_size, False, fake_quant))
                 done.append((lin, "weight"))
     return done
 
 
 def quantization_aware_training(adapter: MoEAdapter, plan: Plan, windows: torch.Tensor, steps: int,
                                 lr: float = 1e-4, batch_size: int = 4, seed: int = 0,
-                                progress: bool = False) -> QATResult:
+                                progress: bool = False, fake_quant: bool = True) -> QATResult:
     """Fine-tune the unquantized model's experts under `plan` for `steps` steps on `windows [N, T]`
     (calibration tokens), then leave the model quantized by the plan on the RTN grid of the
-    fine-tuned weights. `steps = 0` is RTN post-training quantization."""
+    fine-tuned weights. `steps = 0` is RTN post-training quantization. `fake_quant=False` is the
+    control "fine-tune in full precision, then RTN": the same trainable weights, steps and data, no
+    quantization in the forward (separates what QAT recovers from what more training does)."""
     if steps < 0:
         raise ValueError(f"--qat-steps must be >= 0, got {steps}")
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
@@ -134,7 +138,7 @@ def quantization_aware_training(adapter: MoEAdapter, plan: Plan, windows: torch.
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    registered = _register(adapter, plan, group_size)
+    registered = _register(adapter, plan, group_size, fake_quant)
     latent = [m.parametrizations[name].original for m, name in registered]
     for p in latent:
         p.requires_grad_(True)
@@ -161,6 +165,13 @@ def quantization_aware_training(adapter: MoEAdapter, plan: Plan, windows: torch.
                 parametrize.remove_parametrizations(m, name, leave_parametrized=True)
         for n, p in model.named_parameters():
             p.requires_grad_(requires.get(n, True))
+        if not fake_quant:  # the control: quantize the fine-tuned weights afterwards, same grid
+            with torch.no_grad():
+                for u in adapter.units():
+                    c = plan.choice(u)
+                    if not c.is_fp:
+                        adapter.set_weight(u, quantize_weight(adapter.weight(u), Choice(c.bits, group_size, "rtn")))
     result.seconds = time.perf_counter() - t0
-    plan.meta["qat"] = {**result.to_dict(), "note": "codes re-derived by RTN from the fine-tuned weights"}
+    if fake_quant:
+        plan.meta["qat"] = {**result.to_dict(), "note": "codes re-derived by RTN from the fine-tuned weights"}
     return result

@@ -5,7 +5,8 @@ Columns are reordered by increasing cost so that "raise" is the next dearer choi
 frequency-weighted loss and the budget's cost it takes, as options (already reduced to groups by
 `allocate`): `objectives` {"lat", "mem", "eng"} -> [G, C] for the reward's cost terms, `features`
 [G, F] (f, c, s statistics) for the state, `weights` (w_acc, w_lat, w_mem, w_eng), `steps`, `seed`,
-and `accuracy` (a measured, non-additive loss of a plan; None = the additive proxy `loss`).
+`accuracy` (a measured, non-additive loss of a plan; None = the additive proxy `loss`), and `start`
+("random", "cheapest", or a plan [G] of columns to start every episode from, e.g. a knapsack's).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .problem import AllocationResult, totals
 
 def solve(loss: np.ndarray, cost: np.ndarray, budget: float, *, steps: int = 20_000,
           weights=(1.0, 0.0, 0.0, 0.0), objectives: dict | None = None, features: np.ndarray | None = None,
-          seed: int = 0, horizon: int | None = None, accuracy=None, start: str = "random") -> AllocationResult:
+          seed: int = 0, horizon: int | None = None, accuracy=None, start="random") -> AllocationResult:
     from ..rl import GroupProblem, search
 
     order = np.argsort(cost.mean(axis=0), kind="stable")  # columns by increasing cost
@@ -25,6 +26,8 @@ def solve(loss: np.ndarray, cost: np.ndarray, budget: float, *, steps: int = 20_
     if accuracy is not None:  # the measured loss reads columns of the caller's order
         def acc(idx, _f=accuracy):
             return _f(order[idx])
+    if not isinstance(start, str):  # a warm-start plan in the caller's columns
+        start = np.argsort(order)[np.asarray(start, dtype=np.int64)]
     problem = GroupProblem(loss[:, order], cost[:, order], budget, objectives, features)
     res = search(problem, weights, steps=steps, seed=seed, horizon=horizon, accuracy=acc, start=start)
     idx = order[res.choice_index]

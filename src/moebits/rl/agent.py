@@ -36,9 +36,13 @@ class SearchResult:
     info: dict = field(default_factory=dict)
 
 
+def _start_name(start) -> str:
+    return start if isinstance(start, str) else "plan"
+
+
 def random_search(problem: GroupProblem, weights=(1.0, 0.0, 0.0, 0.0), steps: int = 20_000, seed: int = 0,
                   horizon: int | None = None, accuracy: Callable[[np.ndarray], float] | None = None,
-                  start: str = "random", acc_scale: str = "log") -> SearchResult:
+                  start="random", acc_scale: str = "log") -> SearchResult:
     """The ablation of the agent: the same environment and steps, uniformly random valid moves, no learning.
     What the agent adds over exploration alone is the difference of the two."""
     t0 = time.perf_counter()
@@ -54,12 +58,13 @@ def random_search(problem: GroupProblem, weights=(1.0, 0.0, 0.0, 0.0), steps: in
     idx = env.best_index
     feasible = idx is not None
     return SearchResult(idx, float(env.best_objective), feasible, False, int(steps), env.episodes, env.evaluations,
-                        time.perf_counter() - t0, {"horizon": env.horizon, "start": start, "policy": "random"})
+                        time.perf_counter() - t0, {"horizon": env.horizon, "start": _start_name(start),
+                                                    "policy": "random"})
 
 
 def search(problem: GroupProblem, weights=(1.0, 0.0, 0.0, 0.0), steps: int = 20_000, seed: int = 0,
            horizon: int | None = None, accuracy: Callable[[np.ndarray], float] | None = None,
-           start: str = "random", net_arch=DEFAULT_NET, n_steps: int = 256,
+           start="random", net_arch=DEFAULT_NET, n_steps: int = 256,
            learning_rate: float = 1e-3, ent_coef: float = 0.0, acc_scale: str = "log") -> SearchResult:
     """Train PPO for `steps` environment steps; return the best plan within budget that was seen."""
     try:
@@ -96,5 +101,5 @@ def search(problem: GroupProblem, weights=(1.0, 0.0, 0.0, 0.0), steps: int = 20_
         idx, best_j = env.best_index, env.best_objective
     feasible = fits(float(problem.cost[np.arange(env.G), idx].sum()), problem.budget)
     return SearchResult(idx, float(best_j), feasible, repaired, int(steps), env.episodes, env.evaluations,
-                        time.perf_counter() - t0, {"horizon": env.horizon, "n_steps": n_steps, "start": start,
+                        time.perf_counter() - t0, {"horizon": env.horizon, "n_steps": n_steps, "start": _start_name(start),
                                                     "weights": list(map(float, env.weights))})

@@ -115,8 +115,14 @@ class BitAllocEnv(gym.Env):
         for k, wk in zip(OBJECTIVES, w[1:]):
             if wk != 0 and k not in problem.objectives:
                 raise ValueError(f"reward weight w_{k} = {wk} but the problem has no {k} cost matrix")
-        if start not in ("cheapest", "random"):
-            raise ValueError(f"start must be 'cheapest' or 'random', got {start!r}")
+        if isinstance(start, str):
+            if start not in ("cheapest", "random"):
+                raise ValueError(f"start must be 'cheapest', 'random' or a plan (column per group), got {start!r}")
+        else:  # a warm start, e.g. a knapsack plan to refine under a measured objective; repaired if over budget
+            plan = np.asarray(start, dtype=np.int64)
+            if plan.shape != (G,) or plan.min() < 0 or plan.max() >= C:
+                raise ValueError(f"a start plan needs one column in 0..{C - 1} per group ({G}), got shape {plan.shape}")
+            start = repair(plan, problem.cost, problem.budget, problem.loss)
         if acc_scale not in ("log", "linear"):
             raise ValueError(f"acc_scale must be 'log' or 'linear', got {acc_scale!r}")
         self.start, self.noop_penalty, self.acc_scale = start, float(noop_penalty), acc_scale
@@ -217,20 +223,24 @@ class BitAllocEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        self.idx = np.zeros(self.G, np.int64) if self.start == "cheapest" else self._random_start()
+        if isinstance(self.start, np.ndarray):
+            self.idx = self.start.copy()
+        else:
+            self.idx = np.zeros(self.G, np.int64) if self.start == "cheapest" else self._random_start()
         self.t = 0
         self.episodes += 1
         if not self.measured:
             self._j = self.objective(self.idx)
             self._record(self.idx, self._j)
         else:  # the start is scored once when it is the same every episode
-            if self.start == "cheapest" and self._cheapest_j is not None:
+            fixed = not isinstance(self.start, str) or self.start == "cheapest"
+            if fixed and self._cheapest_j is not None:
                 self._start_j = self._cheapest_j
             else:
                 self._start_j = self.objective(self.idx)
                 self._record(self.idx, self._start_j)
-                if self.start == "cheapest":
-                    self._cheapest_j = self._start_j
+                if fixed:
+                    self._cheapest_j = self._start_j  # the fixed start's J
         return self._obs(), {}
 
     def step(self, action):
