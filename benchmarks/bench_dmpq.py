@@ -77,7 +77,9 @@ def main():
     ap.add_argument("--qat-steps", type=int, default=40)
     ap.add_argument("--qat-lr", type=float, default=1e-4)
     ap.add_argument("--eval-windows", type=int, default=16)
-    ap.add_argument("--batch-tokens", type=int, default=16, help="tokens per forward of the latency and energy models (16: a decoding batch, where weight traffic matters)")
+    ap.add_argument("--batch-tokens", type=int, default=16,
+                    help="tokens per forward of the latency and energy models (16: a decoding batch, where the "
+                         "weight traffic matters; at 4096 the roofline is compute-bound and blind to bits)")
     ap.add_argument("--latency-anchors", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-plot", action="store_true")

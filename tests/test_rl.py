@@ -9,9 +9,7 @@ pytest.importorskip("sb3_contrib")
 from gymnasium.utils.env_checker import check_env  # noqa: E402
 
 from moebits.allocate import allocate  # noqa: E402
-from moebits.energy import ENERGY_SPECS, energy_matrix  # noqa: E402
 from moebits.rl import BitAllocEnv, GroupProblem, repair  # noqa: E402
-from moebits.units import Choice  # noqa: E402
 
 BITS = np.array([2, 4, 8, 16])
 
@@ -85,20 +83,6 @@ def test_rl_solver_with_groups_and_cost_weights_meets_the_budget():
                    weights=(1.0, 0.5, 0.5, 0.5), features=p.features)
     assert res.total_cost <= budget + 1e-9
     assert np.all(res.choice_index[0::2] == res.choice_index[1::2])  # tied units share their choice
-
-
-def test_energy_matrix_matches_a_hand_computation():
-    choices = [Choice(b, 128) for b in (2, 4, 8, 16)]
-    out_f, in_f, f, B = 256, 512, 0.25, 64
-    e = energy_matrix([(out_f, in_f)], [f], choices, B, "horowitz45nm")
-    spec = ENERGY_SPECS["horowitz45nm"]
-    p = 1 - (1 - f) ** B
-    m = f * B / p
-    for j, c in enumerate(choices):
-        bytes_ = c.storage_bits(out_f, in_f) / 8 + 2 * m * (in_f + out_f)
-        want = p * (bytes_ * 160e-12 + 2 * m * in_f * out_f * 0.75e-12)
-        assert e[0, j] == pytest.approx(want, rel=1e-12)
-    assert spec.joules_per_byte == pytest.approx(160e-12) and np.all(np.diff(e[0]) > 0)
 
 
 def test_quantize_method_rl_with_qat_end_to_end(tmp_path, text_file):

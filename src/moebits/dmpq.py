@@ -14,7 +14,6 @@ loss and cost whenever the solver is `rl` (also for another method's table with 
 """
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,8 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .budget import Budget
     from .pipeline import Pipeline, QuantizeConfig
     from .table import SensitivityTable
-
-log = logging.getLogger(__name__)
 
 DMPQ_BITS = (2, 4, 8, FP_BITS)
 RL_ACCURACY = ("proxy", "measured")

@@ -50,7 +50,8 @@ def get_energy_spec(spec: str | EnergySpec) -> EnergySpec:
     try:
         return ENERGY_SPECS[spec.lower()]
     except KeyError:
-        raise ValueError(f"unknown energy model {spec!r}; known: {sorted(ENERGY_SPECS)} (or pass an EnergySpec)") from None
+        raise ValueError(f"unknown energy model {spec!r}; known: {sorted(ENERGY_SPECS)} "
+                         "(or pass an EnergySpec)") from None
 
 
 def energy_matrix(shapes: Sequence[tuple[int, int]], frequencies: Sequence[float], choices: Sequence[Choice],

@@ -8,6 +8,7 @@ slice. The model's weights are restored by `restore()` (also on `with` exit).
 """
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import numpy as np
@@ -55,8 +56,6 @@ class MeasuredLoss:
         key = unit_idx.tobytes()
         if key in self.cache:
             return self.cache[key]
-        import time
-
         t0 = time.perf_counter()
         for u, j in zip(self.units, unit_idx.tolist()):
             self.adapter.set_weight(u, self.original[u] if j == ORIGINAL else self.variants[j][u])

@@ -103,7 +103,8 @@ def _register(adapter: MoEAdapter, plan: Plan, group_size: int, fake_quant: bool
         E = adapter.num_experts
         b = {k: [plan.choice(Unit(layer, e, k)).bits for e in range(E)] for k in KINDS}
         parametrize.register_parametrization(
-            ex, "gate_up_proj", _FakeQuantSlices([(0, inter, b["gate"]), (inter, 2 * inter, b["up"])], group_size, True, fake_quant))
+            ex, "gate_up_proj",
+            _FakeQuantSlices([(0, inter, b["gate"]), (inter, 2 * inter, b["up"])], group_size, True, fake_quant))
         parametrize.register_parametrization(
             ex, "down_proj", _FakeQuantSlices([(0, ex.down_proj.shape[1], b["down"])], group_size, True, fake_quant))
         done += [(ex, "gate_up_proj"), (ex, "down_proj")]

@@ -101,5 +101,6 @@ def search(problem: GroupProblem, weights=(1.0, 0.0, 0.0, 0.0), steps: int = 20_
         idx, best_j = env.best_index, env.best_objective
     feasible = fits(float(problem.cost[np.arange(env.G), idx].sum()), problem.budget)
     return SearchResult(idx, float(best_j), feasible, repaired, int(steps), env.episodes, env.evaluations,
-                        time.perf_counter() - t0, {"horizon": env.horizon, "n_steps": n_steps, "start": _start_name(start),
+                        time.perf_counter() - t0, {"horizon": env.horizon, "n_steps": n_steps,
+                                                    "start": _start_name(start),
                                                     "weights": list(map(float, env.weights))})
