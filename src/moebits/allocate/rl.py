@@ -18,7 +18,11 @@ from .problem import AllocationResult, totals
 def solve(loss: np.ndarray, cost: np.ndarray, budget: float, *, steps: int = 20_000,
           weights=(1.0, 0.0, 0.0, 0.0), objectives: dict | None = None, features: np.ndarray | None = None,
           seed: int = 0, horizon: int | None = None, accuracy=None, start="random") -> AllocationResult:
-    from ..rl import GroupProblem, search
+    try:
+        from ..rl import GroupProblem, search
+    except ImportError as e:  # a ValueError, so the CLI prints one line instead of a traceback
+        raise ValueError(f"the rl solver needs the optional extra: pip install 'moebits[rl]' "
+                         f"(gymnasium, stable-baselines3, sb3-contrib); {e}") from None
 
     order = np.argsort(cost.mean(axis=0), kind="stable")  # columns by increasing cost
     objectives = {k: np.asarray(m, dtype=np.float64)[:, order] for k, m in (objectives or {}).items()}
