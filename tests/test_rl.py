@@ -98,12 +98,13 @@ def test_quantize_method_rl_with_qat_end_to_end(tmp_path, text_file):
     args = ["quantize", "--model", "tiny:qwen2_moe", "--method", "rl", "--bits", "5", "--group-size", "32",
             "--calib", str(text_file), "--eval", str(text_file), "--nsamples", "4", "--seqlen", "64",
             "--eval-windows", "2", "--rl-steps", "200", "--reward", "1,0.1,0.1,0.1", "--qat-steps", "2",
-            "--dtype", "float32", "--no-save-model", "--out", str(tmp_path / "run")]
+            "--dtype", "float32", "--out", str(tmp_path / "run")]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     plan = Plan.load(tmp_path / "run" / "plan.json")
     assert res["avg_bits"] <= 5 + 1e-9 and res["qat"]["steps"] == 2
+    assert (tmp_path / "run" / "model").is_dir()  # saved (packed by default) from the QAT codes
     assert {a.choice.bits for a in plan.assignments.values()} <= {2, 4, 8, 16}
     by_expert = {}
     for u, a in plan.assignments.items():

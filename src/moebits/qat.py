@@ -12,7 +12,8 @@ quantization in the forward and a straight-through estimator (STE) in the backwa
   gradient everywhere is exact for the clamp and the STE approximation concerns the rounding only.
 * The loss is next-token cross-entropy on calibration windows only (never the evaluation text).
 * At the end the codes are re-derived from the fine-tuned latent weights by the same RTN and written
-  into the model, so the saved model is exactly what the last forward saw. A plan made for GPTQ or HQQ
+  into the model (and into `codes` for the packed format), so the saved model holds exactly the
+  forward's quantized weights. A plan made for GPTQ or HQQ
   is therefore stored on the RTN grid after QAT (same bits, group size and metadata, so the same
   storage cost); `plan.meta["qat"]` says so.
 """
@@ -119,14 +120,32 @@ def _register(adapter: MoEAdapter, plan: Plan, group_size: int, fake_quant: bool
     return done
 
 
+@torch.no_grad()
+def _write_quantized(adapter: MoEAdapter, plan: Plan, group_size: int, codes: dict | None) -> None:
+    """Every unit quantized by its plan bits on the RTN grid the training forward used (16-bit units as
+    `quantize_weight` keeps them): the same function as the forward, so the model is what training saw."""
+    for u in adapter.units():
+        c = plan.choice(u)
+        grid = c if c.is_fp else Choice(c.bits, group_size, "rtn")
+        w = adapter.weight(u)
+        if codes is None:
+            adapter.set_weight(u, quantize_weight(w, grid))
+        else:
+            qw = quantize_weight(w, grid, return_codes=True)
+            adapter.set_weight(u, qw.dequantize(w.dtype))
+            codes[u] = qw
+
+
 def quantization_aware_training(adapter: MoEAdapter, plan: Plan, windows: torch.Tensor, steps: int,
                                 lr: float = 1e-4, batch_size: int = 4, seed: int = 0,
-                                progress: bool = False, fake_quant: bool = True) -> QATResult:
+                                progress: bool = False, fake_quant: bool = True,
+                                codes: dict | None = None) -> QATResult:
     """Fine-tune the unquantized model's experts under `plan` for `steps` steps on `windows [N, T]`
     (calibration tokens), then leave the model quantized by the plan on the RTN grid of the
     fine-tuned weights. `steps = 0` is RTN post-training quantization. `fake_quant=False` is the
     control "fine-tune in full precision, then RTN": the same trainable weights, steps and data, no
-    quantization in the forward (separates what QAT recovers from what more training does)."""
+    quantization in the forward (separates what QAT recovers from what more training does).
+    `codes` (a dict): also filled with what each unit stores, as `apply_plan` does (for `save_packed`)."""
     if steps < 0:
         raise ValueError(f"--qat-steps must be >= 0, got {steps}")
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
@@ -161,17 +180,12 @@ def quantization_aware_training(adapter: MoEAdapter, plan: Plan, windows: torch.
             result.losses.append(float(loss.detach()))
     finally:
         model.train(was_training)
-        with torch.no_grad():  # the parametrized value is RTN(latent): keep it as the model's weight
+        with torch.no_grad():  # back to the latent (fine-tuned) weights, then quantize them exactly once
             for m, name in registered:
-                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+                parametrize.remove_parametrizations(m, name, leave_parametrized=False)
+            _write_quantized(adapter, plan, group_size, codes)
         for n, p in model.named_parameters():
             p.requires_grad_(requires.get(n, True))
-        if not fake_quant:  # the control: quantize the fine-tuned weights afterwards, same grid
-            with torch.no_grad():
-                for u in adapter.units():
-                    c = plan.choice(u)
-                    if not c.is_fp:
-                        adapter.set_weight(u, quantize_weight(adapter.weight(u), Choice(c.bits, group_size, "rtn")))
     result.seconds = time.perf_counter() - t0
     if fake_quant:
         plan.meta["qat"] = {**result.to_dict(), "note": "codes re-derived by RTN from the fine-tuned weights"}
