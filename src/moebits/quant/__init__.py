@@ -3,7 +3,9 @@
 `quantize_weight` returns the dequantized weight (what the model computes with); with
 `return_codes=True` (or `quantize_codes`) it returns a `QuantizedWeight`: the codes, scales and
 zeros that are stored, whose `.dequantize()` is exactly that weight. What it costs to store is
-`Choice.storage_bits`.
+`Choice.storage_bits`. A choice with `rank > 0` adds a low-rank compensator fitted by
+`lowrank.fit_lowrank` around the same quantizer (RTN, GPTQ or HQQ): the weight is then `Q + UV`, and
+the `QuantizedWeight` carries the fp16 factors `u`, `v` beside Q's codes.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from ..units import Choice
 from .gptq import hessian_from_inputs, quantize_gptq
 from .hqq import quantize_hqq
+from .lowrank import LowRankFit, RankTooLargeError, fit_lowrank
 from .qweight import QuantizedWeight, dequantize_codes
 from .rtn import quantize_rtn
 
@@ -20,7 +23,26 @@ def quantize_weight(w: torch.Tensor, choice: Choice, hessian: torch.Tensor | Non
                     act_order: bool = False, damp: float = 0.01,
                     return_codes: bool = False) -> torch.Tensor | QuantizedWeight:
     if choice.rank:
-        raise NotImplementedError("low-rank compensators (BT-MoE) are not implemented yet")
+        fit = quantize_lowrank(w, choice, hessian, act_order, damp)
+        return fit.stored if return_codes else fit.weight
+    return _quantize_plain(w, choice, hessian, act_order, damp, return_codes)
+
+
+def quantize_lowrank(w: torch.Tensor, choice: Choice, hessian: torch.Tensor | None = None, act_order: bool = False,
+                     damp: float = 0.01, max_iters: int = 5) -> LowRankFit:
+    """Quantize with `choice`'s quantizer and a rank-`choice.rank` compensator (BT-MoE); the fit holds
+    the dequantized weight, what is stored (`fit.stored`: Q's codes with the fp16 factors) and the
+    iterations used. `fit.stored.dequantize(w.dtype)` equals `fit.weight` exactly."""
+    if choice.is_fp:
+        raise ValueError(f"a low-rank compensator corrects a quantized weight; {choice.label} is not quantized "
+                         "(use rank 0 with 16 bits)")
+    plain = Choice(choice.bits, choice.group_size, choice.quantizer)
+    return fit_lowrank(w, choice.rank, lambda t: _quantize_plain(t, plain, hessian, act_order, damp, True),
+                       max_iters=max_iters)
+
+
+def _quantize_plain(w: torch.Tensor, choice: Choice, hessian: torch.Tensor | None = None, act_order: bool = False,
+                    damp: float = 0.01, return_codes: bool = False) -> torch.Tensor | QuantizedWeight:
     if choice.is_fp:
         if return_codes:
             return QuantizedWeight(choice.bits, choice.group_size, weight=w.to(torch.float16))
@@ -42,5 +64,6 @@ def quantize_codes(w: torch.Tensor, choice: Choice, hessian: torch.Tensor | None
     return quantize_weight(w, choice, hessian, act_order, damp, return_codes=True)
 
 
-__all__ = ["quantize_weight", "quantize_codes", "QuantizedWeight", "dequantize_codes", "quantize_rtn",
-           "quantize_gptq", "quantize_hqq", "hessian_from_inputs"]
+__all__ = ["quantize_weight", "quantize_codes", "quantize_lowrank", "fit_lowrank", "LowRankFit", "RankTooLargeError",
+           "QuantizedWeight", "dequantize_codes", "quantize_rtn", "quantize_gptq", "quantize_hqq",
+           "hessian_from_inputs"]
