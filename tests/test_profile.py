@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +73,32 @@ def test_never_routed_expert_gets_fallback_tokens_and_a_warning(caplog):
     assert inp.fallback and inp.x.shape[0] > 0
     s = cal.stats[Unit(ad.moe_layers[0], 7, "down")]
     assert s.never_routed and s.tokens == 0 and s.frequency > 0 and s.act_var > 0
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])
+def test_whole_expert_perturbation_local_metric_equals_layer_rerun(arch):
+    """BT-MoE's loss (all blocks of an expert quantized at once, with compensators) is expert-local too,
+    and it is not the sum of the three single-block errors."""
+    ad, win, cal = _calibrated(arch)
+    st = cal.stats
+    l = ad.moe_layers[-1]
+    experts = [0, 5] + (["shared"] if ad.num_shared_experts else [])
+    units = [Unit(l, e, k) for e in experts for k in ("gate", "up", "down")]
+    choices = [Choice(2, 32, "rtn"), Choice(2, 32, "rtn", rank=4), Choice(3, 32, "gptq", rank=8)]
+    te = profile(ad, "expert", units, choices, st, cal.inputs, whole_expert=True, progress=False)
+    tl = profile(ad, "layer", units, choices, st, cal.inputs, windows=win, whole_expert=True, progress=False)
+    single = profile(ad, "expert", units, choices[:1], st, cal.inputs, progress=False)
+    for e in experts:
+        rows = [te.unit_index(Unit(l, e, k)) for k in ("gate", "up", "down")]
+        for c in choices:
+            j = te.choice_index(c)
+            a = te.error[rows, j].sum()
+            b = tl.error[[tl.unit_index(Unit(l, e, k)) for k in ("gate", "up", "down")], tl.choice_index(c)].sum()
+            assert a > 0 and abs(a - b) <= 1e-4 * b, f"L{l}.{e} {c.label}: expert {a} vs layer {b}"
+            assert np.allclose(te.error[rows, j], a / 3)  # split evenly over the expert's units
+        # joint perturbation differs from the sum of isolated single-block errors
+        a = te.error[rows, te.choice_index(choices[0])].sum()
+        s = single.error[[single.unit_index(Unit(l, e, k)) for k in ("gate", "up", "down")], 0].sum()
+        assert abs(a - s) > 1e-3 * s
+        # a compensator at the same bits lowers the joint error
+        assert te.error[rows, te.choice_index(choices[1])].sum() < a

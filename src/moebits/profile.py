@@ -13,6 +13,12 @@ Both are reported as the *intrinsic* error: squared output error per routed toke
 l_u = ||Y_q - Y||^2 / tokens_u, so that f_u * l_u * total_tokens = layer_out_norm^2 (frequency
 enters the objective separately). The expert metric uses the calibration's sample of each expert's
 routed tokens (all of them when the sample cap exceeds the count), the layer metric all tokens.
+
+`whole_expert=True` is BT-MoE's isolated perturbation: all three blocks of one expert take the same
+choice at once and the error of that joint perturbation, L_i(c), is measured (it is not the sum of the
+three single-block errors: gate, up and down errors interact through the activation). The table stays
+per unit: each of the expert's three units holds L_i(c) / 3, so the expert-level group's summed loss
+(what the allocator sees with `--granularity expert`) is exactly L_i(c).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from .models.adapter import MoEAdapter
 from .quant import quantize_weight
 from .stats import CalibrationStats
 from .table import SensitivityTable
-from .units import Choice, Unit
+from .units import KINDS, Choice, Unit
 
 METRICS = ("expert", "layer")
 
@@ -146,6 +152,96 @@ def profile_layer(adapter: MoEAdapter, units: list[Unit], choices: list[Choice],
     return table
 
 
+def _expert_batches(units: list[Unit]):
+    """(layer, is_shared) -> experts having units in `units`: experts whose blocks are quantized in one batch."""
+    g: dict[tuple, set] = defaultdict(set)
+    for u in units:
+        g[(u.layer, u.is_shared)].add(u.expert)
+    return {k: sorted(v, key=str) for k, v in sorted(g.items())}
+
+
+def _quantize_expert_blocks(adapter: MoEAdapter, layer: int, experts: list, choice: Choice, H: dict, act_order: bool):
+    """{kind: [len(experts), out, in]} every block of `experts` quantized with `choice` (batched per kind)."""
+    return {kind: _quantize_batch(adapter, [Unit(layer, e, kind) for e in experts], choice, H, act_order)
+            for kind in KINDS}
+
+
+def _set_whole_expert(table: SensitivityTable, layer: int, expert, choice: Choice, err: float, seconds: float):
+    for kind in KINDS:
+        table.set(Unit(layer, expert, kind), choice, err / len(KINDS), seconds=seconds / len(KINDS), measured=True)
+
+
+@torch.no_grad()
+def profile_whole_expert(adapter: MoEAdapter, units: list[Unit], choices: list[Choice], stats: CalibrationStats,
+                         inputs: dict[tuple[int, int | str], ExpertInputs], act_order: bool = False,
+                         table: SensitivityTable | None = None, progress: bool = True) -> SensitivityTable:
+    """BT-MoE's loss with the expert-local metric: every block of an expert quantized with one choice,
+    the expert's routed output error (routing weight applied) per routed token."""
+    table = table or new_table(adapter, choices, stats)
+    batches = _expert_batches(units)
+    needs_h = any(c.quantizer == "gptq" and not c.is_fp for c in choices)
+    bar = tqdm(total=sum(len(v) for v in batches.values()) * len(choices), desc="profile (whole expert)",
+               disable=not progress, leave=False)
+    for (layer, _), experts in batches.items():
+        H = layer_hessians(adapter, layer, inputs, experts) if needs_h else {}
+        refs = {}
+        for e in experts:
+            x = inputs[(layer, e)].x.to(adapter.weight(Unit(layer, e, "gate")).dtype)
+            refs[e] = (x, adapter.expert_forward(layer, e, x))
+        for choice in choices:
+            t0 = time.perf_counter()
+            wq = _quantize_expert_blocks(adapter, layer, experts, choice, H, act_order)
+            t_quant = (time.perf_counter() - t0) / len(experts)
+            for i, e in enumerate(experts):
+                t1 = time.perf_counter()
+                x, ref = refs[e]
+                y_q = adapter.expert_forward(layer, e, x, {kind: wq[kind][i] for kind in KINDS})
+                d = (y_q - ref).double() * inputs[(layer, e)].g.double()[:, None]
+                _set_whole_expert(table, layer, e, choice, (d * d).sum().item() / x.shape[0],
+                                  t_quant + time.perf_counter() - t1)
+                bar.update()
+    bar.close()
+    return table
+
+
+@torch.no_grad()
+def profile_whole_expert_layer(adapter: MoEAdapter, units: list[Unit], choices: list[Choice],
+                               stats: CalibrationStats, inputs: dict[tuple[int, int | str], ExpertInputs],
+                               windows: torch.Tensor, act_order: bool = False, batch_size: int = 8,
+                               table: SensitivityTable | None = None, progress: bool = True) -> SensitivityTable:
+    """BT-MoE's loss as the paper measures it: write all blocks of one expert, re-run the decoder layer."""
+    table = table or new_table(adapter, choices, stats)
+    batches = _expert_batches(units)
+    needs_h = any(c.quantizer == "gptq" and not c.is_fp for c in choices)
+    bar = tqdm(total=sum(len(v) for v in batches.values()) * len(choices), desc="profile (whole expert, layer)",
+               disable=not progress, leave=False)
+    calls_layer, calls, ref = None, None, None
+    for (layer, _), experts in batches.items():
+        if calls_layer != layer:
+            calls, calls_layer = capture_layer_io(adapter, windows, layer, batch_size), layer
+            ref = _run_layer(adapter, layer, calls)
+        H = layer_hessians(adapter, layer, inputs, experts) if needs_h else {}
+        for choice in choices:
+            t0 = time.perf_counter()
+            wq = _quantize_expert_blocks(adapter, layer, experts, choice, H, act_order)
+            t_quant = (time.perf_counter() - t0) / len(experts)
+            for i, e in enumerate(experts):
+                t1 = time.perf_counter()
+                blocks = [Unit(layer, e, kind) for kind in KINDS]
+                originals = [adapter.weight(u).clone() for u in blocks]
+                for u in blocks:
+                    adapter.set_weight(u, wq[u.kind][i])
+                out = _run_layer(adapter, layer, calls)
+                for u, w in zip(blocks, originals):
+                    adapter.set_weight(u, w)
+                sq = sum(((o.double() - r.double()) ** 2).sum().item() for o, r in zip(out, ref))
+                _set_whole_expert(table, layer, e, choice, sq / max(1, stats[blocks[0]].tokens),
+                                  t_quant + time.perf_counter() - t1)
+                bar.update()
+    bar.close()
+    return table
+
+
 def new_table(adapter: MoEAdapter, choices: list[Choice], stats: CalibrationStats) -> SensitivityTable:
     units = adapter.units()
     t = SensitivityTable(units, list(choices))
@@ -154,11 +250,13 @@ def new_table(adapter: MoEAdapter, choices: list[Choice], stats: CalibrationStat
 
 
 def profile(adapter: MoEAdapter, metric: str, units: list[Unit], choices: list[Choice], stats, inputs,
-            windows=None, **kw) -> SensitivityTable:
+            windows=None, whole_expert: bool = False, **kw) -> SensitivityTable:
     if metric == "expert":
-        return profile_expert(adapter, units, choices, stats, inputs, **kw)
+        fn = profile_whole_expert if whole_expert else profile_expert
+        return fn(adapter, units, choices, stats, inputs, **kw)
     if metric == "layer":
         if windows is None:
             raise ValueError("the layer metric re-runs decoder layers: it needs the calibration windows")
-        return profile_layer(adapter, units, choices, stats, inputs, windows, **kw)
+        fn = profile_whole_expert_layer if whole_expert else profile_layer
+        return fn(adapter, units, choices, stats, inputs, windows, **kw)
     raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
