@@ -6,7 +6,9 @@ and calls `experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k
 therefore a *slice* of a fused tensor, viewed here as an `[out, in]` matrix like `nn.Linear.weight`.
 Shared experts stay ordinary MLPs with `gate_proj/up_proj/down_proj`.
 
-All PyTorch hooks of the project live here (`capture_routing`); routers are never written.
+All PyTorch hooks of the project live here (`capture_routing`, `capture_layer_inputs`,
+`capture_linear_inputs`); routers are never written. Attention projections (`attention_linears`) are
+ordinary `nn.Linear`s in all six families, DeepSeek's MLA low-rank projections included.
 """
 from __future__ import annotations
 
@@ -155,6 +157,21 @@ class MoEAdapter:
                 bad = (~torch.isfinite(p)).sum().item()
                 raise ValueError(f"weight {name} has {bad} NaN/inf value(s); refusing to quantize a broken checkpoint")
 
+    def attention_linears(self) -> dict[str, nn.Linear]:
+        """`model.layers.{i}.self_attn.{name}` -> every `nn.Linear` of every decoder layer's attention:
+        q/k/v/o, and in DeepSeek's MLA q_a/q_b (or q), kv_a_proj_with_mqa, kv_b, o. Norms are not Linear."""
+        out = {}
+        for i, layer in enumerate(self.decoder_layers):
+            attn = getattr(layer, "self_attn", None)
+            if attn is None:
+                raise UnsupportedModelError(f"decoder layer {i} of {self.model_type} has no `self_attn` module")
+            for name, mod in attn.named_modules():
+                if isinstance(mod, nn.Linear):
+                    out[f"model.layers.{i}.self_attn.{name}"] = mod
+        if not out:
+            raise UnsupportedModelError(f"{self.model_type}: no nn.Linear attention projections found")
+        return out
+
     # ---- forwards --------------------------------------------------------------------------
     def act_fn(self, layer: int, expert: int | str):
         return (self.shared_mlp(layer) if expert == SHARED else self.experts(layer)).act_fn
@@ -216,6 +233,20 @@ class MoEAdapter:
             handles.append(self.decoder_layers[layer].register_forward_pre_hook(pre_hook, with_kwargs=True))
         try:
             yield _Stop
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def capture_linear_inputs(self, modules: dict[str, nn.Module], callback):
+        """Call `callback(name, x [..., in])` with the input of each named module on every forward. Read-only."""
+        handles = []
+        for name, mod in modules.items():
+            def pre_hook(module, args, name=name):
+                callback(name, args[0].detach())
+            handles.append(mod.register_forward_pre_hook(pre_hook))
+        try:
+            yield
         finally:
             for h in handles:
                 h.remove()
