@@ -56,9 +56,9 @@ def test_alternating_never_increases_the_residual(quantizer):
     recomputed = torch.linalg.matrix_norm(ws - fit.quantized - fit.U.float() @ fit.V.float()) / torch.linalg.matrix_norm(ws)
     assert torch.allclose(recomputed, fit.residual, rtol=1e-4)
     assert torch.allclose(fit.weight, fit.quantized + fit.U.float() @ fit.V.float(), atol=1e-6)
-    # each matrix keeps its best iterate: the best over the history it saw, no worse than the start
+    # each matrix keeps its best iterate: within the acceptance threshold (rtol = 1 %) of the best it saw
     hist = torch.stack(fit.history)  # [iters+1, B]
-    assert torch.all(fit.residual <= hist.min(dim=0).values * (1 + 1e-3) + 1e-7)
+    assert torch.all(fit.residual <= hist.min(dim=0).values * (1 + 1e-2) + 1e-7)
     assert torch.all((fit.iterations >= 0) & (fit.iterations <= 6))
 
 

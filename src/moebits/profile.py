@@ -174,9 +174,12 @@ def _set_whole_expert(table: SensitivityTable, layer: int, expert, choice: Choic
 @torch.no_grad()
 def profile_whole_expert(adapter: MoEAdapter, units: list[Unit], choices: list[Choice], stats: CalibrationStats,
                          inputs: dict[tuple[int, int | str], ExpertInputs], act_order: bool = False,
-                         table: SensitivityTable | None = None, progress: bool = True) -> SensitivityTable:
+                         table: SensitivityTable | None = None, progress: bool = True,
+                         keep: dict | None = None) -> SensitivityTable:
     """BT-MoE's loss with the expert-local metric: every block of an expert quantized with one choice,
-    the expert's routed output error (routing weight applied) per routed token."""
+    the expert's routed output error (routing weight applied) per routed token. With `keep` (a dict),
+    the quantized blocks are kept as `keep[(layer, expert, kind, choice)]`, so that a caller applying
+    many plans built from this table does not quantize again."""
     table = table or new_table(adapter, choices, stats)
     batches = _expert_batches(units)
     needs_h = any(c.quantizer == "gptq" and not c.is_fp for c in choices)
@@ -192,6 +195,8 @@ def profile_whole_expert(adapter: MoEAdapter, units: list[Unit], choices: list[C
             t0 = time.perf_counter()
             wq = _quantize_expert_blocks(adapter, layer, experts, choice, H, act_order)
             t_quant = (time.perf_counter() - t0) / len(experts)
+            if keep is not None:
+                keep.update({(layer, e, kind, choice): wq[kind][i] for kind in KINDS for i, e in enumerate(experts)})
             for i, e in enumerate(experts):
                 t1 = time.perf_counter()
                 x, ref = refs[e]

@@ -7,8 +7,9 @@ variable with the other fixed:
     U, V = SVD_r(W - Q_t)           best rank-r fit of the current quantization residual (Eckart-Young)
     Q_{t+1} = Q(W - UV)             re-quantize what the compensator does not explain
 
-and stops when the relative residual ||W - Q - UV||_F / ||W||_F stops improving (by `rtol`), or after
-`max_iters`. The quantizer step is not a Frobenius-optimal projection (HQQ minimises an l_p<1 loss,
+and stops when the relative residual ||W - Q - UV||_F / ||W||_F stops improving (by more than `rtol`,
+1 % by default), or after `max_iters` (5). On the demo model's experts the first alternation gains 2-5 %
+of the residual and later ones under 1 % each, so this keeps the fit to 2-4 quantizer calls. The quantizer step is not a Frobenius-optimal projection (HQQ minimises an l_p<1 loss,
 GPTQ an output error, RTN rounds to nearest), so an iteration may make things worse: every matrix keeps
 its best iterate, hence the returned residual never exceeds that of plain quantize-then-SVD (iteration
 0). The factors are rounded through fp16 before they are scored, exactly as they are stored.
@@ -90,7 +91,7 @@ def _relative(w: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def fit_lowrank(w: torch.Tensor, rank: int, quantize: Callable[[torch.Tensor], torch.Tensor], max_iters: int = 5,
-                rtol: float = 1e-3, factor_dtype: torch.dtype | None = FACTOR_DTYPE) -> LowRankFit:
+                rtol: float = 1e-2, factor_dtype: torch.dtype | None = FACTOR_DTYPE) -> LowRankFit:
     """Fit `Q + UV` to `w` by alternating quantization and truncated SVD (see the module doc).
 
     `quantize(target [..., out, in]) -> dequantized` is the choice's quantizer; `max_iters` bounds the
