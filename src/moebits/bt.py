@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from .methods import Method, register_method
 from .quant.lowrank import RankTooLargeError
 from .units import Choice, Unit
 
@@ -40,3 +41,22 @@ def check_ranks(ranks: Iterable[int], shapes: dict[Unit, tuple[int, int]]) -> No
 def bt_choices(bits_set: Iterable[int], ranks: Iterable[int], group_size: int, quantizer: str) -> list[Choice]:
     """Every (bits, rank) pair, ordered by bits then rank."""
     return [Choice(b, group_size, quantizer, rank=r) for b in sorted(set(bits_set)) for r in sorted(set(ranks))]
+
+
+# -- the `bt` method of the pipeline --------------------------------------------------------------------
+
+def method_choices(cfg, shapes: dict[Unit, tuple[int, int]]) -> list[Choice]:
+    """`--bits-set` x `--ranks` with the run's quantizer and group size; ranks default to the width's."""
+    ranks = cfg.ranks if cfg.ranks is not None else default_ranks(expert_width(shapes))
+    check_ranks(ranks, shapes)
+    return bt_choices(cfg.bits_set or DEFAULT_BITS, ranks, cfg.group_size, cfg.quantizer)
+
+
+def fill_bt(run, choices: list[Choice]):
+    """Every unit x (bits, rank). At the expert granularity (the default, the paper's) the loss is the
+    whole expert perturbed at once; at `--granularity linear` (or layer) each block on its own."""
+    return run.measure(run.units, choices, whole_expert=run.cfg.granularity_name == "expert")
+
+
+register_method(Method("bt", fill_bt, "ilp", method_choices, granularity="expert", choices_need_shapes=True,
+                       description="BT-MoE: (bits, rank) per expert, whole-expert loss + exact ILP"))

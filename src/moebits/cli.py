@@ -43,11 +43,11 @@ def _setup_logging(verbose: bool) -> None:
                         handlers=[RichHandler(console=console, show_path=False)])
 
 
-def _parse_bits(s: str) -> tuple[int, ...]:
+def _parse_bits(s: str, option: str = "--candidate-bits") -> tuple[int, ...]:
     try:
         return tuple(sorted({int(b) for b in s.split(",") if b.strip()}))
     except ValueError:
-        _fail(f"--candidate-bits must be a comma list of integers, got {s!r}")
+        _fail(f"{option} must be a comma list of integers, got {s!r}")
 
 
 @app.command()
@@ -136,7 +136,7 @@ def _budget_opts(bits, memory_gb, latency) -> tuple[str, float]:
 @app.command()
 def quantize(
     model: str = typer.Option("demo", help=MODEL_HELP),
-    method: str = typer.Option("uniform", help="uniform | freq | mxmoe | fri | rl (see `moebits.methods`)"),
+    method: str = typer.Option("uniform", help="uniform | freq | mxmoe | fri | rl | bt (see `moebits.methods`)"),
     quantizer: str = typer.Option("rtn", help="rtn | gptq | hqq"),
     bits: Optional[float] = typer.Option(None, help="budget: average storage bits per weight (3.25 = 3-bit g128)"),
     memory_gb: Optional[float] = typer.Option(None, help="budget: GB of expert weights"),
@@ -149,6 +149,12 @@ def quantize(
     candidate_bits: str = typer.Option("2,3,4,8", help="bit-widths the allocator may choose"),
     wbits: Optional[int] = typer.Option(None, help="uniform only, instead of a budget: N-bit codes for every "
                                                    "unit whatever they cost to store (as GPTQ's --wbits)"),
+    bits_set: Optional[str] = typer.Option(None, help="bt: bit-widths of the (bits, rank) choices (default 2,3,4)"),
+    ranks: Optional[str] = typer.Option(None, help="bt: compensator ranks (default 0,w/32,w/16,w/8,w/4 of the "
+                                                   "expert width w)"),
+    attn_bits: Optional[int] = typer.Option(None, help="quantize attention projections to this many bits with "
+                                                       "--quantizer (default: attention untouched, 16-bit)"),
+    attn_rank: int = typer.Option(0, help="low-rank compensator rank for the attention projections"),
     calib: str = typer.Option("demo", help="calibration text: demo, a text file, or hf:NAME[:CONFIG]"),
     nsamples: int = typer.Option(128, help="calibration windows"),
     seqlen: int = typer.Option(256, help="tokens per window (calibration and evaluation)"),
@@ -192,8 +198,11 @@ def quantize(
     _setup_logging(verbose)
     cfg = QuantizeConfig(model=model, method=method, quantizer=quantizer, bits=bits, memory_gb=memory_gb,
                          latency=latency, gpu=gpu, cost=cost, batch_tokens=batch_tokens, group_size=group_size,
-                         candidate_bits=_parse_bits(candidate_bits), wbits=wbits, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                         eval=eval, eval_windows=eval_windows, metric=metric, solver=solver, granularity=granularity,
+                         candidate_bits=_parse_bits(candidate_bits), wbits=wbits,
+                         bits_set=_parse_bits(bits_set, "--bits-set") if bits_set else None,
+                         ranks=_parse_bits(ranks, "--ranks") if ranks else None, attn_bits=attn_bits,
+                         attn_rank=attn_rank, calib=calib, nsamples=nsamples, seqlen=seqlen, eval=eval,
+                         eval_windows=eval_windows, metric=metric, solver=solver, granularity=granularity,
                          tie_gate_up=tie_gate_up, anchors=anchors, sampler=sampler, act_order=act_order, seed=seed,
                          dtype=dtype, device=device, save_model=save_model, save_format=save_format,
                          trust_remote_code=trust_remote_code, target=target, rl_steps=rl_steps,
@@ -228,6 +237,10 @@ def _print_results(r: dict, out: Path) -> None:
                         f"{r['model_avg_bits']:.3f} over the whole model (attention, embeddings, norms included)")
     for note in r.get("notes", []):
         Console().print(f"[bold]note:[/] {note}")
+    if r.get("attention", "fp16") != "fp16":
+        Console().print(f"attention {r['attention']}: {r['attention_bytes'] / 1e6:.3f} MB; whole model counted at "
+                        f"these settings {r['model_counted_bytes'] / 1e6:.3f} MB (the packed format stores attention "
+                        "dequantized)")
 
 
 @app.command()
@@ -343,7 +356,10 @@ def eval_cmd(
             if plan is not None:
                 if ad is None:
                     _fail(f"{model} is already quantized (packed); evaluate it without --plan")
-                apply_plan(ad, Plan.load(plan))
+                p = Plan.load(plan)
+                apply_plan(ad, p)
+                if p.meta.get("attention"):
+                    _apply_plan_attention(ad, p)
                 label = f"{model} + {plan}"
         if task_list:
             res.update(zeroshot.evaluate_tasks(m, tok, task_list, data_dir, limit=limit, batch_size=batch_size,
@@ -420,6 +436,18 @@ def report_cmd(
     for name, problems in res["incomplete"].items():
         console.print(f"[yellow]incomplete run[/] {name}: {'; '.join(problems) or 'not finished'}")
     Console().print(f"report: {res['markdown']} and {res['html']} ({len(res['images'])} images in {out / 'img'})")
+
+
+def _apply_plan_attention(ad, plan) -> None:
+    """A plan made with --attn-bits: quantize attention the same way (RTN/HQQ need no data)."""
+    from .attention import quantize_attention
+    from .units import Choice
+
+    choice = Choice.from_dict(plan.meta["attention"])
+    if choice.quantizer == "gptq":
+        _fail("the plan quantized attention with GPTQ, which needs the run's calibration windows; evaluate the "
+              "saved model instead (--model RUN/model)")
+    quantize_attention(ad, choice)
 
 
 @app.command("train-demo")

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 FillTable = Callable[["Pipeline", "list[Choice]"], SensitivityTable]
 
 # modules that register methods of their own (imported on the first look-up), e.g. "moebits.bt"
-PLUGIN_MODULES: list[str] = ["moebits.dmpq"]
+PLUGIN_MODULES: list[str] = ["moebits.dmpq", "moebits.bt"]
 
 
 def candidate_bits_choices(cfg: "QuantizeConfig") -> list[Choice]:
@@ -47,7 +47,8 @@ class Method:
     name: str
     fill: FillTable  # (pipeline, choices) -> a complete SensitivityTable
     solver: str  # default solver (an `allocate.SOLVERS` key); --solver overrides
-    choices: Callable[["QuantizeConfig"], list[Choice]] = candidate_bits_choices
+    choices: Callable[..., list[Choice]] = candidate_bits_choices
+    choices_need_shapes: bool = False  # True: `choices(cfg, shapes)` (e.g. bt's ranks scale with the expert width)
     granularity: str | None = None  # default structure when the user leaves --granularity at "linear"
     profiles: bool = True  # False: the table holds no measurement (not saved, no profiling stage)
     description: str = ""

@@ -21,6 +21,7 @@ import torch
 from .allocate import combine_groups, expert_level, layer_uniform, plan_under_budget, tie_gate_up
 from .allocate.groups import vllm_servable
 from .apply import apply_plan, save_quantized
+from .attention import attention_hessians, attention_size, check_attention_choice, quantize_attention
 from .budget import Budget, budget_request
 from .calibrate import Calibration, calibrate
 from .data import calibration_windows, load_text, tokenize
@@ -54,6 +55,10 @@ class QuantizeConfig:
     group_size: int = 128
     candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
     wbits: int | None = None  # uniform: N-bit codes for every unit, whatever the storage (instead of a budget)
+    bits_set: tuple[int, ...] | None = None  # bt: bit-widths of the (bits, rank) choices; None: 2, 3, 4
+    ranks: tuple[int, ...] | None = None  # bt: compensator ranks; None: 0, w/32, w/16, w/8, w/4 of the expert width
+    attn_bits: int | None = None  # every method: attention projections at this many bits (None: untouched)
+    attn_rank: int = 0  # ... with a low-rank compensator of this rank
     calib: str = "demo"
     nsamples: int = 128
     seqlen: int = 256
@@ -85,15 +90,20 @@ class QuantizeConfig:
     qat_lr: float = 1e-4
 
     OUTPUT_OPTIONS = ("save_model", "save_format")  # do not make a run "different"
+    TUPLE_OPTIONS = ("candidate_bits", "reward", "bits_set", "ranks")  # lists in run.json
 
     def spec(self) -> dict:
         d = asdict(self)
-        d["candidate_bits"] = list(self.candidate_bits)
-        d["reward"] = list(self.reward)
+        for k in self.TUPLE_OPTIONS:
+            if d[k] is not None:
+                d[k] = list(d[k])
         for k in self.OUTPUT_OPTIONS:
             d.pop(k)
         if d["target"] == "none":  # runs made before --target existed keep their spec
             d.pop("target")
+        for k, default in (("bits_set", None), ("ranks", None), ("attn_bits", None), ("attn_rank", 0)):
+            if d[k] == default:  # likewise for runs made before bt and --attn-bits
+                d.pop(k)
         return d
 
     @classmethod
@@ -103,8 +113,8 @@ class QuantizeConfig:
         if unknown:
             raise ValueError(f"run spec has options this version does not know: {unknown}")
         d = dict(spec)
-        for k in ("candidate_bits", "reward"):
-            if k in d:
+        for k in cls.TUPLE_OPTIONS:
+            if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
 
@@ -128,12 +138,25 @@ class QuantizeConfig:
     def granularity_name(self) -> str:
         return self.granularity or get_method(self.method).granularity or "linear"
 
+    def attention_choice(self) -> Choice | None:
+        """The fixed setting of the attention projections (`--attn-bits`, `--attn-rank`), None = untouched."""
+        if self.attn_bits is None:
+            if self.attn_rank:
+                raise ValueError("--attn-rank needs --attn-bits (a compensator corrects quantized attention)")
+            return None
+        return Choice(self.attn_bits, self.group_size, self.quantizer, rank=self.attn_rank)
 
 TARGETS = ("none", "vllm")
 
 
-def candidate_choices(cfg: QuantizeConfig) -> list[Choice]:
-    choices = get_method(cfg.method).choices(cfg)
+def candidate_choices(cfg: QuantizeConfig, shapes: dict | None = None) -> list[Choice]:
+    method = get_method(cfg.method)
+    if method.choices_need_shapes:
+        if shapes is None:
+            raise ValueError(f"method {method.name!r} derives its choices from the model's weight shapes")
+        choices = method.choices(cfg, shapes)
+    else:
+        choices = method.choices(cfg)
     # --- serving target (issue 9): vLLM serves 4/8-bit integer-zero group-wise schemes only
     if cfg.target not in TARGETS:
         raise ValueError(f"unknown --target {cfg.target!r}; choose one of {TARGETS}")
@@ -236,8 +259,9 @@ class Pipeline:
         self.results["eval_tokens"], self.results["eval_windows"] = res.tokens, res.windows
         self._save_results()
 
-    def measure(self, units: list[Unit], choices: list[Choice]) -> SensitivityTable:
-        """Profile `units` x `choices` with the run's metric into a new table (other entries unknown)."""
+    def measure(self, units: list[Unit], choices: list[Choice], whole_expert: bool = False) -> SensitivityTable:
+        """Profile `units` x `choices` with the run's metric into a new table (other entries unknown);
+        `whole_expert`: BT-MoE's joint perturbation of all blocks of an expert (see profile.py)."""
         from .profile import new_table, profile
 
         cfg = self.cfg
@@ -245,7 +269,7 @@ class Pipeline:
         table = new_table(self.adapter, choices, stats)
         table = self.timed("profile_seconds", lambda: profile(
             self.adapter, cfg.metric, units, choices, stats, self.calib.inputs, windows=self.windows,
-            act_order=cfg.act_order, table=table, progress=self.progress))
+            act_order=cfg.act_order, table=table, progress=self.progress, whole_expert=whole_expert))
         self.results["profiled_units"] = len(units)
         return table
 
@@ -275,8 +299,9 @@ class Pipeline:
         if plan_p.exists():
             return Plan.load(plan_p)
         cfg = self.cfg
+        attn = cfg.attention_choice()
         meta = {"method": cfg.method, "granularity": cfg.granularity_name, "tie_gate_up": cfg.tie_gate_up,
-                "model": cfg.model}
+                "model": cfg.model, "attention": None if attn is None else attn.to_dict()}
         if cfg.target != "none":
             meta["target"] = cfg.target
         if cfg.budget_request()[0] == "wbits":  # no budget: the user fixed the code width
@@ -321,18 +346,23 @@ class Pipeline:
             notes.append(line)
 
     def quantize(self, plan: Plan) -> None:
+        t0 = time.perf_counter()
+        attn = self.cfg.attention_choice()
+        hessians = None
+        if attn is not None and attn.quantizer == "gptq":  # inputs of the unquantized model, like the experts'
+            hessians = attention_hessians(self.adapter, self.windows, self.cfg.batch_size)
         self.codes = {} if self.cfg.save_model and self.cfg.save_format == "packed" else None
         if self.cfg.qat_steps > 0:  # fine-tune under the plan; leaves the model quantized by it (RTN grid)
             from .qat import quantization_aware_training
 
             res = quantization_aware_training(self.adapter, plan, self.windows, self.cfg.qat_steps, self.cfg.qat_lr,
                                               seed=self.cfg.seed, progress=self.progress, codes=self.codes)
-            self.results["quantize_seconds"] = round(res.seconds, 4)
             self.results["qat"] = res.to_dict()
-            self._save_results()
-            return
-        self.results["quantize_seconds"] = round(apply_plan(self.adapter, plan, self.calib.inputs, self.cfg.act_order,
-                                                            self.progress, codes=self.codes), 4)
+        else:
+            apply_plan(self.adapter, plan, self.calib.inputs, self.cfg.act_order, self.progress, codes=self.codes)
+        if attn is not None:
+            quantize_attention(self.adapter, attn, hessians, self.cfg.act_order)
+        self.results["quantize_seconds"] = round(time.perf_counter() - t0, 4)
         self._save_results()
 
     def save(self, plan: Plan) -> dict:
@@ -367,7 +397,10 @@ class Pipeline:
         if self.results.get("done"):
             return self.results
         self.load()
-        choices = candidate_choices(cfg)
+        choices = candidate_choices(cfg, self.shapes)
+        attn = cfg.attention_choice()
+        if attn is not None:  # refuse an impossible attention setting before any work
+            check_attention_choice(self.adapter, attn)
         self.precheck_budget(choices)
         self.calibrate()
         self.evaluate("ppl_fp")
@@ -378,6 +411,10 @@ class Pipeline:
         self.evaluate("ppl_q")
         sizes = self.save(plan)
         unit_bits = plan.storage_bits(self.shapes)
+        attn_size = attention_size(self.adapter, attn)
+        params = sum(p.numel() for p in self.model.parameters())
+        other = params - sum(a * b for a, b in self.shapes.values()) - attn_size.params
+        model_bits = unit_bits + attn_size.storage_bits + 16 * other  # routers, norms, embeddings, biases: 16-bit
         self.results.update({
             "method": cfg.method, "quantizer": cfg.quantizer, "solver": plan.meta.get("solver"),
             "model": cfg.model, "budget": plan.meta.get("budget"),
@@ -385,12 +422,13 @@ class Pipeline:
             # bytes of the packed checkpoint: every tensor, and the units' codes/scales/zeros/fp16 rows
             "model_bytes": sizes["model_bytes"], "expert_bytes": sizes["expert_bytes"],
             "model_format": (cfg.save_format if cfg.save_model else None),
+            # what the units, attention at its setting (--attn-bits) and the 16-bit rest cost, counted exactly
+            "attention": "fp16" if attn is None else attn.label, "attention_bytes": attn_size.storage_bits / 8,
+            "model_counted_bytes": model_bits / 8, "model_avg_bits": model_bits / params,
             "bits_histogram": plan.bits_histogram(),
             "eval_seconds": self.results.get("ppl_fp_eval_seconds", 0) + self.results.get("ppl_q_eval_seconds", 0),
             "never_routed": len(self.calib.never_routed), "done": True,
         })
-        n_params = sum(p.numel() for p in self.model.parameters())
-        self.results["model_avg_bits"] = 8 * self.results["model_bytes"] / n_params  # whole model, beside avg_bits
         for k in ("calibrate_seconds", "profile_seconds", "allocate_seconds", "quantize_seconds"):
             self.results.setdefault(k, 0.0)
         self._save_results()
