@@ -145,3 +145,28 @@ def test_too_large_rank_is_refused_before_any_work(tmp_path, text_file):
                                  "--attn-bits", "4", "--attn-rank", "20", "--group-size", "32", "--calib",
                                  str(text_file), "--nsamples", "2", "--out", str(tmp_path / "cli2")])
     assert r.exit_code == 2 and "--attn-rank" in r.output and "kv_b_proj" in r.output
+
+
+def test_bt_plan_packed_size_equals_predicted_cost_and_reloads_exactly(tmp_path):
+    """Compensators stored in the packed format (fp16 U, V beside the codes): the bytes written for the
+    experts equal the plan's predicted storage exactly, and the reloaded model computes the same logits."""
+    from moebits.apply import apply_plan
+    from moebits.models import MoEAdapter, byte_tokenizer, tiny_model
+    from moebits.packed import load_quantized, save_packed
+    from moebits.plan import Assignment
+    from moebits.units import Choice
+
+    model = tiny_model("qwen2_moe")
+    ad = MoEAdapter(model)
+    options = [Choice(2, 32, "rtn"), Choice(2, 32, "hqq", rank=4), Choice(3, 32, "rtn", rank=8), Choice(4, 32, "hqq")]
+    plan = Plan({u: Assignment(options[(u.layer + (0 if u.is_shared else u.expert)) % len(options)])
+                 for u in ad.units()})
+    codes = {}
+    apply_plan(ad, plan, progress=False, codes=codes)
+    assert {codes[u].rank for u in ad.units()} == {0, 4, 8}
+    sizes = save_packed(model, ad, plan, codes, tmp_path / "model", byte_tokenizer())
+    assert sizes["expert_bytes"] * 8 == plan.storage_bits(ad.shapes())
+    loaded = load_quantized(tmp_path / "model", dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)

@@ -4,6 +4,7 @@
     freq     MPQ-Freq: more bits to more frequently routed experts               no profiling, `freq`
     mxmoe    profile every unit x bit-width, exact ILP                           (MxMoE)       `ilp`
     fri      profile anchors, predict the rest by FRI                            (FRI-MxMoE)   `lagrangian`
+    bt       every unit x (bits, rank), whole-expert loss (registered in bt.py)  (BT-MoE)      `ilp`
 
 Adding a method is one entry. In its own module (say `moebits/bt.py`):
 
