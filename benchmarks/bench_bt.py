@@ -90,7 +90,7 @@ def main():
     label = model_label(args.model)
     windows = calibration_windows(tok, "demo", args.nsamples, args.seqlen, args.seed)
     cal = calibrate(ad, windows, seed=args.seed, progress=False)
-    stats = cal.stats_by_unit()
+    stats = cal.stats
     eval_ids = tokenize(tok, load_text("demo", "eval"))
     attn_choice = Choice(args.attn_bits, 128, "hqq", args.attn_rank) if args.attn_bits else None
     attn_original = {n: m.weight.detach().clone() for n, m in ad.attention_linears().items()}

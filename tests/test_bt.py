@@ -99,7 +99,7 @@ def test_bt_linear_granularity_and_layer_metric(tmp_path, text_file):
         r.calibrate()
     cq = candidate_choices(q.cfg, q.shapes)
     tq, te = q.fill_table(cq), e.fill_table(cq)
-    st = e.calib.stats_by_unit()
+    st = e.calib.stats
     routed = [i for i, u in enumerate(te.units) if st[u].tokens > 0]  # never-routed: fallback tokens, no layer output
     assert len(routed) >= len(te.units) - 6
     np.testing.assert_allclose(tq.error[routed], te.error[routed], rtol=1e-4)
