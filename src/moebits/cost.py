@@ -147,6 +147,17 @@ def latency_matrix(
     the other (a grouped MoE kernel overlaps them; the model then overestimates by the launch overheads).
     """
     gpu = get_gpu(gpu)
+    p, moved, flops = expected_traffic(shapes, frequencies, choices, batch_tokens)
+    t = launch_overhead_s + np.maximum(moved / gpu.bandwidth, flops / gpu.fp16_flops)
+    return p[:, None] * t
+
+
+def expected_traffic(shapes: Sequence[tuple[int, int]], frequencies: Sequence[float], choices: Sequence[Choice],
+                     batch_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What one forward over `batch_tokens` tokens asks of each unit, *when it runs*: `p [U]` the
+    probability it runs at all, `moved [U, C]` bytes moved (weights under each choice + activations
+    in and out) and `flops [U, 1]`, both for its `m_u = f_u * B / p_u` tokens (see `latency_matrix`).
+    Shared by the latency and the energy models, so both charge the same work."""
     if batch_tokens <= 0:
         raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
     s = _shapes_array(shapes).astype(np.float64)
@@ -161,8 +172,7 @@ def latency_matrix(
     m = np.divide(f * batch_tokens, p, out=np.zeros_like(f), where=p > 0)[:, None]  # tokens when it runs
     moved = weight_bytes + ACT_BYTES * m * (in_f + out_f)
     flops = 2.0 * m * in_f * out_f
-    t = launch_overhead_s + np.maximum(moved / gpu.bandwidth, flops / gpu.fp16_flops)
-    return p[:, None] * t
+    return p, moved, flops
 
 
 def _shapes_array(shapes: Sequence[tuple[int, int]]) -> np.ndarray:

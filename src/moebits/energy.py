@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .cost import ACT_BYTES, BITS_PER_BYTE, _shapes_array, storage_matrix
+from .cost import expected_traffic
 from .units import Choice
 
 
@@ -58,18 +58,5 @@ def energy_matrix(shapes: Sequence[tuple[int, int]], frequencies: Sequence[float
                   batch_tokens: int, spec: str | EnergySpec = DEFAULT_ENERGY) -> np.ndarray:
     """`[U, C]` expected joules of unit u under choice c for one forward over `batch_tokens` tokens."""
     spec = get_energy_spec(spec)
-    if batch_tokens <= 0:
-        raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
-    s = _shapes_array(shapes).astype(np.float64)
-    f = np.asarray(frequencies, dtype=np.float64)
-    if f.shape != (len(s),):
-        raise ValueError(f"frequencies has shape {f.shape}, expected ({len(s)},) like shapes")
-    if not np.all(np.isfinite(f)) or np.any(f < 0) or np.any(f > 1):
-        raise ValueError("frequencies must be in [0, 1] (fraction of tokens routed to the unit)")
-    out_f, in_f = s[:, 0:1], s[:, 1:2]
-    weight_bytes = storage_matrix(shapes, choices) / BITS_PER_BYTE  # [U, C]
-    p = 1.0 - (1.0 - f) ** batch_tokens  # [U] probability the unit runs at all
-    m = np.divide(f * batch_tokens, p, out=np.zeros_like(f), where=p > 0)[:, None]  # tokens when it runs
-    moved = weight_bytes + ACT_BYTES * m * (in_f + out_f)
-    flops = 2.0 * m * in_f * out_f
+    p, moved, flops = expected_traffic(shapes, frequencies, choices, batch_tokens)
     return p[:, None] * (spec.joules_per_byte * moved + spec.joules_per_flop * flops)
