@@ -23,10 +23,16 @@ from .units import Unit
 
 def layer_hessians(adapter: MoEAdapter, layer: int, inputs: dict[tuple[int, int | str], ExpertInputs],
                    experts) -> dict[tuple[int | str, str], torch.Tensor]:
-    """(expert, "in") -> H of gate/up inputs, (expert, "down") -> H of the down projection's inputs."""
+    """(expert, "in") -> H of gate/up inputs, (expert, "down") -> H of the down projection's inputs.
+    The calibration's Hessians (X^T X / n over every routed token) when it holds them; else (a
+    calibration saved before they were accumulated) built from the kept input sample `x`."""
     out = {}
     for e in experts:
-        x = inputs[(layer, e)].x.to(adapter.weight(Unit(layer, e, "gate")).dtype)
+        inp = inputs[(layer, e)]
+        if inp.h_in is not None and inp.h_down is not None:
+            out[(e, "in")], out[(e, "down")] = inp.h_in, inp.h_down
+            continue
+        x = inp.x.to(adapter.weight(Unit(layer, e, "gate")).dtype)
         out[(e, "in")] = hessian_from_inputs(x)
         out[(e, "down")] = hessian_from_inputs(adapter.expert_intermediate(layer, e, x))
     return out

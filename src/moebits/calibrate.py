@@ -1,16 +1,32 @@
-"""The calibration pass: one streaming forward over the calibration windows that records, per unit,
-how often it is routed and what its inputs look like, and keeps a capped sample of each expert's
-routed input tokens (for profiling and GPTQ).
+"""The calibration pass: one forward over the calibration windows that records, per unit, how often
+it is routed and what its inputs look like, keeps each expert's routed input tokens (for profiling)
+and accumulates each expert's GPTQ Hessians over *all* its routed tokens.
 
-Memory stays bounded: statistics are running moments, and each expert keeps at most
-`max_tokens_per_expert` inputs, a uniform random sample of its routed tokens (reservoir by random
-priority, seeded), so later windows are not favoured over earlier ones.
+The work is done per MoE layer by a `LayerCollector`: feed it that layer's `RoutedBatch` events (in
+any pass that sees them: the in-memory `calibrate()` below, or a streaming pass that materialises
+one decoder layer at a time) and `finish()` returns the layer's `UnitStats` rows, `ExpertInputs`
+(with Hessians) and never-routed experts; `Calibration.from_layers` joins the layers.
+
+Memory: statistics are running moments. Hessians are `X^T X` sums per expert, one `[H, H]` (gate/up
+inputs) and one `[I, I]` (down inputs) each, products in float32 and sums in float64 (a sum over
+thousands of batches keeps ~1e-12 relative precision instead of fp32's ~1e-7 x batches; the float64
+copy lives only while a layer is collected, the result is stored in float32): per layer
+`(E + shared) * (H^2 + I^2) * 8` bytes while collecting (DeepSeek-V2-Lite: 3.2 GB, the demo: 8.7 MB).
+Routed inputs are kept in full by default (`max_tokens_per_expert=None`: `tokens * top_k * H * 4`
+bytes per layer; the demo at 128 x 256 tokens: 67 MB per layer); a cap keeps a uniform random sample
+of that many tokens per expert instead (reservoir by random priority, seeded per layer, so later
+windows are not favoured over earlier ones). The Hessians always see every routed token.
+
+`holdout=F` draws (seeded) a fraction F of each expert's routed tokens as held out: the "fit"
+Hessians (`h_in_fit`, `h_down_fit`) leave them out, and `Calibration.profile_inputs()` measures a
+unit's error on them only, so an expert routed a few times is not scored on the tokens its GPTQ fit
+saw. The final quantization (`inputs`) uses the Hessians of all tokens.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +36,12 @@ from tqdm.auto import tqdm
 from .models.adapter import MoEAdapter, RoutedBatch
 from .run import atomic_path
 from .stats import CalibrationStats, UnitStats
-from .units import KINDS, SHARED, Unit
+from .units import SHARED, Unit
 
 log = logging.getLogger(__name__)
 
 OUTLIER_TAU = 6.0  # |a| > OUTLIER_TAU * (RMS of the unit's routed inputs in that forward) counts as an outlier
+GENERIC_CAP = 512  # generic tokens kept per layer as stand-in inputs of never-routed experts (when no cap is set)
 
 
 class _Moments:
@@ -58,49 +75,141 @@ class _Moments:
                 "act_kurtosis": c4 / (var * var) if var > 0 else 0.0}
 
 
-class _Reservoir:
-    """A uniform random sample of at most `cap` rows, kept by random priority."""
+class _Sample:
+    """The rows kept for one expert: all of them (`cap` None), or a uniform random sample of at most
+    `cap` rows kept by random priority; with each row's routing weight and held-out flag."""
 
-    def __init__(self, cap: int, generator: torch.Generator):
+    def __init__(self, cap: int | None, generator: torch.Generator):
         self.cap, self.g = cap, generator
-        self.rows: torch.Tensor | None = None
-        self.weights: torch.Tensor | None = None
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.prio: torch.Tensor | None = None
 
-    def add(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, weights: torch.Tensor, held: torch.Tensor) -> None:
         if rows.shape[0] == 0:
             return
+        part = (rows.detach().float().cpu(), weights.detach().float().cpu(), held.cpu())
+        if self.cap is None:
+            self.parts.append(part)
+            return
         prio = torch.rand(rows.shape[0], generator=self.g)
-        rows, weights = rows.detach().float().cpu(), weights.detach().float().cpu()
-        if self.rows is not None:
-            rows, weights, prio = torch.cat([self.rows, rows]), torch.cat([self.weights, weights]), torch.cat([self.prio, prio])
-        if rows.shape[0] > self.cap:
+        if self.parts:
+            part = tuple(torch.cat([a, b]) for a, b in zip(self.parts[0], part))
+            prio = torch.cat([self.prio, prio])
+        if prio.shape[0] > self.cap:
             keep = torch.topk(prio, self.cap).indices.sort().values
-            rows, weights, prio = rows[keep], weights[keep], prio[keep]
-        self.rows, self.weights, self.prio = rows, weights, prio
+            part, prio = tuple(t[keep] for t in part), prio[keep]
+        self.parts, self.prio = [part], prio
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(rows [n, H], weights [n], held [n] bool), or None when nothing was added."""
+        if not self.parts:
+            return None
+        if len(self.parts) > 1:
+            self.parts = [tuple(torch.cat(ts) for ts in zip(*self.parts))]
+        return self.parts[0]
+
+
+class _XtX:
+    """Running `X^T X` of all rows added: products in float32, the sum in float64 (see the module doc)."""
+
+    def __init__(self):
+        self.sum: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[0] == 0:
+            return
+        x = x.float()
+        p = (x.T @ x).double()
+        self.sum = p if self.sum is None else self.sum.add_(p)
+        self.n += x.shape[0]
+
+    def hessian(self, plus: "_XtX | None" = None) -> torch.Tensor | None:
+        """`X^T X / n` in float32 on the CPU (the convention of `quant.hessian_from_inputs`); with
+        `plus`, of the rows of both. None without rows."""
+        parts = [a for a in (self, plus) if a is not None and a.n]
+        if not parts:
+            return None
+        s = parts[0].sum if len(parts) == 1 else parts[0].sum + parts[1].sum
+        return (s / sum(a.n for a in parts)).float().cpu()
 
 
 @dataclass
 class ExpertInputs:
-    """A sample of the tokens routed to one expert: inputs `x [n, H]` and routing weights `g [n]`."""
+    """The tokens routed to one expert: inputs `x [n, H]` and routing weights `g [n]` (all of them,
+    or a sample under a cap), and the GPTQ Hessians `X^T X / n` of *all* its routed tokens.
+    Hessians are None in calibrations saved before they were accumulated: `apply.layer_hessians`
+    then builds them from `x`."""
     x: torch.Tensor
     g: torch.Tensor
     fallback: bool = False  # True when the expert was never routed and these are generic tokens
+    h_in: torch.Tensor | None = None  # [H, H] of the gate/up inputs (float32)
+    h_down: torch.Tensor | None = None  # [I, I] of the down projection's inputs
+    held_out: torch.Tensor | None = None  # [n] bool, with --holdout: rows left out of the fit Hessians
+    h_in_fit: torch.Tensor | None = None  # Hessians of the tokens not held out (with --holdout)
+    h_down_fit: torch.Tensor | None = None
+
+    def for_profiling(self) -> "ExpertInputs":
+        """What a unit's error is measured with: under a holdout, the held-out rows and the Hessians
+        fitted without them; when the draw left an expert no held-out row (or no fit row), all its
+        rows and all-token Hessians (as without a holdout)."""
+        m = self.held_out
+        if m is None or not bool(m.any()) or self.h_in_fit is None:
+            return replace(self, held_out=None, h_in_fit=None, h_down_fit=None)
+        return ExpertInputs(self.x[m], self.g[m], self.fallback, self.h_in_fit, self.h_down_fit)
+
+
+@dataclass
+class LayerCalibration:
+    """What a `LayerCollector` found in one MoE layer."""
+    layer: int
+    rows: list[UnitStats]  # the layer's units, in `adapter.units()` order
+    inputs: dict[tuple[int, int | str], ExpertInputs]  # (layer, expert) -> inputs and Hessians
+    never_routed: list[tuple[int, int]]
+    total_tokens: int  # tokens that passed the layer
 
 
 @dataclass
 class Calibration:
     stats: CalibrationStats  # per-unit columns, aligned with adapter.units()
-    inputs: dict[tuple[int, int | str], ExpertInputs]  # (layer, expert) -> routed input sample
+    inputs: dict[tuple[int, int | str], ExpertInputs]  # (layer, expert) -> routed inputs and Hessians
     total_tokens: int
     never_routed: list[tuple[int, int]] = field(default_factory=list)
 
     STATS_FILE = "stats.json"
     INPUTS_FILE = "calib_inputs.safetensors"
+    _TENSORS = ("h_in", "h_down", "held_out", "h_in_fit", "h_down_fit")  # optional per-expert tensors
+
+    @classmethod
+    def from_layers(cls, layers: list[LayerCalibration]) -> "Calibration":
+        """Join the layers' results (in layer order) into one calibration; warn about never-routed experts."""
+        if not layers:
+            raise ValueError("no MoE layer was calibrated")
+        totals = {lc.total_tokens for lc in layers}
+        if len(totals) != 1:
+            raise ValueError(f"the layers saw different numbers of tokens {sorted(totals)}: "
+                             "feed every layer's collector the same windows")
+        layers = sorted(layers, key=lambda lc: lc.layer)
+        rows = [r for lc in layers for r in lc.rows]
+        inputs = {k: v for lc in layers for k, v in lc.inputs.items()}
+        never = [k for lc in layers for k in lc.never_routed]
+        total = totals.pop()
+        if never:
+            log.warning("%d expert(s) were never routed during calibration (e.g. %s); their errors are measured on "
+                        "generic tokens of their layer and they count as routed once. Use more --nsamples to see "
+                        "them.", len(never), ", ".join(f"L{l}.E{e}" for l, e in never[:5]))
+        return cls(CalibrationStats.from_rows(rows, total), inputs, total, never)
 
     def frequency(self) -> np.ndarray:
         """[U] routed-token frequency of `stats.units`."""
         return self.stats.frequency
+
+    def profile_inputs(self) -> dict[tuple[int, int | str], ExpertInputs]:
+        """The inputs errors are measured on: `inputs` itself, or under a holdout the held-out tokens
+        with the Hessians fitted on the rest (`ExpertInputs.for_profiling`)."""
+        if not any(inp.held_out is not None for inp in self.inputs.values()):
+            return self.inputs
+        return {k: inp.for_profiling() for k, inp in self.inputs.items()}
 
     # -- a calibration in a directory: stats.json (readable) + calib_inputs.safetensors (the samples) --
     def save(self, directory: str | Path) -> None:
@@ -130,108 +239,198 @@ class Calibration:
         for (layer, expert), inp in self.inputs.items():
             key = f"{layer}.{expert}"
             tensors[f"{key}.x"], tensors[f"{key}.g"] = inp.x.contiguous(), inp.g.contiguous()
+            for name in self._TENSORS:
+                t = getattr(inp, name)
+                if t is not None:
+                    tensors[f"{key}.{name}"] = t.contiguous()
             meta[key] = "fallback" if inp.fallback else "routed"
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"experts": json.dumps(meta), "total_tokens": str(self.total_tokens)})
 
-    @staticmethod
-    def load_inputs(path: str | Path) -> dict[tuple[int, int | str], ExpertInputs]:
+    @classmethod
+    def load_inputs(cls, path: str | Path) -> dict[tuple[int, int | str], ExpertInputs]:
         from safetensors import safe_open
         import json
 
         out = {}
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["experts"])
+            names = set(f.keys())
             for key, kind in meta.items():
                 layer, expert = key.split(".")
                 e: int | str = SHARED if expert == SHARED else int(expert)
-                out[(int(layer), e)] = ExpertInputs(f.get_tensor(f"{key}.x"), f.get_tensor(f"{key}.g"), kind == "fallback")
+                extra = {n: f.get_tensor(f"{key}.{n}") for n in cls._TENSORS if f"{key}.{n}" in names}
+                out[(int(layer), e)] = ExpertInputs(f.get_tensor(f"{key}.x"), f.get_tensor(f"{key}.g"),
+                                                    kind == "fallback", **extra)
         return out
 
 
-@torch.no_grad()
-def calibrate(adapter: MoEAdapter, windows: torch.Tensor, batch_size: int = 8, max_tokens_per_expert: int = 512,
-              seed: int = 0, progress: bool = True) -> Calibration:
-    """Run the model over `windows [n, T]` once and gather per-unit statistics and input samples."""
-    model = adapter.model
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    E = adapter.num_experts
-    counts = {l: torch.zeros(E, dtype=torch.long) for l in adapter.moe_layers}
-    mass = {l: torch.zeros(E, dtype=torch.float64) for l in adapter.moe_layers}
-    moments: dict[Unit, _Moments] = {u: _Moments() for u in adapter.units()}
-    samples = {(l, e): _Reservoir(max_tokens_per_expert, gen) for l in adapter.moe_layers for e in range(E)}
-    generic = {l: _Reservoir(max_tokens_per_expert, gen) for l in adapter.moe_layers}  # fallback tokens
-    has_shared = adapter.num_shared_experts > 0
-    if has_shared:
-        samples.update({(l, SHARED): _Reservoir(max_tokens_per_expert, gen) for l in adapter.moe_layers})
-    shared_mass = {l: 0.0 for l in adapter.moe_layers}
+def _layer_seed(seed: int, layer: int) -> int:
+    """Each layer draws from its own generator, so a layer's samples do not depend on the order in
+    which layers are collected (in-memory: interleaved per batch; streaming: one layer after another)."""
+    return (int(seed) * 1_000_003 + 7919 * (layer + 1)) % (2 ** 63)
 
-    def on_batch(b: RoutedBatch):
-        l, x = b.layer, b.hidden.float()
+
+class LayerCollector:
+    """Calibration of one MoE layer, fed that layer's `RoutedBatch` events one at a time.
+
+        col = LayerCollector(adapter, layer, max_tokens_per_expert=None, seed=0, holdout=0.0)
+        for b in routed_batches_of(layer): col.add(b)
+        result = col.finish()  # LayerCalibration: UnitStats rows, ExpertInputs (with Hessians), never routed
+
+    Reads the layer's expert weights through `adapter` (for the down inputs and weight statistics),
+    so they must be materialised while it is used. `max_tokens_per_expert` None or 0: keep every
+    routed token; `hessians=False` skips the `X^T X` sums (statistics only)."""
+
+    def __init__(self, adapter: MoEAdapter, layer: int, max_tokens_per_expert: int | None = None, seed: int = 0,
+                 hessians: bool = True, holdout: float = 0.0):
+        if layer not in adapter.moe_layers:
+            raise ValueError(f"layer {layer} is not a MoE layer (MoE layers: {adapter.moe_layers})")
+        if not 0.0 <= holdout < 1.0:
+            raise ValueError(f"holdout is a fraction of routed tokens in [0, 1), got {holdout}")
+        if max_tokens_per_expert is not None and max_tokens_per_expert < 0:
+            raise ValueError(f"max_tokens_per_expert must be >= 0 (0 or None: all tokens), got {max_tokens_per_expert}")
+        cap = max_tokens_per_expert or None
+        self.adapter, self.layer, self.holdout, self.with_hessians = adapter, layer, float(holdout), hessians
+        self.gen = torch.Generator().manual_seed(_layer_seed(seed, layer))
+        E = self.E = adapter.num_experts
+        self.experts: list[int | str] = list(range(E)) + ([SHARED] if adapter.num_shared_experts > 0 else [])
+        self.counts = torch.zeros(E, dtype=torch.long)
+        self.mass = torch.zeros(E, dtype=torch.float64)
+        self.shared_mass = 0.0
+        self.tokens = 0
+        self.moments = {e: {k: _Moments() for k in ("in", "down")} for e in self.experts}
+        self.samples = {e: _Sample(cap, self.gen) for e in self.experts}
+        self.generic = _Sample(cap or GENERIC_CAP, self.gen)  # fallback tokens of never-routed experts
+        self.xtx = {e: {k: _XtX() for k in ("in", "down")} for e in self.experts}
+        self.xtx_held = {e: {k: _XtX() for k in ("in", "down")} for e in self.experts}
+
+    def _held(self, n: int, device) -> torch.Tensor:
+        if self.holdout <= 0:
+            return torch.zeros(n, dtype=torch.bool, device=device)
+        return (torch.rand(n, generator=self.gen) < self.holdout).to(device)
+
+    def _add_expert(self, e, x: torch.Tensor, g: torch.Tensor) -> None:
+        h = self.adapter.expert_intermediate(self.layer, e, x)  # the down projection's inputs
+        self.moments[e]["in"].add(x)
+        self.moments[e]["down"].add(h)
+        held = self._held(x.shape[0], x.device)
+        self.samples[e].add(x, g, held)
+        if self.with_hessians:  # under a holdout, `xtx` sums the fit rows and `xtx_held` the others
+            for k, a in (("in", x), ("down", h)):
+                if self.holdout > 0:
+                    self.xtx[e][k].add(a[~held])
+                    self.xtx_held[e][k].add(a[held])
+                else:
+                    self.xtx[e][k].add(a)
+
+    @torch.no_grad()
+    def add(self, b: RoutedBatch) -> None:
+        if b.layer != self.layer:
+            raise ValueError(f"a batch of layer {b.layer} was fed to the collector of layer {self.layer}")
+        x = b.hidden.float()
         flat_idx, flat_w = b.top_k_index.reshape(-1), b.top_k_weights.reshape(-1).float()
         tok_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(b.top_k_index.shape[1])
-        counts[l] += torch.bincount(flat_idx.cpu(), minlength=E)[:E]
-        mass[l] += torch.zeros(E, dtype=torch.float64).index_add_(0, flat_idx.cpu(), flat_w.double().cpu())
-        generic[l].add(x, torch.full((x.shape[0],), flat_w.mean().item()))
+        E = self.E
+        self.tokens += x.shape[0]
+        self.counts += torch.bincount(flat_idx.cpu(), minlength=E)[:E]
+        self.mass += torch.zeros(E, dtype=torch.float64).index_add_(0, flat_idx.cpu(), flat_w.double().cpu())
+        self.generic.add(x, torch.full((x.shape[0],), flat_w.mean().item()), torch.zeros(x.shape[0], dtype=torch.bool))
         for e in torch.unique(flat_idx).tolist():
             if e >= E:
                 continue
             sel = flat_idx == e
-            xe, ge = x[tok_of[sel]], flat_w[sel]
-            moments[Unit(l, e, "gate")].add(xe)
-            moments[Unit(l, e, "down")].add(adapter.expert_intermediate(l, e, xe))
-            samples[(l, e)].add(xe, ge)
-        if has_shared:
-            s = adapter.shared_scale(l, x.to(b.hidden.dtype)).float()
-            shared_mass[l] += s.sum().item()
-            moments[Unit(l, SHARED, "gate")].add(x)
-            moments[Unit(l, SHARED, "down")].add(adapter.expert_intermediate(l, SHARED, x))
-            samples[(l, SHARED)].add(x, s)
+            self._add_expert(e, x[tok_of[sel]], flat_w[sel])
+        if SHARED in self.samples:
+            s = self.adapter.shared_scale(self.layer, x.to(b.hidden.dtype)).float()
+            self.shared_mass += s.sum().item()
+            self._add_expert(SHARED, x, s)
 
+    def _fallback(self, e) -> ExpertInputs:
+        """A never-routed expert: the layer's generic tokens stand in (statistics and Hessians)."""
+        rows, weights, _ = self.generic.result()
+        w = self.adapter.weight(Unit(self.layer, e, "gate"))
+        h = self.adapter.expert_intermediate(self.layer, e, rows.to(w.device, w.dtype)).float()
+        self.moments[e]["in"].add(rows)
+        self.moments[e]["down"].add(h)
+        H = {}
+        if self.with_hessians:
+            for k, a in (("in", rows), ("down", h)):
+                acc = _XtX()
+                acc.add(a)
+                H[k] = acc.hessian()
+        return ExpertInputs(rows.clone(), weights.clone(), fallback=True, h_in=H.get("in"), h_down=H.get("down"))
+
+    def _routed(self, e, rows, weights, held) -> ExpertInputs:
+        if not self.with_hessians:
+            return ExpertInputs(rows, weights)
+        fit, ho = self.xtx[e], self.xtx_held[e]
+        out = ExpertInputs(rows, weights, h_in=fit["in"].hessian(ho["in"]), h_down=fit["down"].hessian(ho["down"]))
+        if self.holdout > 0:
+            out.held_out = held
+            if fit["in"].n and ho["in"].n:  # else for_profiling falls back to all tokens
+                out.h_in_fit, out.h_down_fit = fit["in"].hessian(), fit["down"].hessian()
+        return out
+
+    @torch.no_grad()
+    def finish(self) -> LayerCalibration:
+        if self.tokens == 0:
+            raise ValueError(f"the collector of layer {self.layer} saw no tokens")
+        l, ad = self.layer, self.adapter
+        inputs: dict[tuple[int, int | str], ExpertInputs] = {}
+        never: list[tuple[int, int]] = []
+        for e in self.experts:
+            res = self.samples[e].result()
+            if res is None:
+                never.append((l, e))
+                inputs[(l, e)] = self._fallback(e)
+            else:
+                inputs[(l, e)] = self._routed(e, *res)
+        self.xtx = self.xtx_held = None  # the float64 sums are not needed any more
+        never_set = set(never)
+        rows = []
+        for u in ad.units():
+            if u.layer != l:
+                continue
+            # gate and up read the same input: their activation statistics are shared
+            m = self.moments[u.expert]["down" if u.kind == "down" else "in"].summary()
+            w = ad.weight(u).float().abs()
+            if u.is_shared:
+                tokens, freq, rmass = self.tokens, 1.0, self.shared_mass
+            else:
+                tokens = int(self.counts[u.expert])
+                freq = max(tokens, 1) / self.tokens  # never-routed experts count as routed once
+                rmass = float(self.mass[u.expert])
+            out_f, in_f = w.shape
+            rows.append(UnitStats(unit=u, out_features=out_f, in_features=in_f, tokens=tokens, frequency=freq,
+                                  routing_mass=rmass, weight_scale=w.mean().item(),
+                                  weight_max_over_mean=(w.max() / w.mean().clamp(min=1e-12)).item(),
+                                  num_layers=len(ad.decoder_layers), never_routed=(u.layer, u.expert) in never_set,
+                                  **m))
+        return LayerCalibration(l, rows, inputs, never, self.tokens)
+
+
+@torch.no_grad()
+def calibrate(adapter: MoEAdapter, windows: torch.Tensor, batch_size: int = 8,
+              max_tokens_per_expert: int | None = None, seed: int = 0, progress: bool = True,
+              hessians: bool = True, holdout: float = 0.0) -> Calibration:
+    """Run the model over `windows [n, T]` once, every MoE layer feeding its `LayerCollector`.
+    `max_tokens_per_expert` None/0 keeps every routed token (the default); the Hessians always
+    cover every routed token."""
+    model = adapter.model
+    device = next(model.parameters()).device
+    collectors = {l: LayerCollector(adapter, l, max_tokens_per_expert, seed, hessians, holdout)
+                  for l in adapter.moe_layers}
     total_tokens = 0
-    with adapter.capture_routing(on_batch):
+    with adapter.capture_routing(lambda b: collectors[b.layer].add(b)):
         for start in tqdm(range(0, windows.shape[0], batch_size), desc="calibrate", disable=not progress, leave=False):
             batch = windows[start:start + batch_size].to(device)
             model(input_ids=batch, use_cache=False)
             total_tokens += batch.numel()
-
-    inputs: dict[tuple[int, int | str], ExpertInputs] = {}
-    never: list[tuple[int, int]] = []
-    for key, res in samples.items():
-        if res.rows is None:  # never routed: generic tokens of its layer stand in
-            never.append(key)
-            gres = generic[key[0]]
-            inputs[key] = ExpertInputs(gres.rows.clone(), gres.weights.clone(), fallback=True)
-            moments[Unit(key[0], key[1], "gate")].add(gres.rows)
-            moments[Unit(key[0], key[1], "down")].add(adapter.expert_intermediate(key[0], key[1], gres.rows.to(
-                adapter.weight(Unit(key[0], key[1], "gate")).dtype)))
-        else:
-            inputs[key] = ExpertInputs(res.rows, res.weights)
-    if never:
-        log.warning("%d expert(s) were never routed during calibration (e.g. %s); their errors are measured on "
-                    "generic tokens of their layer and they count as routed once. Use more --nsamples to see them.",
-                    len(never), ", ".join(f"L{l}.E{e}" for l, e in never[:5]))
-
-    stats = []
-    for u in adapter.units():
-        # gate and up read the same input: their activation statistics are shared
-        m = moments[Unit(u.layer, u.expert, "down" if u.kind == "down" else "gate")].summary()
-        w = adapter.weight(u).float().abs()
-        if u.is_shared:
-            tokens, freq, rmass = total_tokens, 1.0, shared_mass[u.layer]
-        else:
-            tokens = int(counts[u.layer][u.expert])
-            freq = max(tokens, 1) / total_tokens  # never-routed experts count as routed once
-            rmass = float(mass[u.layer][u.expert])
-        out_f, in_f = w.shape
-        stats.append(UnitStats(unit=u, out_features=out_f, in_features=in_f, tokens=tokens, frequency=freq,
-                               routing_mass=rmass, weight_scale=w.mean().item(),
-                               weight_max_over_mean=(w.max() / w.mean().clamp(min=1e-12)).item(),
-                               num_layers=len(adapter.decoder_layers),
-                               never_routed=(u.layer, u.expert) in never, **m))
-    return Calibration(stats=CalibrationStats.from_rows(stats, total_tokens), inputs=inputs, total_tokens=total_tokens,
-                       never_routed=never)
+    cal = Calibration.from_layers([collectors[l].finish() for l in adapter.moe_layers])
+    if cal.total_tokens != total_tokens:
+        raise RuntimeError(f"the MoE layers saw {cal.total_tokens} tokens, the windows hold {total_tokens}")
+    return cal
 
 
 def frequency_summary(stats: CalibrationStats, total_tokens: int) -> list[dict]:

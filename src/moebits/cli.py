@@ -69,7 +69,7 @@ def info(model: str = typer.Option("demo", help=MODEL_HELP), as_json: bool = typ
         summary = ad.summary()
         if nsamples > 0:
             win = calibration_windows(tok, calib, nsamples, seqlen, seed)
-            cal = calibrate(ad, win, max_tokens_per_expert=1, seed=seed, progress=not as_json)
+            cal = calibrate(ad, win, max_tokens_per_expert=1, seed=seed, progress=not as_json, hessians=False)
             summary["routing"] = {"calib": calib, "tokens": cal.total_tokens, "never_routed": len(cal.never_routed),
                                   "layers": frequency_summary(cal.stats, cal.total_tokens)}
     except _user_errors() as e:
