@@ -15,7 +15,8 @@ import numpy as np
 
 from .units import Choice, Unit
 
-CSV_COLUMNS = ["layer", "expert", "kind", "bits", "group_size", "quantizer", "error", "frequency", "seconds", "measured", "rank"]
+CSV_COLUMNS = ["layer", "expert", "kind", "bits", "group_size", "quantizer", "error", "frequency", "seconds", "measured", "rank", "act_bits"]
+OPTIONAL_COLUMNS = ("rank", "act_bits")  # absent in older tables: 0 and 16
 
 
 @dataclass
@@ -86,7 +87,7 @@ class SensitivityTable:
                 err = self.error[i, j]
                 w.writerow([u.layer, u.expert, u.kind, c.bits, c.group_size, c.quantizer,
                             "" if math.isnan(err) else repr(float(err)), repr(float(self.frequency[i])),
-                            f"{self.seconds[i, j]:.6f}", int(self.measured[i, j]), c.rank])
+                            f"{self.seconds[i, j]:.6f}", int(self.measured[i, j]), c.rank, c.act_bits])
         atomic_write_text(path, buf.getvalue())
 
     @classmethod
@@ -95,7 +96,7 @@ class SensitivityTable:
         if not path.exists():
             raise FileNotFoundError(f"sensitivity table not found: {path}")
         rows = list(csv.DictReader(path.open()))
-        missing = [c for c in CSV_COLUMNS if c != "rank" and rows and c not in rows[0]]
+        missing = [c for c in CSV_COLUMNS if c not in OPTIONAL_COLUMNS and rows and c not in rows[0]]
         if not rows or missing:
             raise ValueError(f"{path} is not a moebits sensitivity table (missing columns: {missing or 'all rows'})")
         units: dict[Unit, int] = {}
@@ -105,7 +106,8 @@ class SensitivityTable:
             try:
                 expert = r["expert"] if r["expert"] == "shared" else int(r["expert"])
                 u = Unit(int(r["layer"]), expert, r["kind"])
-                c = Choice(int(r["bits"]), int(r["group_size"]), r["quantizer"], int(r.get("rank") or 0))
+                c = Choice(int(r["bits"]), int(r["group_size"]), r["quantizer"], int(r.get("rank") or 0),
+                           int(r.get("act_bits") or 16))
                 err = float(r["error"]) if r["error"] != "" else math.nan
                 parsed.append((units.setdefault(u, len(units)), choices.setdefault(c, len(choices)), err,
                                float(r["frequency"]), float(r["seconds"]), bool(int(r["measured"]))))

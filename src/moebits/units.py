@@ -2,7 +2,9 @@
 
 A *unit* is one quantizable weight matrix of one expert: `(layer, expert, kind)`, kind in
 gate/up/down, expert an index or "shared". A *choice* is one setting for a unit: bit-width, group
-size, quantizer and (BT-MoE) the rank of a low-rank compensator.
+size, quantizer, (BT-MoE) the rank of a low-rank compensator, and the bit-width its *input
+activations* are fake-quantized to at run time (`act_bits`, 16 = not quantized; see quant/act.py).
+Activation bits change what the unit computes and costs in time, never what it stores.
 
 Storage is counted exactly as it would be stored: `bits` per code, a 16-bit scale and a 16-bit zero
 per group of `group_size` input columns in every output row (a last, partial group still pays full
@@ -65,8 +67,11 @@ class Choice:
     group_size: int = 128  # <= 0 means one group per output row (per-channel)
     quantizer: str = "rtn"
     rank: int = 0  # low-rank compensator rank (BT-MoE); 0 = none
+    act_bits: int = FP_BITS  # input activations per-token symmetric at this width at run time; 16 = none
 
     def __post_init__(self):
+        if self.act_bits != FP_BITS and not 2 <= self.act_bits <= 8:
+            raise ValueError(f"act_bits must be in 2..8 or {FP_BITS} (unquantized activations), got {self.act_bits}")
         if self.bits != FP_BITS and not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be in 1..8 or {FP_BITS}, got {self.bits}")
         if self.quantizer not in QUANTIZERS:
@@ -79,12 +84,22 @@ class Choice:
         return self.bits == FP_BITS
 
     @property
+    def quantizes_acts(self) -> bool:
+        return self.act_bits != FP_BITS
+
+    @property
+    def weight_choice(self) -> "Choice":
+        """The same choice with unquantized activations: what decides the stored weight."""
+        return Choice(self.bits, self.group_size, self.quantizer, self.rank)
+
+    @property
     def label(self) -> str:
+        a = f"-a{self.act_bits}" if self.quantizes_acts else ""
         if self.is_fp:
-            return "fp16"
+            return f"fp16{a}"
         g = f"g{self.group_size}" if self.group_size > 0 else "gch"
         r = f"-r{self.rank}" if self.rank else ""
-        return f"w{self.bits}{g}-{self.quantizer}{r}"
+        return f"w{self.bits}{g}-{self.quantizer}{r}{a}"
 
     def groups_per_row(self, in_features: int) -> int:
         if self.group_size <= 0:
@@ -112,8 +127,11 @@ class Choice:
         return self.bits + META_BITS_PER_GROUP / self.group_size
 
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "quantizer": self.quantizer, "rank": self.rank}
+        return {"bits": self.bits, "group_size": self.group_size, "quantizer": self.quantizer, "rank": self.rank,
+                "act_bits": self.act_bits}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Choice":
-        return cls(int(d["bits"]), int(d.get("group_size", 128)), str(d.get("quantizer", "rtn")), int(d.get("rank", 0)))
+        """Plans and tables written before activation bits existed load with `act_bits` 16."""
+        return cls(int(d["bits"]), int(d.get("group_size", 128)), str(d.get("quantizer", "rtn")), int(d.get("rank", 0)),
+                   int(d.get("act_bits", FP_BITS)))

@@ -7,7 +7,8 @@ therefore a *slice* of a fused tensor, viewed here as an `[out, in]` matrix like
 Shared experts stay ordinary MLPs with `gate_proj/up_proj/down_proj`.
 
 All PyTorch hooks of the project live here (`capture_routing`, `capture_layer_inputs`,
-`capture_linear_inputs`); routers are never written. Attention projections (`attention_linears`) are
+`capture_linear_inputs`) and in `transforms.py` (input transforms of the expert blocks: online
+rotation, activation quantization; `set_input_transform` installs one per unit); routers are never written. Attention projections (`attention_linears`) are
 ordinary `nn.Linear`s in all six families, DeepSeek's MLA low-rank projections included.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..units import KINDS, SHARED, Unit
+from .transforms import Transform, apply_chain, clear_transforms, experts_chain, set_expert_transform, set_linear_transform
 
 
 @dataclass(frozen=True)
@@ -172,23 +174,74 @@ class MoEAdapter:
             raise UnsupportedModelError(f"{self.model_type}: no nn.Linear attention projections found")
         return out
 
+    # ---- input transforms (transforms.py) ---------------------------------------------------
+    def _transform_host(self, unit: Unit) -> nn.Module:
+        if unit.is_shared:
+            mlp = self.shared_mlp(unit.layer)
+            if mlp is None:
+                raise KeyError(f"layer {unit.layer} has no shared expert")
+            return getattr(mlp, f"{unit.kind}_proj")
+        return self.experts(unit.layer)
+
+    def set_input_transform(self, unit: Unit, stage: str, fn: Transform) -> None:
+        """Apply `fn` to the input of `unit`'s block at `stage` ("rotate" before "act_quant") in every
+        forward of the model, and in `expert_forward` / `expert_intermediate`."""
+        host = self._transform_host(unit)
+        if unit.is_shared:
+            set_linear_transform(host, stage, fn)
+        else:
+            set_expert_transform(host, unit.expert, unit.kind, stage, fn)
+
+    def set_layer_input_transform(self, layer: int, kind: str, stage: str, fn: Transform) -> None:
+        """`fn` on block `kind` of every routed expert of `layer` (and of its shared expert, if any)."""
+        set_expert_transform(self.experts(layer), None, kind, stage, fn)
+        if self.shared_mlp(layer) is not None:
+            self.set_input_transform(Unit(layer, SHARED, kind), stage, fn)
+
+    def clear_input_transforms(self, stage: str | None = None) -> None:
+        """Remove every installed transform of `stage` (all stages when None)."""
+        for layer in self.moe_layers:
+            clear_transforms(self.experts(layer), stage)
+            mlp = self.shared_mlp(layer)
+            if mlp is not None:
+                for k in KINDS:
+                    clear_transforms(getattr(mlp, f"{k}_proj"), stage)
+
+    def block_input(self, layer: int, expert: int | str, kind: str, x: torch.Tensor,
+                    act_quant: dict[str, Transform] | None = None) -> torch.Tensor:
+        """What block `kind` of the expert multiplies: `x` through its installed transforms, with
+        `act_quant[kind]` (if given) in place of the installed activation quantization."""
+        unit = Unit(layer, expert, kind)
+        override = {"act_quant": act_quant[kind]} if act_quant and kind in act_quant else None
+        host = self._transform_host(unit)
+        if unit.is_shared:
+            return apply_chain(experts_chain(host), None, None, x, override)
+        return apply_chain(experts_chain(host), expert, kind, x, override)
+
     # ---- forwards --------------------------------------------------------------------------
     def act_fn(self, layer: int, expert: int | str):
         return (self.shared_mlp(layer) if expert == SHARED else self.experts(layer)).act_fn
 
     def expert_intermediate(self, layer: int, expert: int | str, x: torch.Tensor,
-                            gate_w: torch.Tensor | None = None, up_w: torch.Tensor | None = None) -> torch.Tensor:
-        """act(x @ gate^T) * (x @ up^T): the input of the down projection, `[T, I]`."""
+                            gate_w: torch.Tensor | None = None, up_w: torch.Tensor | None = None,
+                            act_quant: dict[str, Transform] | None = None) -> torch.Tensor:
+        """act(x_g @ gate^T) * (x_u @ up^T): the input of the down projection before its own transforms,
+        `[T, I]`; x_g, x_u are `x` through gate's and up's installed transforms (see `block_input`)."""
         gate_w = self.weight(Unit(layer, expert, "gate")) if gate_w is None else gate_w
         up_w = self.weight(Unit(layer, expert, "up")) if up_w is None else up_w
-        return self.act_fn(layer, expert)(x @ gate_w.T.to(x.dtype)) * (x @ up_w.T.to(x.dtype))
+        xg = self.block_input(layer, expert, "gate", x, act_quant)
+        xu = self.block_input(layer, expert, "up", x, act_quant)
+        return self.act_fn(layer, expert)(xg @ gate_w.T.to(x.dtype)) * (xu @ up_w.T.to(x.dtype))
 
     def expert_forward(self, layer: int, expert: int | str, x: torch.Tensor,
-                       weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """One expert's output `[T, H]` on inputs `x [T, H]`, without routing weight.
-        `weights` overrides some of its kinds (e.g. {"down": quantized}) without touching the model."""
+                       weights: dict[str, torch.Tensor] | None = None,
+                       act_quant: dict[str, Transform] | None = None) -> torch.Tensor:
+        """One expert's output `[T, H]` on inputs `x [T, H]`, without routing weight, with the installed
+        input transforms. `weights` overrides some of its kinds (e.g. {"down": quantized}) and
+        `act_quant` their activation quantization (e.g. {"down": 4-bit}) without touching the model."""
         weights = weights or {}
-        h = self.expert_intermediate(layer, expert, x, weights.get("gate"), weights.get("up"))
+        h = self.expert_intermediate(layer, expert, x, weights.get("gate"), weights.get("up"), act_quant)
+        h = self.block_input(layer, expert, "down", h, act_quant)
         down = weights.get("down", self.weight(Unit(layer, expert, "down")))
         return h @ down.T.to(h.dtype)
 

@@ -7,6 +7,10 @@ implementation, activation and gating), with the routing indices renumbered to t
 So its output is the in-memory quantized model's, not a re-implementation of it.
 
 `PackedLinear` replaces a shared expert's `nn.Linear` and dequantizes its weight per call.
+
+Input transforms (models/transforms.py: online rotation, activation quantization) installed on a
+`PackedExperts` are applied by its own forward, keyed by the model's expert index; a `PackedLinear`
+takes them as any linear does, through a forward pre-hook.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.transforms import experts_chain, experts_forward
 from ..quant.pack import packed_bytes, unpack_codes
 from ..quant.qweight import dequantize_codes
 from ..units import FP_BITS
@@ -93,6 +98,8 @@ class _UnitMap:
 
 
 class PackedExperts(nn.Module):
+    applies_input_transforms = True  # models/transforms.py: this forward applies the installed chains
+
     def __init__(self, spec: ModuleSpec, units: dict[str, UnitEntry], original: nn.Module, device=None):
         super().__init__()
         if getattr(original, "has_bias", False):
@@ -157,6 +164,10 @@ class PackedExperts(nn.Module):
         renumber = torch.full((self.num_experts + 1,), len(hit), dtype=top_k_index.dtype, device=top_k_index.device)
         renumber[hit] = torch.arange(len(hit), dtype=top_k_index.dtype, device=top_k_index.device)
         gate_up, down = self.dense_weights(hit, hidden_states.dtype)
+        chain = experts_chain(self)
+        if chain:  # transformers' loop with each block's input transformed (expert ids as in the model)
+            return experts_forward(hidden_states, renumber[top_k_index.clamp(0, self.num_experts)], top_k_weights,
+                                   gate_up, down, self.act_fn, chain, expert_ids=hit)
         dense = self._dense
         dense.gate_up_proj, dense.down_proj, dense.num_experts = gate_up, down, len(hit)
         try:
