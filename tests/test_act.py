@@ -189,3 +189,34 @@ def test_shared_expert_act_quant_via_pre_hooks(arch):
     torch.testing.assert_close(direct, manual, rtol=1e-5, atol=1e-6)
     remove_act_quant(model)
     assert torch.equal(_logits(model, ids), ref)
+
+
+# ---- profiling with activation bits -------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_expert_local_metric_equals_layer_metric_with_activation_quantization(arch):
+    """Activation quantization of expert e's block changes only f_e: the expert-local error equals
+    MxMoE's layer re-run (fp32), for act-only, weight+act and shared-expert choices."""
+    from moebits.calibrate import calibrate
+    from moebits.data import random_windows
+    from moebits.profile import profile
+
+    ad = MoEAdapter(tiny_model(arch))
+    win = random_windows(torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(1)), 4, 32)
+    cal = calibrate(ad, win, max_tokens_per_expert=100000, progress=False)
+    layer = ad.moe_layers[-1]
+    units = [Unit(layer, 3, k) for k in ("gate", "up", "down")]
+    if ad.num_shared_experts:
+        units += [Unit(layer, "shared", "up"), Unit(layer, "shared", "down")]
+    choices = [Choice(16, act_bits=4), Choice(4, 32, "rtn", act_bits=4), Choice(3, 32, "gptq", act_bits=8),
+               Choice(4, 32, "rtn")]
+    te = profile(ad, "expert", units, choices, cal.stats, cal.inputs, progress=False, act_clip=0.9)
+    tl = profile(ad, "layer", units, choices, cal.stats, cal.inputs, windows=win, progress=False, act_clip=0.9)
+    for u in units:
+        for c in choices:
+            a, b = te.error[te.unit_index(u), te.choice_index(c)], tl.error[tl.unit_index(u), tl.choice_index(c)]
+            assert a > 0 and abs(a - b) <= 1e-4 * b, f"{u.name} {c.label}: expert {a} vs layer {b}"
+        # 4-bit activations on top of 4-bit weights cost more than the weights alone
+        i = te.unit_index(u)
+        assert te.error[i, 1] > te.error[i, 3]
+    assert not ad.experts(layer).__dict__.get("moebits_input_transforms")  # nothing left installed

@@ -14,7 +14,7 @@ Groups (switchable for the ablations of Tables 8, 10, 11), in the fixed column o
 
 | group  | columns                                              | why / transform |
 |--------|------------------------------------------------------|-----------------|
-| bits   | `bits`                                               | linear: log-error is close to linear in bits (each bit ~ /4 in MSE) |
+| bits   | `bits`, and `act_bits` when some choice quantizes activations (W-A choices) | linear: log-error is close to linear in bits (each bit ~ /4 in MSE) |
 | type   | `kind` (gate=0, up=1, down=2), `shared` (0/1)        | categorical, see below |
 | scale  | `log_M`, `log_N`, `log_K`, `log_flops`, `log_ai`     | log1p: sizes span decades; M = 0 for never-routed experts |
 | act    | one of `log_act_var`, `log_act_mean_abs`, `log_act_outlier_ratio`, `slog_act_kurtosis` | log: spans decades |
@@ -124,7 +124,7 @@ def _check_choices_distinguishable(choices: list[Choice], spec: FeatureSpec) -> 
     """Two choices with equal feature rows would get equal predictions: refuse rather than mislead."""
     seen: dict[tuple, Choice] = {}
     for c in choices:
-        key = (c.bits if "bits" in spec.groups else None, c.rank if "rank" in spec.groups else None)
+        key = ((c.bits, c.act_bits) if "bits" in spec.groups else None, c.rank if "rank" in spec.groups else None)
         if key in seen:
             raise ValueError(f"choices {seen[key].label} and {c.label} have the same features under groups "
                              f"{spec.groups}; add a group that tells them apart (e.g. 'rank') or drop one")
@@ -146,6 +146,8 @@ def build_features(stats: CalibrationStats, choices: list[Choice], spec: Feature
 
     if "bits" in spec.groups:
         per_choice.append(("bits", bits))
+        if any(c.quantizes_acts for c in choices):  # W-A choices: the activation width is a feature too
+            per_choice.append(("act_bits", np.array([c.act_bits for c in choices], float)))
     if "rank" in spec.groups:
         per_choice.append(("log1p_rank", np.log1p(np.array([c.rank for c in choices], float))))
     if "type" in spec.groups:
@@ -172,7 +174,7 @@ def build_features(stats: CalibrationStats, choices: list[Choice], spec: Feature
         # the AI proxy depends on both the unit (M) and the choice (b): FLOPs / (K N b) = 2M / b
         columns["log_ai"] = np.log1p(2 * np.repeat(tokens, C) / np.tile(bits, U))
 
-    order = ["bits", "log1p_rank", "kind", "shared", "log_M", "log_N", "log_K", "log_flops", "log_ai",
+    order = ["bits", "act_bits", "log1p_rank", "kind", "shared", "log_M", "log_N", "log_K", "log_flops", "log_ai",
              "log_act_var", "log_act_mean_abs", "log_act_outlier_ratio", "slog_act_kurtosis",
              "log_weight_scale", "log_weight_max_over_mean", "depth"]
     names = [n for n in order if n in columns]

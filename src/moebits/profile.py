@@ -19,9 +19,15 @@ choice at once and the error of that joint perturbation, L_i(c), is measured (it
 three single-block errors: gate, up and down errors interact through the activation). The table stays
 per unit: each of the expert's three units holds L_i(c) / 3, so the expert-level group's summed loss
 (what the allocator sees with `--granularity expert`) is exactly L_i(c).
+
+Activation bits (`Choice.act_bits < 16`) are profiled like weight bits: the block's input is
+fake-quantized per token (quant/act.py, clip ratio `act_clip`) while its quantized weight is used. That
+too changes only f_e, so the expert metric stays exact (tests/test_act.py checks it against `layer`).
+Choices that differ only in activation bits share one weight quantization.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 
@@ -30,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .apply import layer_hessians
 from .calibrate import ExpertInputs
+from .models.act_quant import act_quantizer
 from .models.adapter import MoEAdapter
 from .quant import quantize_weight
 from .stats import CalibrationStats
@@ -47,7 +54,15 @@ def _groups(units: list[Unit]):
     return g
 
 
+def _act_quant(choice: Choice, kinds, clip: float) -> dict | None:
+    """{kind: activation quantizer} for the blocks a choice quantizes, None when it keeps fp activations."""
+    if not choice.quantizes_acts:
+        return None
+    return {k: act_quantizer(choice.act_bits, clip) for k in kinds}
+
+
 def _quantize_batch(adapter: MoEAdapter, members: list[Unit], choice: Choice, H: dict, act_order: bool):
+    choice = choice.weight_choice  # activation bits do not change the stored weight
     w = torch.stack([adapter.weight(u) for u in members])
     h = None
     if choice.quantizer == "gptq" and not choice.is_fp:
@@ -59,7 +74,7 @@ def _quantize_batch(adapter: MoEAdapter, members: list[Unit], choice: Choice, H:
 @torch.no_grad()
 def profile_expert(adapter: MoEAdapter, units: list[Unit], choices: list[Choice], stats: CalibrationStats,
                    inputs: dict[tuple[int, int | str], ExpertInputs], act_order: bool = False,
-                   table: SensitivityTable | None = None, progress: bool = True) -> SensitivityTable:
+                   table: SensitivityTable | None = None, progress: bool = True, act_clip: float = 1.0) -> SensitivityTable:
     """Expert-local metric for `units` x `choices`, written into `table` (a new one if None)."""
     table = table or new_table(adapter, choices, stats)
     groups = _groups(units)
@@ -72,10 +87,13 @@ def profile_expert(adapter: MoEAdapter, units: list[Unit], choices: list[Choice]
             H_cache = {layer: layer_hessians(adapter, layer, inputs, sorted({u.expert for u in units if u.layer == layer},
                                                                               key=str))}
         H = H_cache.get(layer, {})
+        wq_by_weight: dict[Choice, tuple] = {}  # choices differing only in act bits share the weights
         for choice in choices:
             t0 = time.perf_counter()
-            wq = _quantize_batch(adapter, members, choice, H, act_order)
-            t_quant = (time.perf_counter() - t0) / len(members)  # batched: each member pays its share
+            if choice.weight_choice not in wq_by_weight:
+                wq_by_weight[choice.weight_choice] = (_quantize_batch(adapter, members, choice, H, act_order),
+                                                      (time.perf_counter() - t0) / len(members))
+            wq, t_quant = wq_by_weight[choice.weight_choice]  # batched: each member pays its share
             for u, q in zip(members, wq):
                 t1 = time.perf_counter()
                 inp = inputs[(u.layer, u.expert)]
@@ -85,7 +103,8 @@ def profile_expert(adapter: MoEAdapter, units: list[Unit], choices: list[Choice]
                     if any(k[0] != u.layer for k in ref_cache):
                         ref_cache.clear()
                     ref_cache[key] = adapter.expert_forward(u.layer, u.expert, x)
-                y_q = adapter.expert_forward(u.layer, u.expert, x, {u.kind: q})
+                y_q = adapter.expert_forward(u.layer, u.expert, x, {u.kind: q},
+                                             act_quant=_act_quant(choice, (u.kind,), act_clip))
                 d = (y_q - ref_cache[key]).double() * inp.g.double()[:, None]
                 err = (d * d).sum().item() / x.shape[0]
                 table.set(u, choice, err, seconds=t_quant + time.perf_counter() - t1, measured=True)
@@ -125,7 +144,8 @@ def _run_layer(adapter: MoEAdapter, layer: int, calls) -> list[torch.Tensor]:
 @torch.no_grad()
 def profile_layer(adapter: MoEAdapter, units: list[Unit], choices: list[Choice], stats: CalibrationStats,
                   inputs: dict[tuple[int, int | str], ExpertInputs], windows: torch.Tensor, act_order: bool = False,
-                  batch_size: int = 8, table: SensitivityTable | None = None, progress: bool = True) -> SensitivityTable:
+                  batch_size: int = 8, table: SensitivityTable | None = None, progress: bool = True,
+                  act_clip: float = 1.0) -> SensitivityTable:
     """MxMoE's metric: quantize one block, re-run the whole decoder layer on all calibration tokens."""
     table = table or new_table(adapter, choices, stats)
     needs_h = any(c.quantizer == "gptq" for c in choices)
@@ -143,7 +163,9 @@ def profile_layer(adapter: MoEAdapter, units: list[Unit], choices: list[Choice],
                 t0 = time.perf_counter()
                 q = _quantize_batch(adapter, [u], choice, H, act_order)[0]
                 adapter.set_weight(u, q)
-                out = _run_layer(adapter, layer, calls)
+                act = _act_quant(choice, (u.kind,), act_clip)
+                with adapter.temporary_input_transform(u, "act_quant", act and act[u.kind]):
+                    out = _run_layer(adapter, layer, calls)
                 adapter.set_weight(u, original)
                 sq = sum(((o.double() - r.double()) ** 2).sum().item() for o, r in zip(out, ref))
                 table.set(u, choice, sq / max(1, stats[u].tokens), seconds=time.perf_counter() - t0, measured=True)
@@ -175,7 +197,7 @@ def _set_whole_expert(table: SensitivityTable, layer: int, expert, choice: Choic
 def profile_whole_expert(adapter: MoEAdapter, units: list[Unit], choices: list[Choice], stats: CalibrationStats,
                          inputs: dict[tuple[int, int | str], ExpertInputs], act_order: bool = False,
                          table: SensitivityTable | None = None, progress: bool = True,
-                         keep: dict | None = None) -> SensitivityTable:
+                         keep: dict | None = None, act_clip: float = 1.0) -> SensitivityTable:
     """BT-MoE's loss with the expert-local metric: every block of an expert quantized with one choice,
     the expert's routed output error (routing weight applied) per routed token. With `keep` (a dict),
     the quantized blocks are kept as `keep[(layer, expert, kind, choice)]`, so that a caller applying
@@ -200,7 +222,8 @@ def profile_whole_expert(adapter: MoEAdapter, units: list[Unit], choices: list[C
             for i, e in enumerate(experts):
                 t1 = time.perf_counter()
                 x, ref = refs[e]
-                y_q = adapter.expert_forward(layer, e, x, {kind: wq[kind][i] for kind in KINDS})
+                y_q = adapter.expert_forward(layer, e, x, {kind: wq[kind][i] for kind in KINDS},
+                                             act_quant=_act_quant(choice, KINDS, act_clip))
                 d = (y_q - ref).double() * inputs[(layer, e)].g.double()[:, None]
                 _set_whole_expert(table, layer, e, choice, (d * d).sum().item() / x.shape[0],
                                   t_quant + time.perf_counter() - t1)
@@ -213,7 +236,8 @@ def profile_whole_expert(adapter: MoEAdapter, units: list[Unit], choices: list[C
 def profile_whole_expert_layer(adapter: MoEAdapter, units: list[Unit], choices: list[Choice],
                                stats: CalibrationStats, inputs: dict[tuple[int, int | str], ExpertInputs],
                                windows: torch.Tensor, act_order: bool = False, batch_size: int = 8,
-                               table: SensitivityTable | None = None, progress: bool = True) -> SensitivityTable:
+                               table: SensitivityTable | None = None, progress: bool = True,
+                               act_clip: float = 1.0) -> SensitivityTable:
     """BT-MoE's loss as the paper measures it: write all blocks of one expert, re-run the decoder layer."""
     table = table or new_table(adapter, choices, stats)
     batches = _expert_batches(units)
@@ -236,7 +260,11 @@ def profile_whole_expert_layer(adapter: MoEAdapter, units: list[Unit], choices: 
                 originals = [adapter.weight(u).clone() for u in blocks]
                 for u in blocks:
                     adapter.set_weight(u, wq[u.kind][i])
-                out = _run_layer(adapter, layer, calls)
+                act = _act_quant(choice, KINDS, act_clip) or {}
+                with contextlib.ExitStack() as stack:
+                    for u in blocks:
+                        stack.enter_context(adapter.temporary_input_transform(u, "act_quant", act.get(u.kind)))
+                    out = _run_layer(adapter, layer, calls)
                 for u, w in zip(blocks, originals):
                     adapter.set_weight(u, w)
                 sq = sum(((o.double() - r.double()) ** 2).sum().item() for o, r in zip(out, ref))

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from ..units import KINDS, SHARED, Unit
-from .transforms import Transform, apply_chain, clear_transforms, experts_chain, set_expert_transform, set_linear_transform
+from .transforms import (Transform, apply_chain, clear_transforms, experts_chain, remove_transform, set_expert_transform,
+                         set_linear_transform)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,22 @@ class MoEAdapter:
             set_linear_transform(host, stage, fn)
         else:
             set_expert_transform(host, unit.expert, unit.kind, stage, fn)
+
+    @contextlib.contextmanager
+    def temporary_input_transform(self, unit: Unit, stage: str, fn: Transform | None):
+        """`set_input_transform` for the duration of a `with` block (None: nothing installed)."""
+        if fn is None:
+            yield
+            return
+        self.set_input_transform(unit, stage, fn)
+        try:
+            yield
+        finally:
+            host = self._transform_host(unit)
+            if unit.is_shared:
+                remove_transform(host, None, None, stage)
+            else:
+                remove_transform(host, unit.expert, unit.kind, stage)
 
     def set_layer_input_transform(self, layer: int, kind: str, stage: str, fn: Transform) -> None:
         """`fn` on block `kind` of every routed expert of `layer` (and of its shared expert, if any)."""

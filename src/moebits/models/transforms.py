@@ -18,7 +18,7 @@ for that stage (e.g. one online Hadamard before every down projection).
 API (all in this module, all hooks of the project stay in models/):
     set_expert_transform(experts_module, expert | None, kind, stage, fn)
     set_linear_transform(linear, stage, fn)
-    clear_transforms(module, stage=None)
+    remove_transform(module, expert, kind, stage) / clear_transforms(module, stage=None)
     experts_chain(experts_module) -> ExpertInputTransforms | None
     MoEAdapter.set_input_transform(unit, stage, fn) / clear_input_transforms(stage) wrap them per unit.
 """
@@ -52,6 +52,12 @@ class ExpertInputTransforms:
     def set(self, expert, kind, stage: str, fn: Transform) -> None:
         _check_stage(stage)
         self.chains.setdefault((expert, kind), {})[stage] = fn
+
+    def remove(self, expert, kind, stage: str) -> None:
+        chain = self.chains.get((expert, kind), {})
+        chain.pop(stage, None)
+        if not chain:
+            self.chains.pop((expert, kind), None)
 
     def clear(self, stage: str | None = None) -> None:
         if stage is None:
@@ -154,6 +160,15 @@ def set_linear_transform(linear: nn.Module, stage: str, fn: Transform) -> None:
         linear.__dict__[_HOOK_ATTR] = linear.register_forward_pre_hook(
             lambda mod, args: (experts_chain(mod).apply(None, None, args[0]),) + tuple(args[1:]))
     chain.set(None, None, stage, fn)
+
+
+def remove_transform(module: nn.Module, expert, kind, stage: str) -> None:
+    """Remove one installed transform (expert, kind, stage) -- for a linear: (None, None, stage)."""
+    chain = experts_chain(module)
+    if chain is not None:
+        chain.remove(expert, kind, stage)
+        if not chain:
+            clear_transforms(module)
 
 
 def clear_transforms(module: nn.Module, stage: str | None = None) -> None:
