@@ -8,6 +8,15 @@ range of a budget is checked before any expensive stage runs (`Budget.check_feas
     bits      average storage bits per weight exact storage bits                  value x weights
     memory    GB of unit weights              exact storage bits                  value in bits
     latency   seconds per forward of the units roofline (--gpu) or latency-FRI    value
+
+A second, optional constraint bounds the average *activation* bits (`--bits 5 --abits-set 4,5,8 ...
+--abits-budget 5`: the paper's W5A5), as `Budget.act`: `sum_u w_u a(c_u) <= A * sum_u w_u` with
+`w_u = f_u * out_u * in_u`, the unit's multiply-accumulates per token of the forward (routed frequency
+times its GEMM size). So "A5" means: the MACs of a forward run at 5 activation bits on average. Not per
+unit, because a per-unit average lets the allocator buy 8-bit activations for the hot experts with
+4-bit ones on experts that almost never run, meeting "A5" while nearly all compute runs at 8 bits;
+and not per stored weight for the same reason (activations are not stored: their cost is per token).
+Only the exact ILP takes this second row (see allocate/__init__.py).
 """
 from __future__ import annotations
 
@@ -37,6 +46,43 @@ def budget_request(bits: float | None = None, memory_gb: float | None = None,
 
 
 @dataclass
+class ActBitsBudget:
+    """The average-activation-bits constraint: `cost [U, C] = w_u * act_bits(c)` <= `total`."""
+    value: float  # average activation bits asked for (MAC-weighted, see the module docstring)
+    cost: np.ndarray  # [U, C]
+    total: float
+    weights: np.ndarray  # [U] w_u = f_u * out * in
+
+    @classmethod
+    def build(cls, value: float, shapes: Sequence[tuple[int, int]], choices: Sequence[Choice],
+              frequency: np.ndarray) -> "ActBitsBudget":
+        s = np.asarray(shapes, dtype=np.float64).reshape(-1, 2)
+        w = np.asarray(frequency, dtype=np.float64) * s[:, 0] * s[:, 1]
+        act = np.array([c.act_bits for c in choices], dtype=np.float64)
+        b = cls(float(value), w[:, None] * act[None, :], float(value) * float(w.sum()), w)
+        if w.sum() > 0 and act.min() > value:
+            from .allocate import InfeasibleBudgetError
+
+            n = float(w.sum())
+            raise InfeasibleBudgetError(b.total, n * act.min(), n * act.max(),
+                                        lambda c: f"{c / n:.3f} average activation bits", what="activation bits")
+        return b
+
+    def average(self, choice_index: np.ndarray) -> float:
+        """The MAC-weighted average activation bits of a plan (its column per unit)."""
+        used = self.cost[np.arange(len(choice_index)), choice_index].sum()
+        return float(used / self.weights.sum()) if self.weights.sum() > 0 else float("nan")
+
+
+def act_bits_average(plan_choices: Sequence[Choice], shapes: Sequence[tuple[int, int]], frequency) -> float:
+    """MAC-weighted average activation bits of a plan's choices (16 where activations are not quantized)."""
+    s = np.asarray(shapes, dtype=np.float64).reshape(-1, 2)
+    w = np.asarray(frequency, dtype=np.float64) * s[:, 0] * s[:, 1]
+    a = np.array([c.act_bits for c in plan_choices], dtype=np.float64)
+    return float((w * a).sum() / w.sum()) if w.sum() > 0 else float("nan")
+
+
+@dataclass
 class Budget:
     kind: str  # bits | memory | latency
     value: float  # as the user gave it (avg bits, GB, seconds)
@@ -45,6 +91,14 @@ class Budget:
     units: list[Unit]  # rows of `cost`
     shapes: dict[Unit, tuple[int, int]]  # (out, in) of every unit, for average bits
     describe: Callable[[float], str] | None = field(default=None, repr=False)  # cost -> words, for errors
+    act: ActBitsBudget | None = None  # optional second constraint: average activation bits
+
+    def with_act_bits(self, value: float, choices: Sequence[Choice], frequency: np.ndarray) -> "Budget":
+        """This budget with the average-activation-bits row added (needs the routed frequencies)."""
+        if frequency is None:
+            raise ValueError("an activation-bits budget weights units by routed frequency: calibrate first")
+        self.act = ActBitsBudget.build(value, [self.shapes[u] for u in self.units], choices, frequency)
+        return self
 
     @classmethod
     def build(cls, kind: str, value: float, units: Sequence[Unit], shapes: dict[Unit, tuple[int, int]],
@@ -84,4 +138,4 @@ class Budget:
         check_budget(self.cost, self.total, solver, groups, self.describe)
 
     def as_meta(self) -> dict:
-        return {self.kind: self.value}
+        return {self.kind: self.value, **({"act_bits": self.act.value} if self.act is not None else {})}

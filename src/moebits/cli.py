@@ -155,6 +155,13 @@ def quantize(
     attn_bits: Optional[int] = typer.Option(None, help="quantize attention projections to this many bits with "
                                                        "--quantizer (default: attention untouched, 16-bit)"),
     attn_rank: int = typer.Option(0, help="low-rank compensator rank for the attention projections"),
+    abits: Optional[int] = typer.Option(None, help="activation bits of every unit's input (per-token symmetric "
+                                                   "fake quant; e.g. --wbits 4 --abits 4 = W4A4); default 16 = none"),
+    abits_set: Optional[str] = typer.Option(None, help="mxmoe/fri: activation widths the allocator may choose per "
+                                                       "unit, jointly with the weight bits (e.g. 4,5,8; exact ILP)"),
+    abits_budget: Optional[float] = typer.Option(None, help="with --abits-set: average activation bits, weighted "
+                                                            "by each unit's MACs per token (default: = --bits)"),
+    act_clip: float = typer.Option(1.0, help="clipping ratio of activation quantization (QuaRot uses 0.9)"),
     calib: str = typer.Option("demo", help="calibration text: demo, a text file, or hf:NAME[:CONFIG]"),
     nsamples: int = typer.Option(128, help="calibration windows"),
     seqlen: int = typer.Option(256, help="tokens per window (calibration and evaluation)"),
@@ -207,8 +214,11 @@ def quantize(
                          dtype=dtype, device=device, save_model=save_model, save_format=save_format,
                          trust_remote_code=trust_remote_code, target=target, rl_steps=rl_steps,
                          rl_accuracy=rl_accuracy, rl_sensitivity=rl_sensitivity, energy=energy, qat_steps=qat_steps,
-                         qat_lr=qat_lr)
+                         qat_lr=qat_lr, abits=abits,
+                         abits_set=_parse_bits(abits_set, "--abits-set") if abits_set else None,
+                         abits_budget=abits_budget, act_clip=act_clip)
     try:
+        cfg.check_act_options()
         cfg.budget_request()  # exactly one budget (or --wbits), before any work
         from .dmpq import parse_reward
 
@@ -235,6 +245,9 @@ def _print_results(r: dict, out: Path) -> None:
     if "model_avg_bits" in r:
         Console().print(f"avg bits {r['avg_bits']:.4f} over the expert blocks (routed and shared experts); "
                         f"{r['model_avg_bits']:.3f} over the whole model (attention, embeddings, norms included)")
+    if "avg_act_bits" in r:
+        Console().print(f"activations: {r['act_quant_units']:,} units quantized per token, "
+                        f"{r['avg_act_bits']:.3f} average activation bits (weighted by MACs per token)")
     for note in r.get("notes", []):
         Console().print(f"[bold]note:[/] {note}")
     if r.get("attention", "fp16") != "fp16":

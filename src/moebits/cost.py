@@ -107,6 +107,20 @@ GPUS: dict[str, GPUSpec] = {
 
 DEFAULT_LAUNCH_OVERHEAD_S = 5e-6  # per kernel: launch + tail effects of a small GEMM, order of magnitude
 ACT_BYTES = 2  # fp16/bf16 activations (weight-only quantization: W{b}A16)
+ACT_SCALE_BYTES = 2  # one fp16 scale per token of a quantized activation (per-token symmetric, quant/act.py)
+
+
+def compute_peak(gpu: GPUSpec, choice: Choice) -> float:
+    """The tensor-core peak a GEMM under `choice` can run at. Integer tensor cores need *both* operands
+    integer: with activations at a <= 8 bits and weights at b <= 8 bits the GEMM runs on int8 (5..8-bit
+    codes held in int8), on int4 when both are <= 4 bits and the GPU has an int4 path (A100, RTX 4090;
+    Hopper has none, so int8). Weight-only quantization (a = 16) dequantizes to fp16: the fp16 peak."""
+    if choice.quantizes_acts and not choice.is_fp:
+        if max(choice.bits, choice.act_bits) <= 4 and gpu.int4_ops:
+            return gpu.int4_ops
+        if gpu.int8_ops:
+            return gpu.int8_ops
+    return gpu.fp16_flops
 
 
 def get_gpu(gpu: str | GPUSpec) -> GPUSpec:
@@ -134,6 +148,10 @@ def latency_matrix(
     means fewer bytes moved, and the GEMM runs in fp16 after dequantization (weight-only quantization;
     the dequantization FLOPs are *ignored*: fused kernels hide them under the weight load).
 
+    Activation bits (`Choice.act_bits = a < 16`): the input is read as `a`-bit codes plus a 16-bit scale
+    per token (`m * (in * a / 8 + 2)` bytes instead of `2 * m * in`; the output stays 16-bit), and the
+    GEMM runs at `compute_peak(gpu, c)`: int8 (or int4) tensor cores when both operands are integer.
+
     Tokens: the brief form is `m = f_u * batch_tokens`. We take its expectation instead, because an expert
     that receives no token is skipped entirely (no weight load, no launch): with tokens routed
     independently, unit u is active with probability `p_u = 1 - (1 - f_u)^B` and then receives
@@ -148,7 +166,8 @@ def latency_matrix(
     """
     gpu = get_gpu(gpu)
     p, moved, flops = expected_traffic(shapes, frequencies, choices, batch_tokens)
-    t = launch_overhead_s + np.maximum(moved / gpu.bandwidth, flops / gpu.fp16_flops)
+    peak = np.array([compute_peak(gpu, c) for c in choices], dtype=np.float64)[None, :]  # [1, C]
+    t = launch_overhead_s + np.maximum(moved / gpu.bandwidth, flops / peak)
     return p[:, None] * t
 
 
@@ -156,7 +175,7 @@ def expected_traffic(shapes: Sequence[tuple[int, int]], frequencies: Sequence[fl
                      batch_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What one forward over `batch_tokens` tokens asks of each unit, *when it runs*: `p [U]` the
     probability it runs at all, `moved [U, C]` bytes moved (weights under each choice + activations
-    in and out) and `flops [U, 1]`, both for its `m_u = f_u * B / p_u` tokens (see `latency_matrix`).
+    in and out, activations at each choice's `act_bits`) and `flops [U, 1]`, both for its `m_u = f_u * B / p_u` tokens (see `latency_matrix`).
     Shared by the latency and the energy models, so both charge the same work."""
     if batch_tokens <= 0:
         raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
@@ -170,7 +189,11 @@ def expected_traffic(shapes: Sequence[tuple[int, int]], frequencies: Sequence[fl
     weight_bytes = storage_matrix(shapes, choices) / BITS_PER_BYTE  # [U, C]
     p = 1.0 - (1.0 - f) ** batch_tokens  # [U] probability the unit runs at all
     m = np.divide(f * batch_tokens, p, out=np.zeros_like(f), where=p > 0)[:, None]  # tokens when it runs
-    moved = weight_bytes + ACT_BYTES * m * (in_f + out_f)
+    # input activations: 16-bit, or a-bit codes + a 16-bit scale per token; outputs 16-bit
+    act = np.array([c.act_bits for c in choices], dtype=np.float64)[None, :]  # [1, C]
+    quantized = act < 16
+    in_bytes_per_token = np.where(quantized, in_f * act / BITS_PER_BYTE + ACT_SCALE_BYTES, ACT_BYTES * in_f)  # [U, C]
+    moved = weight_bytes + m * (in_bytes_per_token + ACT_BYTES * out_f)
     flops = 2.0 * m * in_f * out_f
     return p, moved, flops
 

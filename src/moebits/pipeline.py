@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +88,14 @@ class QuantizeConfig:
     energy: str = "horowitz45nm"  # energy model of the reward (energy.ENERGY_SPECS)
     qat_steps: int = 0  # > 0: quantization-aware fine-tuning of the experts after allocation
     qat_lr: float = 1e-4
+    # activation quantization (issue 16; quant/act.py): per-token symmetric fake quant of each unit's input
+    abits: int | None = None  # every candidate's activations at this width (uniform W4A4: --wbits 4 --abits 4)
+    abits_set: tuple[int, ...] | None = None  # joint W/A allocation: candidates = weight choices x these widths
+    abits_budget: float | None = None  # average activation bits (MAC-weighted); None: = --bits when abits_set
+    act_clip: float = 1.0  # per-token clipping ratio of activation quantization
 
     OUTPUT_OPTIONS = ("save_model", "save_format")  # do not make a run "different"
-    TUPLE_OPTIONS = ("candidate_bits", "reward", "bits_set", "ranks")  # lists in run.json
+    TUPLE_OPTIONS = ("candidate_bits", "reward", "bits_set", "ranks", "abits_set")  # lists in run.json
 
     def spec(self) -> dict:
         d = asdict(self)
@@ -101,7 +106,8 @@ class QuantizeConfig:
             d.pop(k)
         if d["target"] == "none":  # runs made before --target existed keep their spec
             d.pop("target")
-        for k, default in (("bits_set", None), ("ranks", None), ("attn_bits", None), ("attn_rank", 0)):
+        for k, default in (("bits_set", None), ("ranks", None), ("attn_bits", None), ("attn_rank", 0), ("abits", None),
+                           ("abits_set", None), ("abits_budget", None), ("act_clip", 1.0)):
             if d[k] == default:  # likewise for runs made before bt and --attn-bits
                 d.pop(k)
         return d
@@ -132,7 +138,39 @@ class QuantizeConfig:
 
     @property
     def solver_name(self) -> str:
+        if self.solver is None and self.act_budget() is not None:
+            return "ilp"  # the only solver with a second (activation-bits) constraint; see allocate/__init__.py
         return self.solver or get_method(self.method).solver
+
+    def act_budget(self) -> float | None:
+        """The average-activation-bits budget of a joint W/A allocation (None: no such constraint)."""
+        if self.abits_set is None:
+            if self.abits_budget is not None:
+                raise ValueError("--abits-budget bounds a joint weight/activation allocation: give --abits-set too")
+            return None
+        if self.abits_budget is not None:
+            return float(self.abits_budget)
+        return float(self.bits) if self.bits is not None else None
+
+    def check_act_options(self) -> None:
+        from .quant.act import check_act_bits
+
+        if self.abits is not None and self.abits_set is not None:
+            raise ValueError("--abits fixes every unit's activation bits, --abits-set lets the allocator choose: "
+                             "give one of them")
+        for a in ([self.abits] if self.abits is not None else []) + list(self.abits_set or ()):
+            check_act_bits(a)
+        if self.abits_set is not None and self.method in ("uniform", "freq"):
+            raise ValueError(f"method {self.method!r} does not profile, so it cannot choose activation bits; "
+                             "use --abits for one width, or --method mxmoe|fri with --abits-set")
+        if self.act_budget() is not None and self.solver not in (None, "ilp"):
+            raise ValueError(f"a joint weight/activation allocation (--abits-set) has two budgets; solver "
+                             f"{self.solver!r} takes one: use --solver ilp (the default then)")
+        if not 0.0 < self.act_clip <= 1.0:
+            raise ValueError(f"--act-clip must be in (0, 1], got {self.act_clip}")
+        if (self.abits is not None or self.abits_set) and self.save_model and self.save_format == "dequantized":
+            raise ValueError("a dequantized 16-bit checkpoint cannot carry activation quantization (transformers "
+                             "would load it without); save --save-format packed, which records it")
 
     @property
     def granularity_name(self) -> str:
@@ -164,14 +202,28 @@ def candidate_choices(cfg: QuantizeConfig, shapes: dict | None = None) -> list[C
         from .export.vllm_rules import vllm_choices
 
         choices = vllm_choices(choices)
+    return with_act_bits(cfg, choices)
+
+
+def with_act_bits(cfg: QuantizeConfig, choices: list[Choice]) -> list[Choice]:
+    """`--abits A`: every candidate at A activation bits; `--abits-set`: every candidate x every width."""
+    cfg.check_act_options()
+    if cfg.abits is not None:
+        return [replace(c, act_bits=cfg.abits) for c in choices]
+    if cfg.abits_set:
+        return [replace(c, act_bits=a) for c in choices for a in sorted(set(cfg.abits_set))]
     return choices
 
 
 def make_budget(cfg: QuantizeConfig, units: list[Unit], shapes: dict, choices: list[Choice],
                 freq: np.ndarray | None) -> Budget:
     kind, value = cfg.budget_request()
-    return Budget.build(kind, value, units, shapes, choices, freq, gpu=cfg.gpu, batch_tokens=cfg.batch_tokens,
-                        latency_model=cfg.cost, seed=cfg.seed, device=cfg.device)
+    budget = Budget.build(kind, value, units, shapes, choices, freq, gpu=cfg.gpu, batch_tokens=cfg.batch_tokens,
+                          latency_model=cfg.cost, seed=cfg.seed, device=cfg.device)
+    act = cfg.act_budget()
+    if act is not None and freq is not None:  # the MAC weights need routed frequencies (budget.ActBitsBudget)
+        budget.with_act_bits(act, choices, freq)
+    return budget
 
 
 def structure_groups(granularity: str, tie: bool, units: list[Unit], target: str = "none") -> np.ndarray | None:
@@ -269,7 +321,8 @@ class Pipeline:
         table = new_table(self.adapter, choices, stats)
         table = self.timed("profile_seconds", lambda: profile(
             self.adapter, cfg.metric, units, choices, stats, self.calib.inputs, windows=self.windows,
-            act_order=cfg.act_order, table=table, progress=self.progress, whole_expert=whole_expert))
+            act_order=cfg.act_order, table=table, progress=self.progress, whole_expert=whole_expert,
+            **({"act_clip": cfg.act_clip} if cfg.act_clip != 1.0 else {})))
         self.results["profiled_units"] = len(units)
         return table
 
@@ -302,10 +355,12 @@ class Pipeline:
         attn = cfg.attention_choice()
         meta = {"method": cfg.method, "granularity": cfg.granularity_name, "tie_gate_up": cfg.tie_gate_up,
                 "model": cfg.model, "attention": None if attn is None else attn.to_dict()}
+        if any(c.quantizes_acts for c in choices):  # what reloading needs to reproduce the activations
+            meta["act_quant"] = {"scheme": "per-token symmetric", "clip": cfg.act_clip}
         if cfg.target != "none":
             meta["target"] = cfg.target
         if cfg.budget_request()[0] == "wbits":  # no budget: the user fixed the code width
-            choice = Choice(cfg.wbits, cfg.group_size, cfg.quantizer)
+            choice = Choice(cfg.wbits, cfg.group_size, cfg.quantizer, act_bits=cfg.abits or 16)
             plan = Plan.uniform(self.units, self.shapes, choice, {**meta, "solver": "wbits",
                                                                   "budget": {"wbits": cfg.wbits}})
             plan.meta["avg_bits"] = plan.avg_bits(self.shapes)
@@ -362,8 +417,23 @@ class Pipeline:
             apply_plan(self.adapter, plan, self.calib.inputs, self.cfg.act_order, self.progress, codes=self.codes)
         if attn is not None:
             quantize_attention(self.adapter, attn, hessians, self.cfg.act_order)
+        self.install_act_quant(plan)
         self.results["quantize_seconds"] = round(time.perf_counter() - t0, 4)
         self._save_results()
+
+    def install_act_quant(self, plan: Plan) -> None:
+        """Quantize the input activations of the plan's W-A units in every later forward (quant/act.py)."""
+        from .models.act_quant import install_act_quant
+
+        clip = (plan.meta.get("act_quant") or {}).get("clip", self.cfg.act_clip)
+        n = install_act_quant(self.model, {u: a.choice.act_bits for u, a in plan.assignments.items()}, clip)
+        if n:
+            from .budget import act_bits_average
+
+            freq = self.calib.stats.aligned(self.units).frequency
+            self.results["avg_act_bits"] = act_bits_average([plan.choice(u) for u in self.units],
+                                                            [self.shapes[u] for u in self.units], freq)
+            self.results["act_quant_units"] = n
 
     def save(self, plan: Plan) -> dict:
         """Save the quantized model under model/ (packed, or dequantized 16-bit); return the packed
@@ -396,6 +466,7 @@ class Pipeline:
         cfg = self.cfg
         if self.results.get("done"):
             return self.results
+        cfg.check_act_options()
         self.load()
         choices = candidate_choices(cfg, self.shapes)
         attn = cfg.attention_choice()

@@ -11,6 +11,10 @@ One entry point, `allocate`, dispatches to a solver module with the same contrac
     rl          DMPQ: PPO over raise/lower moves (optional extra `rl`); options `objectives` ([U, C] per
                 name) and `features` ([U, F]) are summed over groups like loss and cost
 
+`extra` adds more knapsack rows `(cost_k [U, C], budget_k)` (e.g. the average activation bits of a W-A
+allocation, budget.ActBitsBudget); only `ilp` takes them -- the Lagrangian's single multiplier and
+the greedy heuristics have no second constraint, and a plan that ignored it would be wrong.
+
 `groups` ties units to one choice (see `groups.py`); the budget is checked against the feasible range
 first (`check_budget`), so every solver may assume it is feasible.
 
@@ -53,8 +57,11 @@ def check_budget(cost, budget: float, solver: str, groups=None, budget_format: B
     _check_reduced(cost, float(budget), solver, budget_format)
 
 
+EXTRA_CONSTRAINT_SOLVERS = ("ilp",)
+
+
 def allocate(loss, cost, budget: float, solver: str = "lagrangian", groups=None, frequency=None,
-             budget_format: BudgetFormat | None = None, **options) -> AllocationResult:
+             budget_format: BudgetFormat | None = None, extra=(), **options) -> AllocationResult:
     """Solve the allocation. `loss` [U, C] is f_u * l_u(c), `cost` [U, C] >= 0 in the budget's unit.
 
     `groups` [U] ints: units with equal ids take the same choice. `frequency` [U]: needed by `freq`.
@@ -65,6 +72,13 @@ def allocate(loss, cost, budget: float, solver: str = "lagrangian", groups=None,
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
     loss, cost, budget = check_problem(loss, cost, budget)
+    extra = [(np.asarray(c, dtype=np.float64), float(b)) for c, b in extra]
+    if extra and solver not in EXTRA_CONSTRAINT_SOLVERS:
+        raise ValueError(f"solver {solver!r} takes one budget; a second constraint (average activation bits of a "
+                         f"joint weight/activation allocation) needs --solver {' or '.join(EXTRA_CONSTRAINT_SOLVERS)}")
+    for c, _ in extra:
+        if c.shape != loss.shape:
+            raise ValueError(f"extra constraint cost has shape {c.shape}, expected {loss.shape}")
     if frequency is not None:
         frequency = np.asarray(frequency, dtype=np.float64)
         if frequency.shape != (loss.shape[0],) or not np.all(np.isfinite(frequency)):
@@ -79,14 +93,17 @@ def allocate(loss, cost, budget: float, solver: str = "lagrangian", groups=None,
         loss_g, cost_g, freq_g, inverse = reduce_groups(loss, cost, groups, frequency)
         if solver == "freq":
             options["frequency"] = freq_g
+        extra_g = [(reduce_groups(c, c, groups)[0], b) for c, b in extra]
         if options.get("objectives"):  # rl: per-unit cost matrices of the reward, summed like cost
             options["objectives"] = {k: reduce_groups(m, m, groups)[0] for k, m in options["objectives"].items()}
         if options.get("features") is not None:  # rl: per-unit statistics, summed over the group
             feats = np.asarray(options["features"], dtype=np.float64)
             options["features"] = reduce_groups(feats, feats, groups)[0]
     else:
-        loss_g, cost_g = loss, cost
+        loss_g, cost_g, extra_g = loss, cost, extra
     _check_reduced(cost_g, budget, solver, budget_format)
+    if extra_g:
+        options["extra"] = extra_g
     res = SOLVERS[solver](loss_g, cost_g, budget, **options)
     if inverse is not None:
         res.choice_index = res.choice_index[inverse]

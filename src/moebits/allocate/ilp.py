@@ -13,6 +13,11 @@ loss `UB` and a dual bound `D(lambda)`. Every feasible plan x satisfies
 exceeds `UB - D` cannot be part of a plan better than the incumbent and is fixed to 0 -- an exact
 reduction, not a heuristic. Units left with one candidate are fixed outright; HiGHS solves the rest.
 The optimum and the proven gap are those of the full problem.
+
+**More constraints (`extra`).** Further knapsack rows `(cost_k, budget_k)` -- the average activation
+bits of a joint W/A allocation -- go to HiGHS as more rows. The Lagrangian incumbent ignores them, so
+it may be infeasible and its bound says nothing about them: reduced-cost fixing is then off and HiGHS
+solves the whole problem.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ def _matrices(cost: np.ndarray, keep: np.ndarray):
     return assign, knap
 
 
-def _milp(loss, cost, keep, budget, options):
+def _milp(loss, cost, keep, budget, options, extra=()):
     """Solve over the kept variables; returns (choice index per unit, HiGHS result)."""
     U = loss.shape[0]
     loss_scale = float(np.abs(loss[keep]).max()) or 1.0
@@ -42,25 +47,35 @@ def _milp(loss, cost, keep, budget, options):
     assign, knap = _matrices(cost / cost_scale, keep)
     rows, cols = np.nonzero(keep)  # row-major: the same order as the columns of `assign`
     cap = budget / cost_scale
+    rows_k = []  # (matrix, scale, budget, cap) per extra constraint
+    for c_k, b_k in extra:
+        scale_k = float(c_k[keep].max()) or 1.0
+        rows_k.append([_matrices(c_k / scale_k, keep)[1], scale_k, b_k, b_k / scale_k, c_k])
     for _ in range(3):  # re-solve with a tighter cap if HiGHS's feasibility tolerance let the plan overshoot
+        constraints = [LinearConstraint(assign, 1, 1), LinearConstraint(knap, -np.inf, cap)]
+        constraints += [LinearConstraint(m, -np.inf, cap_k) for m, _, _, cap_k, _ in rows_k]
         res = milp(loss[keep] / loss_scale, integrality=np.ones(len(rows)), bounds=Bounds(0, 1),
-                   constraints=[LinearConstraint(assign, 1, 1), LinearConstraint(knap, -np.inf, cap)],
-                   options=options)
-        if res.x is None:  # typically: the time limit came before any incumbent
+                   constraints=constraints, options=options)
+        if res.x is None:  # typically: the time limit came before any incumbent, or no plan meets every row
             return None, res, None
         on = res.x > 0.5
         idx = np.zeros(U, dtype=np.int64)
         idx[rows[on]] = cols[on]
         used = float(cost[np.arange(U), idx].sum())
-        if fits(used, budget):
+        used_k = [float(r[4][np.arange(U), idx].sum()) for r in rows_k]
+        if fits(used, budget) and all(fits(u_k, r[2]) for u_k, r in zip(used_k, rows_k)):
             bound = float(res.mip_dual_bound) * loss_scale if res.mip_dual_bound is not None else None
             return idx, res, bound
-        cap -= 2 * (used - budget) / cost_scale
+        if not fits(used, budget):
+            cap -= 2 * (used - budget) / cost_scale
+        for u_k, r in zip(used_k, rows_k):
+            if not fits(u_k, r[2]):
+                r[3] -= 2 * (u_k - r[2]) / r[1]
     raise RuntimeError(f"HiGHS's plans overshoot the budget ({used:.6g} > {budget:.6g})")
 
 
 def solve(loss: np.ndarray, cost: np.ndarray, budget: float, *, reduce: bool = True, mip_rel_gap: float = 1e-4,
-          time_limit: float | None = None, presolve: bool = True, disp: bool = False) -> AllocationResult:
+          time_limit: float | None = None, presolve: bool = True, disp: bool = False, extra=()) -> AllocationResult:
     """Solve to a proven relative gap of `mip_rel_gap` (HiGHS's default, 1e-4, far below the noise of any
     sensitivity estimate; pass 0 for a strict optimum). Assumes the budget is feasible. `optimal` is
     True when the gap closed -- with `reduce`, possibly by the Lagrangian bound alone, then HiGHS is not
@@ -69,9 +84,12 @@ def solve(loss: np.ndarray, cost: np.ndarray, budget: float, *, reduce: bool = T
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
     U, C = loss.shape
-    if not reduce:
-        idx, res, bound = _milp(loss, cost, np.ones((U, C), bool), budget, options)
+    if not reduce or extra:
+        idx, res, bound = _milp(loss, cost, np.ones((U, C), bool), budget, options, extra)
         if idx is None:
+            if extra and res.status == 2:
+                raise ValueError("no plan meets the budget and the average-activation-bits budget at "
+                                            "once; raise one of them")
             raise RuntimeError(f"HiGHS found no plan (status {res.status}: {res.message}); "
                                "raise time_limit or use reduce=True, which always has the Lagrangian plan")
         total_loss, total_cost = totals(loss, cost, idx)

@@ -47,9 +47,13 @@ def plan_under_budget(table, budget, solver: str, groups: np.ndarray | None = No
     if budget.cost.shape != (len(table.units), len(table.choices)):
         raise ValueError(f"budget cost has shape {budget.cost.shape}, the table {len(table.units)} x {len(table.choices)}")
     loss = table.loss
+    act = getattr(budget, "act", None)
+    extra = [(act.cost, act.total)] if act is not None else []
     res = allocate(loss, budget.cost, budget.total, solver=solver, groups=groups, frequency=table.frequency,
-                   budget_format=budget.describe, **options)
+                   budget_format=budget.describe, extra=extra, **options)
     plan = to_plan(table.units, table.choices, res, loss, budget.cost,
                    {"solver": solver, "budget": budget.as_meta(), **(meta or {})})
     plan.meta["avg_bits"] = plan.avg_bits(budget.shapes)
+    if act is not None:  # MAC-weighted average activation bits (budget.ActBitsBudget)
+        plan.meta["avg_act_bits"] = act.average(np.asarray(res.choice_index))
     return plan

@@ -61,6 +61,18 @@ def convert_model(model: nn.Module, index: PackedIndex, device=None) -> nn.Modul
     return model
 
 
+def install_recorded_act_quant(model: nn.Module, act: dict | None) -> None:
+    """Re-install the activation quantization a W-A checkpoint records (io.act_quant_config)."""
+    if not act:
+        return
+    from ..models.act_quant import install_act_quant
+    from ..units import Unit
+
+    if act.get("scheme") != "per-token symmetric":
+        raise PackedFormatError(f"config.json: unknown activation quantization scheme {act.get('scheme')!r}")
+    install_act_quant(model, {Unit.parse(n): int(b) for n, b in act["units"].items()}, float(act.get("clip", 1.0)))
+
+
 class MoebitsHfQuantizer(HfQuantizer):
     requires_calibration = True  # a packed checkpoint is loaded, never produced, by transformers
 
@@ -82,6 +94,7 @@ class MoebitsHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         verify_checksums(model, self._index, self._file)
+        install_recorded_act_quant(model, getattr(self.quantization_config, "act_quant", None))
         return model
 
     def is_serializable(self):

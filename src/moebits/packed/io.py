@@ -212,6 +212,9 @@ def save_packed(model, adapter: MoEAdapter, plan: Plan, qweights: dict[Unit, Qua
         "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "weights": WEIGHTS_NAME,
         "avg_bits": plan.avg_bits(adapter.shapes()), "bits_histogram": index.bits_histogram(), **sizes,
     }
+    act = act_quant_config(plan)
+    if act is not None:
+        cfg.quantization_config["act_quant"] = act
     cfg.save_pretrained(tmp)
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -229,6 +232,17 @@ def save_packed(model, adapter: MoEAdapter, plan: Plan, qweights: dict[Unit, Qua
     else:
         tmp.rename(out_dir)
     return sizes
+
+
+def act_quant_config(plan: Plan) -> dict | None:
+    """What `quantization_config.act_quant` records of a W-A plan (None when no unit quantizes its
+    activations): the scheme, the clip ratio and the activation bits of every unit below 16, so that
+    loading (hf.py) installs the same activation quantization."""
+    units = {u.name: a.choice.act_bits for u, a in plan.assignments.items() if a.choice.quantizes_acts}
+    if not units:
+        return None
+    meta = plan.meta.get("act_quant") or {}
+    return {"scheme": "per-token symmetric", "clip": float(meta.get("clip", 1.0)), "units": units}
 
 
 # ---- reading --------------------------------------------------------------------------------------
