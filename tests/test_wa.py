@@ -151,3 +151,27 @@ def test_wa_options_are_checked(tmp_path, text_file):
         r = runner.invoke(app, base + extra + ["--calib", str(text_file), "--eval", str(text_file), "--nsamples", "2",
                                                "--seqlen", "32", "--eval-windows", "1"])
         assert r.exit_code != 0 and msg in r.output, (extra, r.output)
+
+
+def test_integer_wa_kernel_computes_the_quantized_product_and_latency_fri_has_act_bits():
+    from moebits.latency import FEATURES, KernelPoint, features, latency_fri_matrix, make_int_kernel
+
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
+    fn = make_int_kernel(24, 64, 4, 8, seed=3)
+    # independent reference: same seeded weights, fake-quantized x in float
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randint(0, 16, (24, 64), generator=g, dtype=torch.int16) - 8).float()
+    w_scale = torch.rand(24, generator=g) * 0.01 + 1e-3
+    from moebits.quant.act import quantize_activations
+
+    ref = (quantize_activations(x, 8) @ w.T) * w_scale
+    torch.testing.assert_close(fn(x), ref, rtol=1e-4, atol=1e-5)
+    assert fn(x[:3]).shape == (3, 24)  # tiny batches are padded for the int GEMM
+    X = features([KernelPoint(8, 32, 64, 4, 4), KernelPoint(8, 32, 64, 4)])
+    col = FEATURES.index("act_bits")
+    assert X[0, col] == 4 and X[1, col] == 16 and X[0, FEATURES.index("log_bytes")] < X[1, FEATURES.index("log_bytes")]
+    choices = [Choice(4, 32), Choice(4, 32, act_bits=8)]
+    lat, info = latency_fri_matrix([(32, 64), (64, 32)], [0.5, 0.5], choices, batch_tokens=64, anchors=8, holdout=0,
+                                   repeats=3, warmup=1, threads=1)
+    assert lat.shape == (2, 2) and (lat > 0).all()
+    assert {p.act_bits for p in info["points"]} == {16, 8}

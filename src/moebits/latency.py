@@ -20,12 +20,20 @@ Code layout (`layout`):
   moves the same bytes and does the same work, so 2/3/4/8 bits measure alike: with the usual choices
   {2,3,4,8} a latency budget cannot tell them apart. Kept to show exactly that.
 
+Activation bits (`KernelPoint.act_bits < 16`, W-A choices): the kernel quantizes `x` per token to
+integer codes (the run-time work of quant/act.py) and multiplies integer codes on the integer GEMM
+(`torch._int_mm`, int8 x int8 -> int32; weights held as int8 codes shifted by their zero point, a
+per-row scale), then rescales. That is the W8A8-style path every a <= 8 bit width runs on here (int4
+tensor-core kernels have no torch entry point), so what the feature buys is the integer-GEMM speed
+and the quantization overhead the machine at hand really has.
+
 Measurement: `warmup` untimed calls, then the median of `repeats` timed calls
 (`torch.cuda.synchronize` around each on CUDA). Inputs are random; latency does not depend on values.
 
 Features of a latency rule (Table 7's latency module, minus the GPU-kernel descriptors -- tiling,
 stages, fusion, threads -- that an unfused PyTorch kernel does not have): log M, log N, log K, bits,
-log FLOPs (2MNK), log bytes (stored weight bytes, exact, + fp16 activations in and out). FRI
+log FLOPs (2MNK), log bytes (stored weight bytes, exact, + activations in at their bits and out in
+fp16), and the activation bits (the paper's latency rules have it; 16 = not quantized). FRI
 interpolates log latency (`target="log"`), i.e. a weighted geometric mean of neighbouring anchors.
 
 Tokens per unit follow `cost.latency_matrix`: with `B = batch_tokens` tokens routed independently,
@@ -48,16 +56,18 @@ from .fri import FRIRegressor
 from .units import FP_BITS, Choice
 
 LAYOUTS = ("bitplane", "byte")
-FEATURES = ("log_M", "log_N", "log_K", "bits", "log_flops", "log_bytes")
+FEATURES = ("log_M", "log_N", "log_K", "bits", "log_flops", "log_bytes", "act_bits")
 
 
 @dataclass(frozen=True)
 class KernelPoint:
-    """One latency measurement point: the GEMM `(M x K) @ (K x N)` with a `bits`-bit weight."""
+    """One latency measurement point: the GEMM `(M x K) @ (K x N)` with a `bits`-bit weight and
+    `act_bits`-bit activations (16: not quantized)."""
     M: int
     N: int
     K: int
     bits: int
+    act_bits: int = FP_BITS
 
 
 def compute_dtype(device: str | torch.device) -> torch.dtype:
@@ -76,11 +86,41 @@ def _padded_k(K: int, group_size: int) -> tuple[int, int]:
     return g, g * math.ceil(K / g)
 
 
+def make_int_kernel(N: int, K: int, bits: int, act_bits: int, device: str | torch.device = "cpu", seed: int = 0):
+    """A closure `x [M, K] -> y [M, N]`: per-token symmetric quantization of x to `act_bits`, integer GEMM
+    with the `bits`-bit weight codes (int8 storage), rescale by token and row scales."""
+    from .quant.act import check_act_bits
+
+    check_act_bits(act_bits)
+    if not 1 <= bits <= 8:
+        raise ValueError(f"an integer GEMM needs quantized weights (1..8 bits), got {bits}")
+    device = torch.device(device)
+    dtype = compute_dtype(device)
+    gen = torch.Generator().manual_seed(seed)
+    w_codes = (torch.randint(0, 2 ** bits, (N, K), generator=gen, dtype=torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+    w_t = w_codes.T.contiguous().to(device)  # [K, N]
+    w_scale = (torch.rand(N, generator=gen) * 0.01 + 1e-3).to(device, dtype)
+    qmax = 2 ** (act_bits - 1) - 1
+
+    def run(x):
+        s = x.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
+        xq = torch.clamp(torch.round(x / s), -qmax, qmax).to(torch.int8)
+        if xq.shape[0] <= 16:  # torch._int_mm needs M > 16: pad the (rare) tiny batches
+            xq = torch.cat([xq, xq.new_zeros(17 - xq.shape[0], xq.shape[1])])
+        acc = torch._int_mm(xq, w_t)[: x.shape[0]]
+        return acc.to(dtype) * s * w_scale
+
+    return run
+
+
 def make_kernel(N: int, K: int, bits: int, group_size: int = 128, layout: str = "bitplane",
-                device: str | torch.device = "cpu", seed: int = 0):
-    """A closure `x [M, K] -> y [M, N]` running the quantized (or 16-bit) kernel on random weights."""
+                device: str | torch.device = "cpu", seed: int = 0, act_bits: int = FP_BITS):
+    """A closure `x [M, K] -> y [M, N]` running the quantized (or 16-bit) kernel on random weights;
+    with `act_bits < 16` and quantized weights, the integer W-A kernel (`make_int_kernel`)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if act_bits != FP_BITS and bits != FP_BITS:
+        return make_int_kernel(N, K, bits, act_bits, device, seed)
     device = torch.device(device)
     dtype = compute_dtype(device)
     gen = torch.Generator().manual_seed(seed)
@@ -140,7 +180,7 @@ def measure_latency(point: KernelPoint, group_size: int = 128, layout: str = "bi
     work, intra-op threads wait on each other at every barrier and a 10-microsecond GEMM can take 30 ms;
     one thread measures the kernel rather than the scheduler."""
     device = torch.device(device)
-    fn = make_kernel(point.N, point.K, point.bits, group_size, layout, device, seed)
+    fn = make_kernel(point.N, point.K, point.bits, group_size, layout, device, seed, point.act_bits)
     x = torch.randn(max(1, point.M), point.K, generator=torch.Generator().manual_seed(seed + 1)).to(device,
                                                                                                     compute_dtype(device))
     with torch.no_grad(), cpu_threads(threads):
@@ -166,18 +206,21 @@ def features(points: Sequence[KernelPoint], group_size: int = 128) -> np.ndarray
     rows = []
     for p in points:
         M = max(1, p.M)
-        moved = weight_bytes(p.N, p.K, p.bits, group_size) + 2 * M * (p.N + p.K)
-        rows.append([math.log(M), math.log(p.N), math.log(p.K), p.bits, math.log(2.0 * M * p.N * p.K), math.log(moved)])
+        x_bytes = 2 * M * p.K if p.act_bits == FP_BITS else M * (p.K * p.act_bits / 8 + 2)  # + a scale per token
+        moved = weight_bytes(p.N, p.K, p.bits, group_size) + x_bytes + 2 * M * p.N
+        rows.append([math.log(M), math.log(p.N), math.log(p.K), p.bits, math.log(2.0 * M * p.N * p.K), math.log(moved),
+                     p.act_bits])
     return np.array(rows, dtype=np.float64).reshape(-1, len(FEATURES))
 
 
-def anchor_grid(shapes: Sequence[tuple[int, int]], bits: Sequence[int], m_min: int, m_max: int,
+def anchor_grid(shapes: Sequence[tuple[int, int]], bits: Sequence, m_min: int, m_max: int,
                 n_anchors: int, seed: int = 0) -> list[KernelPoint]:
-    """About `n_anchors` points covering every distinct (N, K) and bit-width: per (shape, bits) cell,
+    """About `n_anchors` points covering every distinct (N, K) and bit-width (an int, or a
+    `(bits, act_bits)` pair for W-A choices): per (shape, bits) cell,
     M on a log grid spanning [m_min, m_max] with a seeded random offset (so two seeds give different,
     interleaved grids). Every cell gets at least its two ends."""
     cells = sorted({(int(o), int(i)) for o, i in shapes})
-    bits = sorted(set(int(b) for b in bits))
+    bits = sorted(set((b, FP_BITS) if isinstance(b, (int, np.integer)) else (int(b[0]), int(b[1])) for b in bits))
     per_cell = max(2, round(n_anchors / max(1, len(cells) * len(bits))))
     lo, hi = math.log(max(1, m_min)), math.log(max(m_min, m_max, 1))
     rng = np.random.default_rng(seed)
@@ -188,7 +231,7 @@ def anchor_grid(shapes: Sequence[tuple[int, int]], bits: Sequence[int], m_min: i
             offs = rng.uniform(-0.5, 0.5, per_cell) * step * 0.5
             offs[0], offs[-1] = 0.0, 0.0  # the ends are exact: no extrapolation in M
             ms = sorted({max(1, int(round(math.exp(lo + k * step + o)))) for k, o in enumerate(offs)})
-            out += [KernelPoint(m, N, K, b) for m in ms]
+            out += [KernelPoint(m, N, K, b[0], b[1]) for m in ms]
     return out
 
 
@@ -231,7 +274,7 @@ def latency_fri_matrix(shapes: Sequence[tuple[int, int]], frequencies: Sequence[
     active = p > 0
     m_int = np.maximum(1, np.rint(m)).astype(np.int64)
     m_lo, m_hi = (int(m_int[active].min()), int(m_int[active].max())) if active.any() else (1, 1)
-    bits = sorted({c.bits for c in choices})
+    bits = sorted({(c.bits, c.act_bits if not c.is_fp else FP_BITS) for c in choices})
 
     t0 = time.perf_counter()
     if isinstance(anchors, (int, np.integer)):
@@ -247,8 +290,9 @@ def latency_fri_matrix(shapes: Sequence[tuple[int, int]], frequencies: Sequence[
     held = []
     for _ in range(holdout):
         N, K = cells[rng.integers(len(cells))]
+        b, a = bits[rng.integers(len(bits))]
         held.append(KernelPoint(int(round(math.exp(rng.uniform(math.log(m_lo), math.log(max(m_lo, m_hi)))))), N, K,
-                                int(bits[rng.integers(len(bits))])))
+                                int(b), int(a)))
     y_held = np.array([measure(pt) for pt in held])
     t_measure = time.perf_counter() - t0
 
@@ -268,7 +312,8 @@ def latency_fri_matrix(shapes: Sequence[tuple[int, int]], frequencies: Sequence[
     rows = {}
     for u in np.flatnonzero(active):
         for c, ch in enumerate(choices):
-            rows.setdefault(KernelPoint(int(m_int[u]), int(s[u, 0]), int(s[u, 1]), ch.bits), []).append((u, c))
+            a = FP_BITS if ch.is_fp else ch.act_bits
+            rows.setdefault(KernelPoint(int(m_int[u]), int(s[u, 0]), int(s[u, 1]), ch.bits, a), []).append((u, c))
     lat = np.zeros((U, C))
     if rows:
         keys = list(rows)

@@ -242,13 +242,15 @@ class MoEAdapter:
     def expert_intermediate(self, layer: int, expert: int | str, x: torch.Tensor,
                             gate_w: torch.Tensor | None = None, up_w: torch.Tensor | None = None,
                             act_quant: dict[str, Transform] | None = None) -> torch.Tensor:
-        """act(x_g @ gate^T) * (x_u @ up^T): the input of the down projection before its own transforms,
-        `[T, I]`; x_g, x_u are `x` through gate's and up's installed transforms (see `block_input`)."""
+        """T_down(act(T_gate(x) @ gate^T) * (T_up(x) @ up^T)): what the down projection multiplies, `[T, I]`,
+        exactly as the model's forward computes it (T: the installed input transforms, `block_input`), so
+        GPTQ Hessians and statistics of the down input see e.g. an online rotation."""
         gate_w = self.weight(Unit(layer, expert, "gate")) if gate_w is None else gate_w
         up_w = self.weight(Unit(layer, expert, "up")) if up_w is None else up_w
         xg = self.block_input(layer, expert, "gate", x, act_quant)
         xu = self.block_input(layer, expert, "up", x, act_quant)
-        return self.act_fn(layer, expert)(xg @ gate_w.T.to(x.dtype)) * (xu @ up_w.T.to(x.dtype))
+        h = self.act_fn(layer, expert)(xg @ gate_w.T.to(x.dtype)) * (xu @ up_w.T.to(x.dtype))
+        return self.block_input(layer, expert, "down", h, act_quant)
 
     def expert_forward(self, layer: int, expert: int | str, x: torch.Tensor,
                        weights: dict[str, torch.Tensor] | None = None,
@@ -258,7 +260,6 @@ class MoEAdapter:
         `act_quant` their activation quantization (e.g. {"down": 4-bit}) without touching the model."""
         weights = weights or {}
         h = self.expert_intermediate(layer, expert, x, weights.get("gate"), weights.get("up"), act_quant)
-        h = self.block_input(layer, expert, "down", h, act_quant)
         down = weights.get("down", self.weight(Unit(layer, expert, "down")))
         return h @ down.T.to(h.dtype)
 
