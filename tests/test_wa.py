@@ -175,3 +175,38 @@ def test_integer_wa_kernel_computes_the_quantized_product_and_latency_fri_has_ac
                                    repeats=3, warmup=1, threads=1)
     assert lat.shape == (2, 2) and (lat > 0).all()
     assert {p.act_bits for p in info["points"]} == {16, 8}
+
+
+def test_exports_refuse_wa_plans_with_the_reason(tmp_path):
+    """compressed-tensors pack-quantized cannot carry activation quantization, a 16-bit dequantized export
+    would drop it: both refuse, naming what to use instead."""
+    pytest.importorskip("compressed_tensors")
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_export import quantized_checkpoint, servable_bits
+
+    from moebits.export.compressed import ExportRefused, write_compressed_tensors
+    from moebits.plan import Assignment
+
+    dense, plan, codes, _, _ = quantized_checkpoint(tmp_path, servable_bits)
+    wa = Plan({u: Assignment(replace(a.choice, act_bits=8)) for u, a in plan.assignments.items()})
+    with pytest.raises(ExportRefused, match="activations"):
+        write_compressed_tensors(dense, codes, wa, tmp_path / "ct")
+    run = tmp_path / "run"
+    _quantize(run, _text(tmp_path), ["--wbits", "4", "--abits", "8"])
+    from moebits.export.run_export import export_run
+
+    for fmt in ("dequantized", "compressed-tensors"):
+        with pytest.raises(ExportRefused, match="activations"):
+            export_run(run, fmt, tmp_path / fmt)
+
+
+def _text(tmp_path):
+    p = tmp_path / "text.txt"
+    words = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
+    g = torch.Generator().manual_seed(0)
+    p.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (6000,), generator=g).tolist()))
+    return p

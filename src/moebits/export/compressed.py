@@ -15,7 +15,10 @@ compressed-tensors' int grid is signed (`-2^(B-1) .. 2^(B-1)-1`), moebits' unsig
 codes and zero are both shifted by `2^(B-1)`, which leaves `(q - zero) * scale` unchanged. The
 `quantization_config` has one config group per (bits, group size), its `targets` `re:` patterns naming
 the layers' expert projections (`...experts.<e>.(gate_proj|up_proj|down_proj|w1|w2|w3)`), so vLLM
-finds one scheme per MoE layer. The check (`verify_compressed_tensors`) decompresses the export with
+finds one scheme per MoE layer. A W-A plan (activation bits < 16) is refused: `input_activations`
+exist in compressed-tensors, but a scheme with them is not `pack-quantized` any more (compressed-tensors
+infers another format for it and its own dequantizer then finds our packed tensors orphaned), and
+vLLM's integer W-A kernels take symmetric int8-stored weights, not asymmetric group codes. The check (`verify_compressed_tensors`) decompresses the export with
 compressed-tensors' model-free dequantizer and compares every unit with the moebits weight.
 """
 from __future__ import annotations
@@ -149,6 +152,13 @@ def write_compressed_tensors(dense_dir: str | Path, quantized: Mapping[Unit, Uni
     shapes = shapes or {u: tuple(tensors[modules[u] + ".weight"].shape) for u in plan.units}
     promotions = promotions_for(plan, use_envelope, shapes)
 
+    wa = sorted({a.choice.act_bits for a in plan.assignments.values() if a.choice.quantizes_acts})
+    if wa:
+        raise ExportRefused(
+            f"the plan quantizes activations (to {wa} bits); compressed-tensors pack-quantized carries weight-only "
+            "schemes (with input_activations a scheme changes format, and vLLM's integer W-A kernels need "
+            "symmetric int8-stored weights, not asymmetric group codes). Serve the packed model "
+            "(moebits.load_quantized / from_pretrained after `import moebits`), which reproduces the activations")
     groups: dict[tuple[int, int], list[str]] = {}
     unit_bytes = 0
     for key, members in tied_sets(plan.assignments).items():

@@ -120,6 +120,12 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, use_envelope: boo
     plan = Plan.load(model_dir / "plan.json")
     index, qweights, tensors = read_packed_units(model_dir)
     plan.check_covers(qweights)
+    if fmt == "dequantized" and any(a.choice.quantizes_acts for a in plan.assignments.values()):
+        from .compressed import ExportRefused
+
+        raise ExportRefused("the plan quantizes activations (W-A), which a 16-bit dequantized checkpoint cannot "
+                            "express (transformers would run 16-bit activations); export --format "
+                            "compressed-tensors (per-token dynamic input_activations) or use the packed model")
     model = dense_model(model_dir, index, qweights, tensors)
     shapes = {u: tuple(q.shape) for u, q in qweights.items()}
     report = {"format": fmt, "out": str(out), "plan_avg_bits": plan.avg_bits(shapes)}
