@@ -3,7 +3,11 @@
 vs expert granularity at W5A5), by perplexity and a small zero-shot average.
 
     python benchmarks/bench_wa.py [--seeds 0,1] [--eval-windows 160] [--zs-tasks arc_easy,piqa,winogrande,hellaswag]
-                                  [--zs-limit 200] [--act-clip 0.9] [--no-rotate]
+                                  [--zs-limit 200] [--act-clip 0.9] [--variants plain,rotated] [--merge FILE.json]
+
+Every run also writes its rows' raw numbers to results/NAME.json; `--merge` adds the rows of an earlier
+run's JSON that this run did not measure (e.g. `--variants rotated --merge results/wa.json` adds the GPTQ*
+rows to a table measured before the rotation existed; the settings must match, which is checked).
 
 Rows (GPTQ g128 weights everywhere; activations per-token symmetric, clip `--act-clip`, quant/act.py):
 * `GPTQ W3.25A16`, `GPTQ W2.25A16`: uniform 3- / 2-bit weights, activations untouched.
@@ -84,13 +88,16 @@ def main():
     ap.add_argument("--data", default=None, help="zero-shot data folder (default: $MOEBITS_DATA or ../shared/data)")
     ap.add_argument("--act-clip", type=float, default=0.9, help="activation clipping ratio (QuaRot's 0.9)")
     ap.add_argument("--anchors", type=float, default=0.2)
-    ap.add_argument("--no-rotate", action="store_true", help="leave out the rotated rows even if moebits.rotate exists")
+    ap.add_argument("--variants", default="plain,rotated",
+                    help="plain (unrotated rows, W5A5 allocations) and/or rotated (GPTQ*, QuaRot-style W4A4)")
+    ap.add_argument("--merge", default=None, help="results JSON of an earlier run whose other rows join the table")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="wa")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
-    rotate_ok = rotation_available() is not None and not args.no_rotate
+    wanted = set(args.variants.split(","))
+    rotate_ok = rotation_available() is not None and "rotated" in wanted
     gq = lambda b, a=16: Choice(b, 128, "gptq", act_bits=a)  # noqa: E731
     joint = [gq(b, a) for b in WBITS for a in ABITS]
 
@@ -119,7 +126,8 @@ def main():
         zs_rows[name] = res
         print(f"  zero-shot {name}: {res['average']}", flush=True)
 
-    for variant in ([False, True] if rotate_ok else [False]):
+    variants = ([False] if "plain" in wanted else []) + ([True] if rotate_ok else [])
+    for variant in variants:
         for seed in seeds:
             torch.manual_seed(seed)
             model, tok, ad = load(seed, variant)
@@ -176,18 +184,46 @@ def main():
                     run(plan, f"{mname} W5A5, {gname}", t_fill + time.perf_counter() - t0)
             del model
 
+    import json
+    from pathlib import Path
+
+    from _common import RESULTS
+
+    settings = {k: getattr(args, k) for k in ("seeds", "nsamples", "seqlen", "eval_windows", "zs_tasks", "zs_limit",
+                                              "act_clip", "anchors")}
+    zs_avg = {n: {"acc_norm": r["average"]["acc_norm"], "label": r["average"]["label"]} for n, r in zs_rows.items()}
+    merged_from = None
+    if args.merge:
+        old = json.loads(Path(args.merge).read_text())
+        if old["settings"] != settings:
+            raise SystemExit(f"--merge {args.merge}: settings differ ({old['settings']} vs {settings})")
+        merged_from = old
+        for name, c in old["cells"].items():
+            cells.setdefault(name, c)
+        for name, z in old["zero_shot"].items():
+            zs_avg.setdefault(name, z)
+        rotate_ok = rotate_ok or old.get("rotated", False)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(
+        {"settings": settings, "cells": cells, "zero_shot": zs_avg, "rotated": rotate_ok,
+         "seconds": time.perf_counter() - t_start + (merged_from["seconds"] if merged_from else 0)}, indent=1) + "\n")
+    order = ["fp16", "fp16 rotated", "GPTQ W3", "GPTQ* W3", "GPTQ W2", "GPTQ* W2", "W4A4", "MxMoE", "FRI"]
+    rank = lambda n: next((i for i, p in enumerate(order) if n.startswith(p)), len(order))  # noqa: E731
+    cells = dict(sorted(cells.items(), key=lambda kv: rank(kv[0])))
     rows = []
     for name, c in cells.items():
-        zs = zs_rows.get(name)
+        zs = zs_avg.get(name)
         rows.append([name, f"{statistics.mean(c['wbits']):.3f}", f"{statistics.mean(c['abits']):.2f}",
                      mean_sd(c["ppl"]), mean_sd(c["dppl"], "{:+.2f}"),
-                     "-" if zs is None else f"{100 * zs['average']['acc_norm']:.1f}",
+                     "-" if zs is None else f"{100 * zs['acc_norm']:.1f}",
                      f"{statistics.mean(c['s']):.0f}"])
-    zs_label = next(iter(zs_rows.values()))["average"]["label"] if zs_rows else "-"
+    zs_label = next(iter(zs_avg.values()))["label"] if zs_avg else "-"
     notes = [
         f"demo model, float32; perplexity on {args.eval_windows} held-out windows of {args.seqlen} tokens (the same "
         f"for every row); calibration {args.nsamples} x {args.seqlen} tokens per seed; seeds {args.seeds} (mean ± sd "
-        f"over seeds); torch threads {torch.get_num_threads()}; total {time.perf_counter() - t_start:.0f} s.",
+        f"over seeds); torch threads {torch.get_num_threads()}; total "
+        f"{time.perf_counter() - t_start + (merged_from['seconds'] if merged_from else 0):.0f} s"
+        + (f" (two runs: this one merged with {Path(args.merge).name})." if merged_from else "."),
         "W = average storage bits per weight over the expert units (g128 metadata included: 3-bit = 3.25); A = "
         "average activation bits weighted by each unit's MACs per token (routed frequency x out x in; 16 = not "
         "quantized).",
@@ -200,7 +236,7 @@ def main():
         (f"zero-shot: {zs_label} of acc_norm (acc where a task has none) over {args.zs_tasks}, first "
          f"{args.zs_limit} documents per task, seed {seeds[0]} only, through moebits.zeroshot.evaluate_tasks "
          f"(what `moebits eval --tasks` runs); the demo model was trained on Shakespeare's plays, so these "
-         f"scores sit near chance and separate the rows far less than perplexity.") if zs_rows else
+         f"scores sit near chance and separate the rows far less than perplexity.") if zs_avg else
         "zero-shot: not run (--zs-limit 0).",
         ("GPTQ* = GPTQ after the seeded random Hadamard rotation of moebits.rotate (h16r's module); "
          "'fp16 rotated (check)' is the rotated unquantized model's perplexity.") if rotate_ok else
