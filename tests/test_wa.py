@@ -139,6 +139,17 @@ def test_mxmoe_joint_weight_activation_allocation(tmp_path, text_file):
     r = runner.invoke(app, ["eval", "--run", str(tmp_path / "run"), "--tasks", "none"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "run" / "results.json").read_text())["ppl_loaded"]["matches_ppl_q"]
+    # the report shows both budgets and both averages
+    r = runner.invoke(app, ["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "5 bits + 5 activation bits" in md and f"/ A{res['avg_act_bits']:.2f}" in md
+    # `moebits allocate` on the run's W-A table takes the same second budget
+    r = runner.invoke(app, ["allocate", "--table", str(tmp_path / "run" / "table.csv"), "--model", "tiny:qwen2_moe",
+                            "--bits", "5", "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    p2 = Plan.load(tmp_path / "p.json")
+    assert p2.meta["avg_act_bits"] <= 5.0 + 1e-9 and "activation bits" in r.output
 
 
 def test_wa_options_are_checked(tmp_path, text_file):

@@ -293,6 +293,9 @@ def allocate_cmd(
     gpu: str = "h100", batch_tokens: int = 4096,
     solver: str = typer.Option("ilp", help="ilp | lagrangian | freq | uniform"),
     granularity: str = "linear", tie_gate_up: bool = False,
+    abits_budget: Optional[float] = typer.Option(None, help="a table with activation-bit choices: average "
+                                                            "activation bits (MAC-weighted; default: = --bits)"),
+    act_clip: float = typer.Option(1.0, help="the clip ratio the table's activation bits were profiled with"),
     out: Path = typer.Option(..., help="plan JSON to write"),
 ):
     """Choose one setting per unit from a sensitivity table under a budget; write a plan."""
@@ -312,12 +315,20 @@ def allocate_cmd(
             _fail(f"{table} does not describe the units of {model}")
         budget = Budget.build(kind, value, t.units, ad.shapes(), t.choices, t.frequency, gpu=gpu,
                               batch_tokens=batch_tokens)
+        meta = {"table": str(table), "granularity": granularity, "tie_gate_up": tie_gate_up}
+        if len({c.act_bits for c in t.choices}) > 1:  # W-A table: the activation-bits budget, as in quantize
+            a = abits_budget if abits_budget is not None else (bits if kind == "bits" else None)
+            if a is not None:
+                budget.with_act_bits(a, t.choices, t.frequency)
+        if any(c.quantizes_acts for c in t.choices):
+            meta["act_quant"] = {"scheme": "per-token symmetric", "clip": act_clip}
         plan = plan_under_budget(t, budget, solver, groups=structure_groups(granularity, tie_gate_up, t.units),
-                                 meta={"table": str(table), "granularity": granularity, "tie_gate_up": tie_gate_up})
+                                 meta=meta)
         plan.save(out)
     except _user_errors() as e:
         _fail(str(e))
-    Console().print(f"{solver}: {len(plan.assignments):,} units, avg {plan.meta['avg_bits']:.4f} bits, "
+    act = f", avg {plan.meta['avg_act_bits']:.3f} activation bits" if "avg_act_bits" in plan.meta else ""
+    Console().print(f"{solver}: {len(plan.assignments):,} units, avg {plan.meta['avg_bits']:.4f} bits{act}, "
                     f"loss {plan.meta['total_loss']:.6g}, {plan.meta['seconds'] * 1e3:.1f} ms -> {out}\n"
                     f"{plan.bits_histogram()}")
 
@@ -373,6 +384,10 @@ def eval_cmd(
                 apply_plan(ad, p)
                 if p.meta.get("attention"):
                     _apply_plan_attention(ad, p)
+                from .models.act_quant import install_act_quant
+
+                install_act_quant(m, {u: a.choice.act_bits for u, a in p.assignments.items()},
+                                  float((p.meta.get("act_quant") or {}).get("clip", 1.0)))
                 label = f"{model} + {plan}"
         if task_list:
             res.update(zeroshot.evaluate_tasks(m, tok, task_list, data_dir, limit=limit, batch_size=batch_size,

@@ -153,8 +153,16 @@ def _budget_text(b) -> str:
     x = _num(v)
     if x is None:
         return f"{k} {v}"
+    act = f" + {b['act_bits']:g} activation bits" if _num(b.get("act_bits")) is not None else ""
     return {"bits": f"{x:g} bits", "memory": f"{x:g} GB", "latency": f"{x * 1e3:.4g} ms",
-            "wbits": f"{x:g}-bit codes"}.get(k, f"{k} {x:g}")
+            "wbits": f"{x:g}-bit codes"}.get(k, f"{k} {x:g}") + act
+
+
+def _bits_text(r: dict) -> str:
+    """Average weight bits, with the average activation bits of a W-A run (e.g. "4.9972 / A5.00")."""
+    w = _fmt(r.get("avg_bits"), ".4f")
+    a = _num(r.get("avg_act_bits"))
+    return w if a is None else f"{w} / A{a:.2f}"
 
 
 def _fmt(x, spec: str, missing: str = "—") -> str:
@@ -288,7 +296,7 @@ def _run_section(doc: Doc, run: RunView, img: Path, out: Path, slug: str, truth:
     r = run.results or {}
     if r:
         doc.p(f"method {run.method}, quantizer {run.get('quantizer', '?')}, solver {r.get('solver', '?')}, "
-              f"budget {_budget_text(r.get('budget'))}; avg bits {_fmt(r.get('avg_bits'), '.4f')}; "
+              f"budget {_budget_text(r.get('budget'))}; avg bits {_bits_text(r)}; "
               f"perplexity {_fmt(r.get('ppl_fp'), '.3f')} (fp) -> {_fmt(r.get('ppl_q'), '.3f')} (quantized)")
 
     table = run.table
@@ -355,13 +363,15 @@ def _across_runs(doc: Doc, runs: list[RunView], img: Path, out: Path) -> list[Pa
         secs = sum(stage_seconds(r).values()) if r else None
         rows.append([run.name, run.method, str(run.get("quantizer", "—")), _budget_text(r.get("budget") or (
             {"bits": run.spec["bits"]} if run.spec and run.spec.get("bits") is not None else None)),
-            _fmt(r.get("avg_bits"), ".4f"), "—" if size is None else f"{size / 1e6:.2f}",
+            _bits_text(r), "—" if size is None else f"{size / 1e6:.2f}",
             _fmt(ppl_q, ".3f"), "—" if ppl_fp is None or ppl_q is None else f"{100 * (ppl_q / ppl_fp - 1):+.2f}",
             _fmt(zero_shot_average(r)[0], ".4f"), "—" if secs is None else f"{secs:.1f}",
             "complete" if run.complete else "incomplete"])
     doc.table(["run", "method", "quantizer", "budget", "avg bits", "size MB", "ppl", "Δppl %", "zero-shot avg",
                "seconds", "status"], rows)
-    doc.p("size: the model as stored (results.json's `model_bytes`, else the expert weights); seconds: the "
+    doc.p("avg bits: storage bits per weight of the expert blocks (W-A runs: / A the average activation bits, "
+          "weighted by MACs per token); size: the model as stored (results.json's `model_bytes`, else the expert "
+          "weights); seconds: the "
           "sum of the stages' wall time (calibration, profiling, fitting, allocation, quantization, evaluation).")
 
     def points(value):
