@@ -197,6 +197,11 @@ def quantize(
     qat_steps: int = typer.Option(0, help="quantization-aware fine-tuning steps of the experts after allocation "
                                           "(STE, calibration text only; 0 = post-training quantization)"),
     qat_lr: float = typer.Option(1e-4, help="QAT learning rate (Adam)"),
+    rotate: Optional[str] = typer.Option(None, help="rotate the model before calibrating, function unchanged "
+                                                    "(GPTQ* with --quantizer gptq): hadamard (random Hadamard on the "
+                                                    "residual stream + online Hadamard before every down projection, "
+                                                    "QuaRot) | hadamard-offline (residual stream only, nothing run "
+                                                    "online; exportable to compressed-tensors); seeded by --seed"),
     verbose: bool = False,
 ):
     """Calibrate, profile, allocate, quantize and evaluate: the whole job, resumable."""
@@ -216,7 +221,7 @@ def quantize(
                          rl_accuracy=rl_accuracy, rl_sensitivity=rl_sensitivity, energy=energy, qat_steps=qat_steps,
                          qat_lr=qat_lr, abits=abits,
                          abits_set=_parse_bits(abits_set, "--abits-set") if abits_set else None,
-                         abits_budget=abits_budget, act_clip=act_clip)
+                         abits_budget=abits_budget, act_clip=act_clip, rotate=rotate)
     try:
         cfg.check_act_options()
         cfg.budget_request()  # exactly one budget (or --wbits), before any work
@@ -381,6 +386,11 @@ def eval_cmd(
                 if ad is None:
                     _fail(f"{model} is already quantized (packed); evaluate it without --plan")
                 p = Plan.load(plan)
+                if p.meta.get("rotation"):  # the plan quantizes the rotated model: rotate it the same way first
+                    from .rotate import rotate_model
+
+                    r = p.meta["rotation"]
+                    rotate_model(m, ad, r["method"], r["seed"])
                 apply_plan(ad, p)
                 if p.meta.get("attention"):
                     _apply_plan_attention(ad, p)

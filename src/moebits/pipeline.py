@@ -93,6 +93,7 @@ class QuantizeConfig:
     abits_set: tuple[int, ...] | None = None  # joint W/A allocation: candidates = weight choices x these widths
     abits_budget: float | None = None  # average activation bits (MAC-weighted); None: = --bits when abits_set
     act_clip: float = 1.0  # per-token clipping ratio of activation quantization
+    rotate: str | None = None  # hadamard (residual + online down, QuaRot) | hadamard-offline (residual only); rotate.py
 
     OUTPUT_OPTIONS = ("save_model", "save_format")  # do not make a run "different"
     TUPLE_OPTIONS = ("candidate_bits", "reward", "bits_set", "ranks", "abits_set")  # lists in run.json
@@ -107,7 +108,7 @@ class QuantizeConfig:
         if d["target"] == "none":  # runs made before --target existed keep their spec
             d.pop("target")
         for k, default in (("bits_set", None), ("ranks", None), ("attn_bits", None), ("attn_rank", 0), ("abits", None),
-                           ("abits_set", None), ("abits_budget", None), ("act_clip", 1.0)):
+                           ("abits_set", None), ("abits_budget", None), ("act_clip", 1.0), ("rotate", None)):
             if d[k] == default:  # likewise for runs made before bt and --attn-bits
                 d.pop(k)
         return d
@@ -249,6 +250,7 @@ class Pipeline:
         if cfg.save_format not in SAVE_FORMATS:
             raise ValueError(f"unknown save format {cfg.save_format!r}; choose one of {', '.join(SAVE_FORMATS)}")
         self.cfg, self.progress = cfg, progress
+        self.rotation = None  # rotate.Rotation once load() rotated the model (--rotate)
         self.run = Run(out, cfg.spec(), overwrite=overwrite)
         self.results: dict = {}
         rp = self.run.path("results.json")
@@ -280,6 +282,13 @@ class Pipeline:
         self.model, self.tokenizer, self.adapter = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code,
                                                               seed=cfg.seed)
         self.adapter.check_finite()
+        self.rotation = None
+        if cfg.rotate:  # before calibration: statistics, Hessians and profiles are of the rotated model
+            from .rotate import rotate_model
+
+            self.rotation = self.timed("rotate_seconds", lambda: rotate_model(
+                self.model, self.adapter, cfg.rotate, cfg.seed))
+            self.results["rotation"] = self.rotation.to_dict()
         self.units = self.adapter.units()
         self.shapes = self.adapter.shapes()
 
@@ -359,6 +368,8 @@ class Pipeline:
             meta["act_quant"] = {"scheme": "per-token symmetric", "clip": cfg.act_clip}
         if cfg.target != "none":
             meta["target"] = cfg.target
+        if self.rotation is not None:  # the plan's units are the rotated model's
+            meta["rotation"] = self.rotation.to_dict()
         if cfg.budget_request()[0] == "wbits":  # no budget: the user fixed the code width
             choice = Choice(cfg.wbits, cfg.group_size, cfg.quantizer, act_bits=cfg.abits or 16)
             plan = Plan.uniform(self.units, self.shapes, choice, {**meta, "solver": "wbits",
@@ -441,10 +452,15 @@ class Pipeline:
         from .packed import packed_sizes, save_packed
 
         cfg, out = self.cfg, self.run.path("model")
+        rotation = None if self.rotation is None else self.rotation.to_dict()
         if cfg.save_model and cfg.save_format == "packed":
-            return save_packed(self.model, self.adapter, plan, self.codes, out, self.tokenizer)
+            return save_packed(self.model, self.adapter, plan, self.codes, out, self.tokenizer, rotation=rotation)
         sizes = packed_sizes(self.model, self.adapter, plan)  # before save_quantized rounds the model to 16 bits
         if cfg.save_model:
+            if self.rotation is not None and self.rotation.online_down:  # a plain HF checkpoint runs nothing online
+                from .rotate import fold_online
+
+                fold_online(self.adapter)
             save_quantized(self.model, self.tokenizer, plan, out)
         return sizes
 

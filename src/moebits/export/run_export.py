@@ -38,6 +38,8 @@ def dense_model(model_dir: Path, index, qweights: dict, tensors: dict[str, torch
     from ..models import MoEAdapter
 
     config = AutoConfig.from_pretrained(model_dir)
+    q = getattr(config, "quantization_config", None) or {}
+    rotation = (q if isinstance(q, dict) else q.to_dict()).get("rotation")
     dtype = getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     config.quantization_config = None
@@ -60,6 +62,13 @@ def dense_model(model_dir: Path, index, qweights: dict, tensors: dict[str, torch
     with torch.no_grad():
         for u, qw in qweights.items():
             adapter.set_weight(u, qw.dequantize(torch.float32))
+    if rotation and rotation.get("online_down"):  # a plain checkpoint runs nothing online: fold it into W_down
+        from ..rotate import fold_online, install_online
+
+        install_online(rotation, [(adapter.experts(l), "experts") for l in adapter.moe_layers]
+                       + [(adapter.shared_mlp(l).down_proj, "down") for l in adapter.moe_layers
+                          if adapter.shared_mlp(l) is not None])
+        fold_online(adapter)
     return model.eval()
 
 
@@ -117,6 +126,15 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, use_envelope: boo
         raise ValueError(f"{model_dir} is not a moebits packed checkpoint (a run saved before the packed format "
                          "keeps 16-bit weights only, no codes); re-run `moebits quantize` to get the codes a "
                          "compressed-tensors export needs, or export --format dequantized")
+    rotation = (json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {}).get("rotation")
+    if fmt == "compressed-tensors" and rotation and rotation.get("online_down"):
+        from .compressed import ExportRefused
+
+        raise ExportRefused(f"{model_dir} was rotated with --rotate {rotation['method']}, which rotates every down "
+                            "projection's input online (a Hadamard at run time); compressed-tensors has no way to "
+                            "express that and vLLM would need its own online-Hadamard support. Export it with "
+                            "--format dequantized (the online rotation folded into 16-bit weights), or quantize "
+                            "with --rotate hadamard-offline (residual-stream rotation only, all in the weights)")
     plan = Plan.load(model_dir / "plan.json")
     index, qweights, tensors = read_packed_units(model_dir)
     plan.check_covers(qweights)

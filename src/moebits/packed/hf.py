@@ -73,6 +73,19 @@ def install_recorded_act_quant(model: nn.Module, act: dict | None) -> None:
     install_act_quant(model, {Unit.parse(n): int(b) for n, b in act["units"].items()}, float(act.get("clip", 1.0)))
 
 
+def install_rotation(model: nn.Module, index: PackedIndex, rotation: dict | None) -> int:
+    """Rebuild the online Hadamards a rotated checkpoint records (rotate.py) on its packed modules:
+    every routed expert's and shared expert's down projection."""
+    if not rotation:
+        return 0
+    from ..rotate import install_online
+
+    downs = {e.module for name, e in index.units.items() if name.endswith(".down")}
+    mods = [(model.get_submodule(prefix), "experts" if spec.type == "experts" else "down")
+            for prefix, spec in index.modules.items() if spec.type == "experts" or prefix in downs]
+    return install_online(rotation, mods)
+
+
 class MoebitsHfQuantizer(HfQuantizer):
     requires_calibration = True  # a packed checkpoint is loaded, never produced, by transformers
 
@@ -94,6 +107,7 @@ class MoebitsHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         verify_checksums(model, self._index, self._file)
+        install_rotation(model, self._index, getattr(self.quantization_config, "rotation", None))
         install_recorded_act_quant(model, getattr(self.quantization_config, "act_quant", None))
         return model
 

@@ -188,10 +188,12 @@ def build_packed(model, adapter: MoEAdapter, plan: Plan,
 
 
 def save_packed(model, adapter: MoEAdapter, plan: Plan, qweights: dict[Unit, QuantizedWeight], out_dir: str | Path,
-                tokenizer=None) -> dict:
+                tokenizer=None, rotation: dict | None = None) -> dict:
     """Write a packed checkpoint atomically (temp dir + rename). Returns its sizes:
     `model_bytes` (every stored tensor) and `expert_bytes` (the units' codes, scales, zeros,
-    fp16 rows and compensators)."""
+    fp16 rows and compensators). `rotation` (rotate.Rotation.to_dict()) goes into
+    `quantization_config["rotation"]`: the stored weights are the rotated ones, and loading rebuilds
+    the online Hadamards it records."""
     from safetensors.torch import save_file
 
     tensors, index, unit_names = build_packed(model, adapter, plan, qweights)
@@ -215,6 +217,8 @@ def save_packed(model, adapter: MoEAdapter, plan: Plan, qweights: dict[Unit, Qua
     act = act_quant_config(plan)
     if act is not None:
         cfg.quantization_config["act_quant"] = act
+    if rotation is not None:
+        cfg.quantization_config["rotation"] = rotation
     cfg.save_pretrained(tmp)
     gen = getattr(model, "generation_config", None)
     if gen is not None:
