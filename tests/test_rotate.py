@@ -164,9 +164,12 @@ def test_gptq_star_runs_through_the_pipeline_with_each_quantizer(tmp_path, text_
         assert (wq - w).norm() < 0.5 * w.norm() and (wq - orig[u]).norm() > w.norm()
 
 
-def test_runs_without_rotate_keep_their_spec():
+def test_runs_without_rotate_keep_their_spec_and_a_bad_rotate_is_refused_before_work(tmp_path):
     assert "rotate" not in QuantizeConfig().spec()
     assert QuantizeConfig(rotate="hadamard").spec()["rotate"] == "hadamard"
+    with pytest.raises(ValueError, match="unknown --rotate 'givens'; choose one of hadamard, hadamard-offline"):
+        Pipeline(QuantizeConfig(rotate="givens"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_rotated_packed_run_reloads_and_reproduces_its_perplexity(tmp_path, text_file):

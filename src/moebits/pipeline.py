@@ -249,6 +249,11 @@ class Pipeline:
         self.method = get_method(cfg.method)
         if cfg.save_format not in SAVE_FORMATS:
             raise ValueError(f"unknown save format {cfg.save_format!r}; choose one of {', '.join(SAVE_FORMATS)}")
+        if cfg.rotate is not None:
+            from .rotate import ROTATIONS
+
+            if cfg.rotate not in ROTATIONS:
+                raise ValueError(f"unknown --rotate {cfg.rotate!r}; choose one of {', '.join(ROTATIONS)}")
         self.cfg, self.progress = cfg, progress
         self.rotation = None  # rotate.Rotation once load() rotated the model (--rotate)
         self.run = Run(out, cfg.spec(), overwrite=overwrite)
