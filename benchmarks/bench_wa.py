@@ -90,7 +90,8 @@ def main():
     ap.add_argument("--anchors", type=float, default=0.2)
     ap.add_argument("--variants", default="plain,rotated",
                     help="plain (unrotated rows, W5A5 allocations) and/or rotated (GPTQ*, QuaRot-style W4A4)")
-    ap.add_argument("--merge", default=None, help="results JSON of an earlier run whose other rows join the table")
+    ap.add_argument("--merge", default=None, help="results JSON(s) of earlier runs (comma list) whose other rows "
+                                                  "join the table")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="wa")
     args = ap.parse_args()
@@ -192,12 +193,12 @@ def main():
     settings = {k: getattr(args, k) for k in ("seeds", "nsamples", "seqlen", "eval_windows", "zs_tasks", "zs_limit",
                                               "act_clip", "anchors")}
     zs_avg = {n: {"acc_norm": r["average"]["acc_norm"], "label": r["average"]["label"]} for n, r in zs_rows.items()}
-    merged_from = None
-    if args.merge:
-        old = json.loads(Path(args.merge).read_text())
+    merged_seconds = 0.0
+    for f in (args.merge.split(",") if args.merge else []):
+        old = json.loads(Path(f).read_text())
         if old["settings"] != settings:
-            raise SystemExit(f"--merge {args.merge}: settings differ ({old['settings']} vs {settings})")
-        merged_from = old
+            raise SystemExit(f"--merge {f}: settings differ ({old['settings']} vs {settings})")
+        merged_seconds += old["seconds"]
         for name, c in old["cells"].items():
             cells.setdefault(name, c)
         for name, z in old["zero_shot"].items():
@@ -206,7 +207,7 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"settings": settings, "cells": cells, "zero_shot": zs_avg, "rotated": rotate_ok,
-         "seconds": time.perf_counter() - t_start + (merged_from["seconds"] if merged_from else 0)}, indent=1) + "\n")
+         "seconds": time.perf_counter() - t_start + merged_seconds}, indent=1) + "\n")
     order = ["fp16", "fp16 rotated", "GPTQ W3", "GPTQ* W3", "GPTQ W2", "GPTQ* W2", "W4A4", "MxMoE", "FRI"]
     rank = lambda n: next((i for i, p in enumerate(order) if n.startswith(p)), len(order))  # noqa: E731
     cells = dict(sorted(cells.items(), key=lambda kv: rank(kv[0])))
@@ -222,8 +223,8 @@ def main():
         f"demo model, float32; perplexity on {args.eval_windows} held-out windows of {args.seqlen} tokens (the same "
         f"for every row); calibration {args.nsamples} x {args.seqlen} tokens per seed; seeds {args.seeds} (mean ± sd "
         f"over seeds); torch threads {torch.get_num_threads()}; total "
-        f"{time.perf_counter() - t_start + (merged_from['seconds'] if merged_from else 0):.0f} s"
-        + (f" (two runs: this one merged with {Path(args.merge).name})." if merged_from else "."),
+        f"{time.perf_counter() - t_start + merged_seconds:.0f} s"
+        + (f" (rows of several runs of these settings, merged: {args.merge})." if args.merge else "."),
         "W = average storage bits per weight over the expert units (g128 metadata included: 3-bit = 3.25); A = "
         "average activation bits weighted by each unit's MACs per token (routed frequency x out x in; 16 = not "
         "quantized).",

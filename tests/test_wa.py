@@ -221,3 +221,16 @@ def _text(tmp_path):
     g = torch.Generator().manual_seed(0)
     p.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (6000,), generator=g).tolist()))
     return p
+
+
+def test_quarot_style_w4a4_rotated_reloads_and_reproduces_its_perplexity(tmp_path, text_file):
+    """--rotate hadamard --wbits 4 --abits 4: the online Hadamard (stage 'rotate') and the activation
+    quantization (stage 'act_quant') both come back when the packed model is loaded."""
+    pytest.importorskip("moebits.rotate")
+    res, _ = _quantize(tmp_path / "run", text_file, ["--quantizer", "gptq", "--rotate", "hadamard", "--wbits", "4",
+                                                     "--abits", "4", "--act-clip", "0.9"])
+    assert res["avg_act_bits"] == pytest.approx(4.0)
+    r = runner.invoke(app, ["eval", "--run", str(tmp_path / "run"), "--tasks", "none"])
+    assert r.exit_code == 0, r.output
+    loaded = json.loads((tmp_path / "run" / "results.json").read_text())["ppl_loaded"]
+    assert loaded["matches_ppl_q"] and f"{loaded['ppl']:.4g}" == f"{res['ppl_q']:.4g}"
