@@ -164,7 +164,8 @@ def test_fri_through_the_pipeline_measures_anchors_and_predicts_the_rest(tmp_pat
     from moebits.table import SensitivityTable
 
     kw = dict(quantizer="rtn", bits=3.5, anchors=0.3, save_model=False)
-    res = Pipeline(_cfg(text_file, method="fri", **kw), tmp_path / "fri", progress=False).execute()
+    paper = dict(sampler="stratified", predictor="fri", proxy=False)  # whole anchor experts (adaptive: test_adaptive.py)
+    res = Pipeline(_cfg(text_file, method="fri", **kw, **paper), tmp_path / "fri", progress=False).execute()
     Pipeline(_cfg(text_file, method="mxmoe", **kw), tmp_path / "full", progress=False).execute()
     fri = SensitivityTable.from_csv(tmp_path / "fri" / "table.csv")
     full = SensitivityTable.from_csv(tmp_path / "full" / "table.csv")

@@ -172,8 +172,21 @@ def quantize(
     granularity: Optional[str] = typer.Option(None, help="linear (per block) | expert | layer (default: the "
                                                          "method's, linear for the built-in ones)"),
     tie_gate_up: bool = typer.Option(False, help="gate and up of an expert share one choice"),
-    anchors: float = typer.Option(0.2, help="fri: fraction of units profiled as anchors"),
-    sampler: str = typer.Option("stratified", help="fri: stratified | random"),
+    anchors: Optional[float] = typer.Option(None, help="fri: rule budget as a fraction of the units (x quantized "
+                                                       "bit-widths = profiled pairs); default 0.15; not with --rules"),
+    rules: Optional[int] = typer.Option(None, help="fri: rule budget in profiled (unit, bit-width) pairs, the "
+                                                   "paper's rule-base size: constant as experts grow; not with --anchors"),
+    sampler: str = typer.Option("adaptive", help="fri: adaptive (stratified start, then the pairs most uncertain and "
+                                                 "nearest the allocation's decision boundary; moebits) | stratified "
+                                                 "(the paper's depth-adaptive anchor experts) | random"),
+    predictor: str = typer.Option("ridge", help="fri: ridge (log error; moebits' default) | fri (the paper's fuzzy "
+                                                "rule interpolation) | knn | gbm | mlp"),
+    proxy: bool = typer.Option(True, help="fri: add the RTN weight-space error proxy as a feature (moebits; "
+                                          "--no-proxy: Table 7's features only)"),
+    fill: bool = typer.Option(True, help="lagrangian solver: spend the budget bisection leaves unused on the best "
+                                         "loss-per-bit upgrades (moebits' improvement); --no-fill is Algorithm 1 "
+                                         "exactly. Paper-faithful FRI-MxMoE: --method fri --sampler stratified "
+                                         "--predictor fri --no-proxy --solver lagrangian --no-fill"),
     act_order: bool = typer.Option(False, help="GPTQ: quantize columns by decreasing Hessian diagonal"),
     seed: int = 0,
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
@@ -215,7 +228,8 @@ def quantize(
                          ranks=_parse_bits(ranks, "--ranks") if ranks else None, attn_bits=attn_bits,
                          attn_rank=attn_rank, calib=calib, nsamples=nsamples, seqlen=seqlen, eval=eval,
                          eval_windows=eval_windows, metric=metric, solver=solver, granularity=granularity,
-                         tie_gate_up=tie_gate_up, anchors=anchors, sampler=sampler, act_order=act_order, seed=seed,
+                         tie_gate_up=tie_gate_up, anchors=anchors, rules=rules, sampler=sampler, predictor=predictor, proxy=proxy,
+                         fill=fill, act_order=act_order, seed=seed,
                          dtype=dtype, device=device, save_model=save_model, save_format=save_format,
                          trust_remote_code=trust_remote_code, target=target, rl_steps=rl_steps,
                          rl_accuracy=rl_accuracy, rl_sensitivity=rl_sensitivity, energy=energy, qat_steps=qat_steps,
@@ -225,6 +239,7 @@ def quantize(
     try:
         cfg.check_act_options()
         cfg.budget_request()  # exactly one budget (or --wbits), before any work
+        cfg.check_fri_options()  # one rule budget (--rules or --anchors), known sampler / predictor
         from .dmpq import parse_reward
 
         cfg.reward = parse_reward(reward)

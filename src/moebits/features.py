@@ -22,6 +22,7 @@ Groups (switchable for the ablations of Tables 8, 10, 11), in the fixed column o
 | wmax   | `log_weight_max_over_mean` (not in the paper)        | log; RTN error depends on the range of a group |
 | depth  | `depth` in [0, 1] (not in the paper's error FRI)     | linear |
 | rank   | `log1p_rank` (compensator rank, BT-MoE choices)      | log1p |
+| proxy  | `log_proxy` (not in the paper): RTN weight-space error weighted by the input's second moments, per (unit, choice) (`proxy.py`) | log |
 
 GEMM convention: the unit computes `(M x K) @ (K x N)` with M = routed calibration tokens, N = out
 features, K = in features; FLOPs = 2MNK and the arithmetic-intensity proxy FLOPs / (K N b) = 2M / b.
@@ -43,9 +44,10 @@ import numpy as np
 from .stats import CalibrationStats
 from .units import KINDS, Choice
 
-GROUPS = ("bits", "type", "scale", "act", "weight", "wmax", "depth", "rank")
+GROUPS = ("bits", "type", "scale", "act", "weight", "wmax", "depth", "rank", "proxy")
 PAPER_GROUPS = ("bits", "type", "scale", "act", "weight")
 ACT_STATS = ("var", "mean_abs", "outlier", "kurtosis")
+PROXY_GROUPS = PAPER_GROUPS + ("proxy",)  # moebits' default for the fri method (see methods.fill_fri)
 
 # Table 8/10 rows. Their ticks cover only Bit / Act. Stats / Weight Scale, so type and scale -- never
 # ticked, never ablated -- stay in every row; "bits_literal" is the other reading of "Bit-only".
@@ -131,8 +133,12 @@ def _check_choices_distinguishable(choices: list[Choice], spec: FeatureSpec) -> 
         seen[key] = c
 
 
-def build_features(stats: CalibrationStats, choices: list[Choice], spec: FeatureSpec = FeatureSpec()) -> FeatureMatrix:
-    """Feature rows for every (unit, choice) pair of `stats.units` x `choices`, unit-major."""
+def build_features(stats: CalibrationStats, choices: list[Choice], spec: FeatureSpec = FeatureSpec(),
+                   proxy: np.ndarray | None = None) -> FeatureMatrix:
+    """Feature rows for every (unit, choice) pair of `stats.units` x `choices`, unit-major.
+
+    `proxy` [U, C] (`proxy.rtn_proxy(...).values`, rows aligned with `stats.units`) is needed by the
+    `proxy` group."""
     _check_choices_distinguishable(choices, spec)
     U, C = len(stats), len(choices)
     per_unit: list[tuple[str, np.ndarray]] = []  # [U] columns, repeated over choices
@@ -170,11 +176,18 @@ def build_features(stats: CalibrationStats, choices: list[Choice], spec: Feature
         columns[name] = np.repeat(v, C)
     for name, v in per_choice:
         columns[name] = np.tile(v, U)
+    if "proxy" in spec.groups:
+        if proxy is None:
+            raise ValueError("the 'proxy' feature group needs the proxy matrix (proxy.rtn_proxy) for every unit x choice")
+        proxy = np.asarray(proxy, float)
+        if proxy.shape != (U, C):
+            raise ValueError(f"proxy has shape {proxy.shape}, expected ({U}, {C})")
+        columns["log_proxy"] = _log_pos(proxy).ravel()
     if "scale" in spec.groups:
         # the AI proxy depends on both the unit (M) and the choice (b): FLOPs / (K N b) = 2M / b
         columns["log_ai"] = np.log1p(2 * np.repeat(tokens, C) / np.tile(bits, U))
 
-    order = ["bits", "act_bits", "log1p_rank", "kind", "shared", "log_M", "log_N", "log_K", "log_flops", "log_ai",
+    order = ["bits", "act_bits", "log_proxy", "log1p_rank", "kind", "shared", "log_M", "log_N", "log_K", "log_flops", "log_ai",
              "log_act_var", "log_act_mean_abs", "log_act_outlier_ratio", "slog_act_kurtosis",
              "log_weight_scale", "log_weight_max_over_mean", "depth"]
     names = [n for n in order if n in columns]

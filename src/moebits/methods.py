@@ -3,7 +3,7 @@
     uniform  one bit-width for every unit (the largest whose exact storage fits)   no profiling, `uniform`
     freq     MPQ-Freq: more bits to more frequently routed experts               no profiling, `freq`
     mxmoe    profile every unit x bit-width, exact ILP                           (MxMoE)       `ilp`
-    fri      profile anchors, predict the rest by FRI                            (FRI-MxMoE)   `lagrangian`
+    fri      profile a rule budget, predict the rest (FRI or a regressor)        (FRI-MxMoE)   `lagrangian`
     bt       every unit x (bits, rank), whole-expert loss (registered in bt.py)  (BT-MoE)      `ilp`
 
 Adding a method is one entry. In its own module (say `moebits/bt.py`):
@@ -100,17 +100,56 @@ def fill_profiled(run: "Pipeline", choices: list[Choice]) -> SensitivityTable:
 
 
 def fill_fri(run: "Pipeline", choices: list[Choice]) -> SensitivityTable:
-    """FRI-MxMoE: measure the anchors' units, fit FRI on them, predict every other entry."""
-    from .predict import fit_table, predict_table
+    """FRI-MxMoE: measure a rule budget of (unit, choice) pairs, fit the predictor on them, predict the rest.
+
+    moebits' default (`--sampler adaptive --predictor ridge --proxy`): a stratified start, then rounds of
+    the pairs most uncertain and nearest the allocation's decision boundary (adaptive.py), Ridge on log
+    error with the RTN proxy feature (proxy.py, its seconds counted in `profile_seconds`), per-unit
+    offsets. The paper: `--sampler stratified --predictor fri --no-proxy` (whole anchor experts, FRI
+    on Table 7's features), plus `--solver lagrangian --no-fill` for Algorithm 1's allocation.
+    """
+    from .adaptive import adaptive_fill
+    from .features import PAPER_GROUPS, FeatureSpec
+    from .predict import fit_table, make_estimator, predict_table
     from .sampling import sample_anchors
 
     cfg = run.cfg
-    anchors = sample_anchors(run.units, cfg.sampler, fraction=cfg.anchors, seed=cfg.seed, bits_per_unit=len(choices))
-    table = run.measure(anchors, choices)
-    run.results["anchors"] = len({(u.layer, u.expert) for u in anchors})
+    n_quantized = sum(not c.is_fp for c in choices)
+    rules = cfg.rule_budget(len(run.units), n_quantized)
+    estimator = make_estimator(cfg.predictor, cfg.seed)
+    spec = FeatureSpec(PAPER_GROUPS + (("proxy",) if cfg.proxy else ()))
+    proxy = None
+    if cfg.proxy:
+        from .proxy import rtn_proxy
+
+        px = rtn_proxy(run.adapter, run.units, choices, run.calib.inputs)
+        proxy, run.results["proxy_seconds"] = px.values, round(px.seconds, 4)
+    if cfg.sampler == "adaptive":
+        table = run.new_table(choices)
+
+        def measure(pairs):
+            for j in sorted({c for _, c in pairs}):
+                run.measure([run.units[u] for u, c in pairs if c == j], [choices[j]], table=table)
+
+        budget = run.budget(choices, table.frequency)
+        res = run.timed("adaptive_seconds", lambda: adaptive_fill(
+            table, run.calib.stats, measure, rules, budget.cost, budget.total, estimator, spec, proxy,
+            seed=cfg.seed, groups=run.groups()))
+        run.results["rounds"] = res.rounds
+        # fitting, bootstraps and scoring between rounds (the rest of adaptive_seconds is profiling)
+        run.results["fit_seconds"] = round(run.results["adaptive_seconds"] - run.results.get("profile_seconds", 0.0), 4)
+        filled = res.table
+    else:
+        anchors = sample_anchors(run.units, cfg.sampler, rules=rules, seed=cfg.seed, bits_per_unit=n_quantized)
+        table = run.measure(anchors, choices)
+        fitted = run.timed("fit_seconds", lambda: fit_table(table, run.calib.stats, estimator, spec, proxy))
+        filled = run.timed("predict_seconds", lambda: predict_table(table, fitted, unit_offset=True))
+    run.results["anchors"] = len({(u.layer, u.expert) for u, m in zip(table.units, table.measured.any(axis=1)) if m})
     run.results["rules"] = int(table.measured.sum())
-    fitted = run.timed("fit_seconds", lambda: fit_table(table, run.calib.stats))
-    return run.timed("predict_seconds", lambda: predict_table(table, fitted))
+    run.results["rule_budget"] = rules
+    run.results["profile_seconds"] = round(run.results.get("profile_seconds", 0.0)
+                                           + run.results.get("proxy_seconds", 0.0), 4)
+    return filled
 
 
 register_method(Method("uniform", fill_unprofiled, "uniform", uniform_choices, profiles=False,
@@ -118,4 +157,4 @@ register_method(Method("uniform", fill_unprofiled, "uniform", uniform_choices, p
 register_method(Method("freq", fill_unprofiled, "freq", profiles=False,
                        description="MPQ-Freq: bits follow routing frequency"))
 register_method(Method("mxmoe", fill_profiled, "ilp", description="MxMoE: full profiling + exact ILP"))
-register_method(Method("fri", fill_fri, "lagrangian", description="FRI-MxMoE: anchors + FRI prediction"))
+register_method(Method("fri", fill_fri, "lagrangian", description="FRI-MxMoE: a rule budget + prediction"))

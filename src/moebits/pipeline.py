@@ -68,8 +68,12 @@ class QuantizeConfig:
     solver: str | None = None  # None: the method's default
     granularity: str | None = None  # linear (per block) | expert (one choice per expert) | layer; None: the method's
     tie_gate_up: bool = False
-    anchors: float = 0.2  # fri: fraction of units profiled
-    sampler: str = "stratified"
+    anchors: float | None = None  # fri: rule budget as a fraction of the units (x quantized choices); None: see rules
+    rules: int | None = None  # fri: rule budget in profiled (unit, choice) pairs; exclusive with anchors
+    sampler: str = "adaptive"  # fri: adaptive | stratified | random (sampling.py, adaptive.py)
+    predictor: str = "ridge"  # fri: fri | ridge | knn | gbm | mlp (predict.PREDICTORS)
+    proxy: bool = True  # fri: the RTN weight-space proxy feature (proxy.py)
+    fill: bool = True  # lagrangian solver: greedy fill after bisection (False: Algorithm 1 exactly)
     act_order: bool = False
     max_tokens_per_expert: int = 512
     seed: int = 0
@@ -108,7 +112,8 @@ class QuantizeConfig:
         if d["target"] == "none":  # runs made before --target existed keep their spec
             d.pop("target")
         for k, default in (("bits_set", None), ("ranks", None), ("attn_bits", None), ("attn_rank", 0), ("abits", None),
-                           ("abits_set", None), ("abits_budget", None), ("act_clip", 1.0), ("rotate", None)):
+                           ("abits_set", None), ("abits_budget", None), ("act_clip", 1.0), ("rotate", None),
+                           ("rules", None), ("anchors", None), ("predictor", "ridge"), ("proxy", True), ("fill", True)):
             if d[k] == default:  # likewise for runs made before bt and --attn-bits
                 d.pop(k)
         return d
@@ -136,6 +141,37 @@ class QuantizeConfig:
             Choice(self.wbits, self.group_size, self.quantizer)  # validates the width
             return "wbits", float(self.wbits)
         return budget_request(self.bits, self.memory_gb, self.latency)
+
+    DEFAULT_ANCHORS = 0.15  # fri: rule budget when neither --anchors nor --rules is given (results/fri_rules.md)
+
+    def check_fri_options(self) -> None:
+        """One rule budget (`--rules` or `--anchors`), known sampler and predictor, `--no-fill` only with
+        the lagrangian solver. Raises ValueError with what to change."""
+        from .predict import PREDICTORS
+        from .sampling import SAMPLERS
+
+        if self.rules is not None and self.anchors is not None:
+            raise ValueError(f"--rules {self.rules} and --anchors {self.anchors} both set the rule budget: give one "
+                             "(--rules N profiled unit x choice pairs, or --anchors FRACTION of the units)")
+        if self.rules is not None and self.rules < 1:
+            raise ValueError(f"--rules must be >= 1 profiled (unit, choice) pairs, got {self.rules}")
+        if self.anchors is not None and not 0.0 < self.anchors <= 1.0:
+            raise ValueError(f"--anchors is a fraction of the units in (0, 1], got {self.anchors}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown --sampler {self.sampler!r}; choose one of {SAMPLERS}")
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"unknown --predictor {self.predictor!r}; choose one of {PREDICTORS}")
+        if not self.fill and self.solver_name != "lagrangian":
+            raise ValueError(f"--no-fill switches off the lagrangian solver's greedy fill; solver "
+                             f"{self.solver_name!r} has none (use --solver lagrangian)")
+
+    def rule_budget(self, n_units: int, n_quantized_choices: int) -> int:
+        """Profiled (unit, choice) pairs allowed: --rules, else --anchors (default 0.15) x units x choices."""
+        self.check_fri_options()
+        if self.rules is not None:
+            return int(self.rules)
+        fraction = self.DEFAULT_ANCHORS if self.anchors is None else self.anchors
+        return int(np.floor(fraction * n_units + 1e-9)) * int(n_quantized_choices)
 
     @property
     def solver_name(self) -> str:
@@ -247,6 +283,7 @@ def structure_groups(granularity: str, tie: bool, units: list[Unit], target: str
 class Pipeline:
     def __init__(self, cfg: QuantizeConfig, out: str | Path, overwrite: bool = False, progress: bool = True):
         self.method = get_method(cfg.method)
+        cfg.check_fri_options()
         if cfg.save_format not in SAVE_FORMATS:
             raise ValueError(f"unknown save format {cfg.save_format!r}; choose one of {', '.join(SAVE_FORMATS)}")
         if cfg.rotate is not None:
@@ -325,19 +362,29 @@ class Pipeline:
         self.results["eval_tokens"], self.results["eval_windows"] = res.tokens, res.windows
         self._save_results()
 
-    def measure(self, units: list[Unit], choices: list[Choice], whole_expert: bool = False) -> SensitivityTable:
-        """Profile `units` x `choices` with the run's metric into a new table (other entries unknown);
-        `whole_expert`: BT-MoE's joint perturbation of all blocks of an expert (see profile.py)."""
-        from .profile import new_table, profile
+    def new_table(self, choices: list[Choice]) -> SensitivityTable:
+        """An empty table over the run's units x `choices`, with the calibration's frequencies."""
+        from .profile import new_table
+
+        return new_table(self.adapter, choices, self.calib.stats)
+
+    def measure(self, units: list[Unit], choices: list[Choice], whole_expert: bool = False,
+                table: SensitivityTable | None = None) -> SensitivityTable:
+        """Profile `units` x `choices` with the run's metric into `table` (a new one if None: other
+        entries unknown); `whole_expert`: BT-MoE's joint perturbation of all blocks of an expert (see
+        profile.py). Seconds add up in `results["profile_seconds"]` over calls."""
+        from .profile import profile
 
         cfg = self.cfg
         stats = self.calib.stats
-        table = new_table(self.adapter, choices, stats)
+        table = self.new_table(choices) if table is None else table
+        before = self.results.get("profile_seconds", 0.0)
         table = self.timed("profile_seconds", lambda: profile(
             self.adapter, cfg.metric, units, choices, stats, self.calib.inputs, windows=self.windows,
             act_order=cfg.act_order, table=table, progress=self.progress, whole_expert=whole_expert,
             **({"act_clip": cfg.act_clip} if cfg.act_clip != 1.0 else {})))
-        self.results["profiled_units"] = len(units)
+        self.results["profile_seconds"] = round(before + self.results["profile_seconds"], 4)
+        self.results["profiled_units"] = self.results.get("profiled_units", 0) + len(units)
         return table
 
     def fill_table(self, choices: list[Choice]) -> SensitivityTable:
@@ -345,6 +392,8 @@ class Pipeline:
         table_p = self.run.path("table.csv")
         if table_p.exists():
             return SensitivityTable.from_csv(table_p)
+        self.results["profile_seconds"] = 0.0  # measure() adds up; an interrupted attempt's seconds do not count
+        self.results.pop("profiled_units", None)
         table = self.method.fill(self, choices)
         if not table.complete:
             raise RuntimeError(f"method {self.method.name!r} left {int((~np.isfinite(table.error)).sum())} "
@@ -375,6 +424,8 @@ class Pipeline:
             meta["target"] = cfg.target
         if self.rotation is not None:  # the plan's units are the rotated model's
             meta["rotation"] = self.rotation.to_dict()
+        if cfg.solver_name == "lagrangian":  # greedy fill (moebits) or bisection only (Algorithm 1)
+            meta["fill"] = cfg.fill
         if cfg.budget_request()[0] == "wbits":  # no budget: the user fixed the code width
             choice = Choice(cfg.wbits, cfg.group_size, cfg.quantizer, act_bits=cfg.abits or 16)
             plan = Plan.uniform(self.units, self.shapes, choice, {**meta, "solver": "wbits",
@@ -385,7 +436,7 @@ class Pipeline:
                        "storage bits per weight (group metadata included)")
         else:
             budget = self.allocation_budget = self.budget(choices, table.frequency)
-            options = {}
+            options = {} if cfg.fill else {"fill": False}  # check_fri_options: only with lagrangian
             if cfg.solver_name == "rl":  # DMPQ's reward and state need more than the table and the budget
                 from .dmpq import rl_solver_options
 

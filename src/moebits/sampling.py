@@ -25,6 +25,9 @@ are floor(o + k s), k = 0..q-1, with a seeded random offset o in [0, s). With th
 staying `middle_ratio` times denser until it is saturated (every expert profiled).
 
 `random`: routed experts drawn uniformly without replacement over all (layer, expert) pairs.
+
+`adaptive` (moebits, not the paper; `adaptive.py`) starts from `stratified` and spends the rest of the
+rule budget on single (unit, choice) pairs in rounds, so its budget is counted in pairs directly.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ import numpy as np
 from .units import Unit
 
 PROFILED_BITS = (2, 3, 4, 8)
-METHODS = ("stratified", "random")
+METHODS = ("stratified", "random")  # expert samplers of `sample_anchors`
+SAMPLERS = METHODS + ("adaptive",)  # --sampler: adaptive spends the rules on (unit, choice) pairs (adaptive.py)
 
 
 def anchor_unit_budget(n_units: int, rules: int | None = None, fraction: float | None = None,
