@@ -316,6 +316,8 @@ def allocate_cmd(
     abits_budget: Optional[float] = typer.Option(None, help="a table with activation-bit choices: average "
                                                             "activation bits (MAC-weighted; default: = --bits)"),
     act_clip: float = typer.Option(1.0, help="the clip ratio the table's activation bits were profiled with"),
+    fill: bool = typer.Option(True, help="lagrangian: greedy fill after bisection (moebits); --no-fill is the "
+                                         "paper's Algorithm 1 exactly"),
     out: Path = typer.Option(..., help="plan JSON to write"),
 ):
     """Choose one setting per unit from a sensitivity table under a budget; write a plan."""
@@ -342,8 +344,12 @@ def allocate_cmd(
                 budget.with_act_bits(a, t.choices, t.frequency)
         if any(c.quantizes_acts for c in t.choices):
             meta["act_quant"] = {"scheme": "per-token symmetric", "clip": act_clip}
+        if not fill and solver != "lagrangian":
+            _fail(f"--no-fill switches off the lagrangian solver's greedy fill; solver {solver!r} has none")
+        if solver == "lagrangian":
+            meta["fill"] = fill
         plan = plan_under_budget(t, budget, solver, groups=structure_groups(granularity, tie_gate_up, t.units),
-                                 meta=meta)
+                                 meta=meta, **({} if fill else {"fill": False}))
         plan.save(out)
     except _user_errors() as e:
         _fail(str(e))

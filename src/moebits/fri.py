@@ -1,5 +1,13 @@
 """Fuzzy rule interpolation (FRI-MxMoE, Eq. 2-5) as a scikit-learn regressor.
 
+This is the paper-faithful predictor (`--predictor fri`). It is not moebits' default: on the demo,
+Ridge on log error with the RTN proxy feature predicts better under anchor-only cross-validation and
+gives plans whose true objective is far closer to the full-profiling optimum (results/fri_rules*.md).
+With the proxy feature and adaptive (pair-wise, uneven) rules FRI's plans are far worse still; a
+likely reason is that its prediction is a convex combination of neighbouring rules, so it cannot
+extrapolate to a unit more (or less) sensitive than every rule near it, and a unit's own measured pair
+does not correct its other bit-widths (in-sample FRI reproduces a rule exactly: offset 0).
+
 Rules. Every training sample (an anchor: one profiled unit at one bit-width) becomes a rule (Eq. 3)
     R_i: IF x_1 is A_1^(i) and ... and x_d is A_d^(i) THEN y is y^(i)
 whose antecedent for a continuous feature j is the triangle of Eq. 2 centred at the anchor's value,

@@ -13,8 +13,10 @@ Two details the paper leaves open, chosen here:
 * **Greedy fill (ours, on top of the paper).** The plan at the final lambda leaves budget unused: the
   LP optimum has one fractional unit, and every unit whose breakpoint equals lambda* sits at its cheaper
   vertex. After bisection we repeatedly upgrade the units whose best affordable step has the largest
-  loss decrease per unit cost, while the budget allows (`fill=True`). `fill=False` is the paper exactly.
-  `benchmarks/bench_solvers.py` measures both against the ILP optimum.
+  loss decrease per unit cost, while the budget allows (`fill=True`, the default; an improvement over
+  the paper, not part of it). `fill=False` is Algorithm 1 exactly (`--solver lagrangian --no-fill`;
+  `tests/test_adaptive.py` checks it against an independent midpoint-bisection implementation).
+  `benchmarks/bench_solvers.py` and `bench_fri_rules.py` (results/fri_rules_ppl.md) measure both.
 
 The relaxation also gives a proven lower bound (the Lagrangian dual, `sum_u min_c(loss + lambda cost)
 - lambda budget` at any lambda), so the result reports how far from optimal it can be at most.
