@@ -34,15 +34,17 @@ def _cfg(text, **kw):
 
 def _reference_rtn(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """Asymmetric min-max round-to-nearest per row and group of `group` columns, written out loop by loop
-    (independent of moebits.quant): scale = (max - min) / (2^b - 1) stored in fp16, integer zero point."""
+    (independent of moebits.quant): range [min(w, 0), max(w, 0)], scale = range / (2^b - 1) stored in
+    fp16, integer zero point (random weights: no degenerate group)."""
     w = w.double()
     out = torch.empty_like(w)
     qmax = 2 ** bits - 1
     for r in range(w.shape[0]):
         for c0 in range(0, w.shape[1], group):
             g = w[r, c0:c0 + group]
-            scale = float(torch.tensor(max((g.max() - g.min()).item() / qmax, 1e-8)).half())
-            zero = min(max(round(-g.min().item() / scale), 0), qmax)
+            lo, hi = min(g.min().item(), 0.0), max(g.max().item(), 0.0)  # zero in the range (GPTQ reference)
+            scale = float(torch.tensor((hi - lo) / qmax).half())
+            zero = min(max(round(-lo / scale), 0), qmax)
             q = torch.clamp(torch.round(g / scale) + zero, 0, qmax)
             out[r, c0:c0 + group] = (q - zero) * scale
     return out
@@ -254,3 +256,65 @@ def test_a_registered_method_runs_through_the_pipeline(tmp_path, text_file):
         methods._METHODS.pop("toy", None)
     with pytest.raises(ValueError, match="unknown method 'toy'.*fri"):
         Pipeline(_cfg(text_file, method="toy"), tmp_path / "r2", progress=False)
+
+
+def test_seqlens_default_from_the_model_and_are_recorded(tmp_path, text_file):
+    from moebits.data import default_seqlen
+
+    assert default_seqlen("demo") == 256 and default_seqlen("tiny:qwen2_moe") == 512  # tiny: max positions 512
+    cfg = QuantizeConfig(model="tiny:qwen2_moe")
+    cfg.resolve_seqlens()
+    assert (cfg.calib_seqlen, cfg.eval_seqlen, cfg.seqlen) == (512, 512, 512) and cfg.spec()["seqlen"] == 512
+    cfg = QuantizeConfig(seqlen=64, eval_seqlen=48)
+    cfg.resolve_seqlens()
+    assert (cfg.calib_seqlen, cfg.eval_seqlen) == (64, 48)
+    assert "seqlen" not in cfg.spec() and QuantizeConfig.from_spec(cfg.spec()) == QuantizeConfig(
+        calib_seqlen=64, eval_seqlen=48, seqlen=None)
+    with pytest.raises(ValueError, match="--calib-seqlen"):
+        QuantizeConfig(calib_seqlen=1, seqlen=8).resolve_seqlens()
+
+    p = Pipeline(_cfg(text_file, seqlen=None, calib_seqlen=32, eval_seqlen=48), tmp_path / "r", progress=False)
+    res = p.execute()
+    assert p.windows.shape == (4, 32) and res["eval_tokens"] == 4 * 47
+    spec = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert spec["calib_seqlen"] == 32 and spec["eval_seqlen"] == 48 and "seqlen" not in spec
+    assert Pipeline.from_run(tmp_path / "r", progress=False).cfg == p.cfg
+
+
+def test_a_run_made_before_separate_seqlens_and_full_token_sets_resumes(tmp_path, text_file):
+    """Old run.json: one `seqlen`, max_tokens_per_expert 512, no holdout; old calib_inputs without Hessians."""
+    from safetensors.torch import load_file, save_file
+
+    p = Pipeline(_cfg(text_file, method="mxmoe", quantizer="gptq", bits=3.5, max_tokens_per_expert=512),
+                 tmp_path / "r", progress=False)
+    p.load()
+    p.calibrate()
+    spec = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert spec["seqlen"] == 64 and "calib_seqlen" not in spec and "holdout" not in spec
+    assert spec["max_tokens_per_expert"] == 512
+    f = tmp_path / "r" / "calib_inputs.safetensors"  # strip the Hessians, as an old calibration has none
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+    save_file({k: v for k, v in load_file(str(f)).items() if k.endswith((".x", ".g"))}, str(f), metadata=meta)
+    q = Pipeline.from_run(tmp_path / "r", progress=False)
+    assert q.execute()["done"] and q.cfg.calib_seqlen == q.cfg.eval_seqlen == 64
+    assert all(inp.h_in is None for inp in q.calib.inputs.values())
+
+
+def test_holdout_through_the_pipeline(tmp_path, text_file):
+    with pytest.raises(ValueError, match="--metric expert"):
+        Pipeline(_cfg(text_file, method="mxmoe", bits=3.5, holdout=0.2, metric="layer"), tmp_path / "x")
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        Pipeline(_cfg(text_file, method="mxmoe", bits=3.5, holdout=1.0), tmp_path / "y")
+    tables = {}
+    for h in (0.0, 0.3):
+        p = Pipeline(_cfg(text_file, method="mxmoe", quantizer="gptq", bits=3.5, holdout=h), tmp_path / f"h{h}",
+                     progress=False)
+        res = p.execute()
+        assert res["done"]
+        tables[h] = p.fill_table(candidate_choices(p.cfg))
+    assert json.loads((tmp_path / "h0.3" / "run.json").read_text())["holdout"] == 0.3
+    # the same calibration tokens, measured on another subset with other Hessians: other errors
+    assert not torch.allclose(torch.tensor(tables[0.0].error), torch.tensor(tables[0.3].error))

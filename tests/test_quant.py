@@ -100,3 +100,59 @@ def test_quantize_weight_dispatch_and_errors():
         Choice(4, 128, "awq")
     with pytest.raises(ValueError, match="HQQ supports"):
         quantize_hqq(w, 5, 128)
+
+
+def _degenerate_weight():
+    """Rows whose first group (g32) is all zero, constant positive, constant negative, one-signed."""
+    w = torch.randn(6, 96, generator=torch.Generator().manual_seed(3)) * 0.05
+    w[0, :32] = 0.0
+    w[1, :32] = 0.375
+    w[2, :32] = -1.25
+    w[3, :32] = 1.0 + torch.rand(32, generator=torch.Generator().manual_seed(4))  # all in [1, 2]
+    w[4] = 0.0  # a whole zero row
+    return w
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq", "hqq"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_zero_and_constant_groups_quantize_exactly(quantizer, bits):
+    """The min-max grid used to divide by a zero fp16 scale (NaN) on an all-zero group and to clamp a
+    one-signed group onto a shifted grid; now zero is always in the range, as in the GPTQ reference."""
+    from moebits.quant import quantize_codes
+
+    w = _degenerate_weight()
+    H = hessian_from_inputs(_correlated_inputs(k=96))
+    choice = Choice(bits, 32, quantizer)
+    q = quantize_weight(w, choice, hessian=H)
+    qw = quantize_codes(w, choice, hessian=H)
+    assert torch.isfinite(q).all() and torch.equal(qw.dequantize(w.dtype), q)
+    for row in range(3):
+        assert torch.equal(q[row, :32], w[row, :32]), (row, q[row, :32])
+    assert torch.equal(q[4], w[4])
+    if quantizer == "rtn":  # one-signed group: every value within half a step of the grid (not clamped to 0..1)
+        step = qw.scale[3, 0].float()
+        assert (q[3, :32] - w[3, :32]).abs().max() <= step / 2 + 1e-6
+        assert (q[3, :32] - w[3, :32]).abs().max() < 0.5 * (2.0 / (2 ** bits - 1))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_per_channel_gptq_has_one_scale_per_row(act_order):
+    """--group-size -1: one scale and zero per output row (what storage charges), so each row of the
+    dequantized weight takes at most 2^bits values over all its 256 columns."""
+    from moebits.quant import quantize_codes
+
+    w, x = _weight(out=16, k=256), _correlated_inputs()
+    choice = Choice(3, -1, "gptq")
+    qw = quantize_codes(w, choice, hessian=hessian_from_inputs(x), act_order=act_order)
+    assert qw.scale.shape == (16, 1) and qw.zero.shape == (16, 1)
+    q = qw.dequantize()
+    for row in q:
+        assert len(torch.unique(row)) <= 8
+    assert _out_err(w, q, x) < _out_err(w, quantize_rtn(w, 3, -1), x)
+
+
+def test_non_finite_weights_are_refused_with_a_clear_error():
+    w = _weight(out=4, k=64)
+    w[1, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="not finite"):
+        quantize_weight(w, Choice(4, 32, "rtn"))

@@ -54,7 +54,10 @@ def _parse_bits(s: str, option: str = "--candidate-bits") -> tuple[int, ...]:
 def info(model: str = typer.Option("demo", help=MODEL_HELP), as_json: bool = typer.Option(False, "--json"),
          calib: str = typer.Option("demo", help="text for the routing statistics"),
          nsamples: int = typer.Option(32, help="calibration windows for the routing statistics (0: skip)"),
-         seqlen: int = typer.Option(256), seed: int = 0, trust_remote_code: bool = False):
+         seqlen: Optional[int] = typer.Option(None, "--seqlen", "--calib-seqlen",
+                                              help="tokens per calibration window (default: the model's, "
+                                                   "min(2048, max positions); the demo 256)"),
+         seed: int = 0, trust_remote_code: bool = False):
     """Architecture, experts, units, parameters, and how skewed the routing is; for a packed
     checkpoint (a run's model/), its bits histogram and sizes."""
     from .calibrate import calibrate, frequency_summary
@@ -68,7 +71,9 @@ def info(model: str = typer.Option("demo", help=MODEL_HELP), as_json: bool = typ
         m, tok, ad = load_model(model, trust_remote_code=trust_remote_code)
         summary = ad.summary()
         if nsamples > 0:
-            win = calibration_windows(tok, calib, nsamples, seqlen, seed)
+            from .data import default_seqlen
+
+            win = calibration_windows(tok, calib, nsamples, seqlen or default_seqlen(model, trust_remote_code), seed)
             cal = calibrate(ad, win, max_tokens_per_expert=1, seed=seed, progress=not as_json, hessians=False)
             summary["routing"] = {"calib": calib, "tokens": cal.total_tokens, "never_routed": len(cal.never_routed),
                                   "layers": frequency_summary(cal.stats, cal.total_tokens)}
@@ -164,7 +169,14 @@ def quantize(
     act_clip: float = typer.Option(1.0, help="clipping ratio of activation quantization (QuaRot uses 0.9)"),
     calib: str = typer.Option("demo", help="calibration text: demo, a text file, or hf:NAME[:CONFIG]"),
     nsamples: int = typer.Option(128, help="calibration windows"),
-    seqlen: int = typer.Option(256, help="tokens per window (calibration and evaluation)"),
+    seqlen: Optional[int] = typer.Option(None, help="tokens per window, calibration and evaluation (default: the "
+                                                    "model's, min(2048, max positions); the demo 256)"),
+    calib_seqlen: Optional[int] = typer.Option(None, help="tokens per calibration window (default: --seqlen)"),
+    eval_seqlen: Optional[int] = typer.Option(None, help="tokens per evaluation window (default: --seqlen)"),
+    max_tokens_per_expert: int = typer.Option(0, help="routed inputs kept per expert to measure errors on "
+                                                      "(0: all of them; GPTQ Hessians always use all)"),
+    holdout: float = typer.Option(0.0, help="measure each unit's error on this fraction of its routed tokens, "
+                                            "held out of the Hessian its GPTQ is fitted with (expert metric)"),
     eval: str = typer.Option("demo", "--eval", help="evaluation text (held-out split for demo)"),
     eval_windows: Optional[int] = typer.Option(None, help="evaluate at most this many windows"),
     metric: str = typer.Option("expert", help="profiling metric: expert (exact, fast) | layer (MxMoE's rerun)"),
@@ -227,6 +239,8 @@ def quantize(
                          bits_set=_parse_bits(bits_set, "--bits-set") if bits_set else None,
                          ranks=_parse_bits(ranks, "--ranks") if ranks else None, attn_bits=attn_bits,
                          attn_rank=attn_rank, calib=calib, nsamples=nsamples, seqlen=seqlen, eval=eval,
+                         calib_seqlen=calib_seqlen, eval_seqlen=eval_seqlen,
+                         max_tokens_per_expert=max_tokens_per_expert or None, holdout=holdout,
                          eval_windows=eval_windows, metric=metric, solver=solver, granularity=granularity,
                          tie_gate_up=tie_gate_up, anchors=anchors, rules=rules, sampler=sampler, predictor=predictor, proxy=proxy,
                          fill=fill, act_order=act_order, seed=seed,
@@ -282,8 +296,15 @@ def profile(
     metric: str = typer.Option("expert", help="expert | layer"),
     bits: str = typer.Option("2,3,4,8", help="bit-widths to profile"),
     quantizer: str = "rtn", group_size: int = 128,
-    calib: str = "demo", nsamples: int = 128, seqlen: int = 256, seed: int = 0,
+    calib: str = "demo", nsamples: int = 128,
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", "--calib-seqlen",
+                                         help="tokens per calibration window (default: the model's, min(2048, max "
+                                              "positions); the demo 256)"),
+    seed: int = 0,
     act_order: bool = False,
+    max_tokens_per_expert: int = typer.Option(0, help="routed inputs kept per expert to measure errors on (0: all)"),
+    holdout: float = typer.Option(0.0, help="fraction of each expert's routed tokens held out of its Hessian and "
+                                            "used to measure its error (expert metric)"),
     out: Path = typer.Option(..., help="run directory; writes OUT/table.csv"),
     overwrite: bool = False, verbose: bool = False,
 ):
@@ -293,7 +314,8 @@ def profile(
     _setup_logging(verbose)
     cfg = QuantizeConfig(model=model, method="mxmoe", quantizer=quantizer, bits=0.0, group_size=group_size,
                          candidate_bits=_parse_bits(bits), calib=calib, nsamples=nsamples, seqlen=seqlen,
-                         metric=metric, act_order=act_order, seed=seed)
+                         metric=metric, act_order=act_order, seed=seed,
+                         max_tokens_per_expert=max_tokens_per_expert or None, holdout=holdout)
     try:
         p = Pipeline(cfg, out, overwrite=overwrite)
         p.load()
@@ -370,7 +392,9 @@ def eval_cmd(
     dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 (default: the run's)"),
     data: Optional[Path] = typer.Option(None, help="folder laid out like shared/data (default: $MOEBITS_DATA or ../shared/data)"),
     limit: Optional[int] = typer.Option(None, help="at most N items per task"),
-    batch_size: int = 8, seqlen: int = 2048,
+    batch_size: int = 8,
+    seqlen: int = typer.Option(2048, "--seqlen", "--eval-seqlen",
+                               help="tokens per WikiText-2 window (capped at the model's max positions)"),
     metric: str = typer.Option("acc_norm", help="acc | acc_norm (where the task has it, else acc) | both; "
                                                 "the JSON always holds both"),
     check_counts: bool = typer.Option(True, help="refuse data files whose document count is not the official split's"),
@@ -463,7 +487,8 @@ def _run_perplexity(run: Path, model, tok, cfg) -> dict:
     from .data import load_text, tokenize
     from .evaluate import perplexity
 
-    r = perplexity(model, tokenize(tok, load_text(cfg.eval, "eval")), cfg.seqlen, cfg.batch_size, cfg.eval_windows,
+    cfg.resolve_seqlens()  # runs made before --eval-seqlen hold one `seqlen`
+    r = perplexity(model, tokenize(tok, load_text(cfg.eval, "eval")), cfg.eval_seqlen, cfg.batch_size, cfg.eval_windows,
                    progress=False, desc="eval (loaded)")
     out = r.to_dict()
     rp = run / "results.json"

@@ -161,3 +161,31 @@ def held_out_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, calib_
 
 def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     return random_windows(tokenize(tokenizer, load_text(source, "calib")), nsamples, seqlen, seed)
+
+
+DEMO_SEQLEN = 256  # the demo model was trained on 256-token windows (its max positions)
+MAX_DEFAULT_SEQLEN = 2048  # the GPTQ literature's calibration and WikiText-2 window
+
+
+def default_seqlen(model: str, trust_remote_code: bool = False) -> int:
+    """The window length when none is given: min(2048, the model's `max_position_embeddings`), as in
+    the GPTQ literature, so results on real models are comparable to published ones; the demo 256.
+    Reads only the model's config. A model whose config cannot be read gets 2048 (loading it will then
+    fail with the loader's own message)."""
+    if model == "demo":
+        return DEMO_SEQLEN
+    max_pos = None
+    if model.startswith("tiny:"):
+        from .models.loading import TINY_CONFIGS
+
+        max_pos = TINY_CONFIGS.get(model[5:], {}).get("max_position_embeddings")
+    else:
+        try:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+            cfg = getattr(cfg, "text_config", None) or cfg
+            max_pos = getattr(cfg, "max_position_embeddings", None)
+        except Exception:  # noqa: BLE001 - any failure here is reported by load_model with a better message
+            max_pos = None
+    return min(MAX_DEFAULT_SEQLEN, int(max_pos)) if max_pos else MAX_DEFAULT_SEQLEN

@@ -58,7 +58,7 @@ def _held_out(run: "Pipeline"):
 
     cfg = run.cfg
     ids = tokenize(run.tokenizer, load_text(cfg.calib, "calib"))
-    return held_out_windows(ids, HELD_OUT_WINDOWS, cfg.seqlen, cfg.nsamples, cfg.seed)
+    return held_out_windows(ids, HELD_OUT_WINDOWS, cfg.calib_seqlen, cfg.nsamples, cfg.seed)
 
 
 def rl_solver_options(run: "Pipeline", choices: list[Choice], table: "SensitivityTable", budget: "Budget") -> dict:

@@ -61,7 +61,9 @@ class QuantizeConfig:
     attn_rank: int = 0  # ... with a low-rank compensator of this rank
     calib: str = "demo"
     nsamples: int = 128
-    seqlen: int = 256
+    seqlen: int | None = None  # sets calib_seqlen and eval_seqlen; None: the model's (data.default_seqlen)
+    calib_seqlen: int | None = None  # tokens per calibration window (None: seqlen)
+    eval_seqlen: int | None = None  # tokens per evaluation window (None: seqlen)
     eval: str = "demo"
     eval_windows: int | None = None
     metric: str = "expert"
@@ -75,7 +77,8 @@ class QuantizeConfig:
     proxy: bool = True  # fri: the RTN weight-space proxy feature (proxy.py)
     fill: bool = True  # lagrangian solver: greedy fill after bisection (False: Algorithm 1 exactly)
     act_order: bool = False
-    max_tokens_per_expert: int = 512
+    max_tokens_per_expert: int | None = None  # routed inputs kept per expert for profiling; None: all of them
+    holdout: float = 0.0  # fraction of each expert's routed tokens held out of its Hessian to measure its error
     seed: int = 0
     dtype: str = "auto"
     device: str = "cpu"
@@ -113,10 +116,40 @@ class QuantizeConfig:
             d.pop("target")
         for k, default in (("bits_set", None), ("ranks", None), ("attn_bits", None), ("attn_rank", 0), ("abits", None),
                            ("abits_set", None), ("abits_budget", None), ("act_clip", 1.0), ("rotate", None),
-                           ("rules", None), ("anchors", None), ("predictor", "ridge"), ("proxy", True), ("fill", True)):
-            if d[k] == default:  # likewise for runs made before bt and --attn-bits
+                           ("rules", None), ("anchors", None), ("predictor", "ridge"), ("proxy", True), ("fill", True),
+                           ("holdout", 0.0)):
+            if d[k] == default:  # likewise for runs made before bt, --attn-bits, ..., --rules, --holdout
                 d.pop(k)
+        # one length for both: the spec of runs made before --calib-seqlen / --eval-seqlen existed
+        if d["calib_seqlen"] is not None and d["calib_seqlen"] == d["eval_seqlen"]:
+            d["seqlen"] = d["calib_seqlen"]
+        if d["seqlen"] is not None and d["calib_seqlen"] in (None, d["seqlen"]) and d["eval_seqlen"] in (None, d["seqlen"]):
+            d.pop("calib_seqlen"), d.pop("eval_seqlen")
+        else:
+            d.pop("seqlen")
         return d
+
+    def resolve_seqlens(self) -> None:
+        """Fill `calib_seqlen` and `eval_seqlen`: each as given, else `seqlen`, else the model's default
+        (min(2048, max positions); the demo 256). `seqlen` then holds the length when both are equal."""
+        if self.calib_seqlen is None or self.eval_seqlen is None:
+            from .data import default_seqlen
+
+            base = self.seqlen if self.seqlen is not None else default_seqlen(self.model, self.trust_remote_code)
+            self.calib_seqlen = self.calib_seqlen if self.calib_seqlen is not None else base
+            self.eval_seqlen = self.eval_seqlen if self.eval_seqlen is not None else base
+        for name in ("calib_seqlen", "eval_seqlen"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 2 tokens, got {getattr(self, name)}")
+        self.seqlen = self.calib_seqlen if self.calib_seqlen == self.eval_seqlen else None
+
+    def check_holdout(self) -> None:
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"--holdout is the fraction of each expert's routed tokens held out, in [0, 1); "
+                             f"got {self.holdout}")
+        if self.holdout > 0 and self.metric != "expert":
+            raise ValueError("--holdout measures a unit's error on its held-out routed tokens, which the expert "
+                             f"metric does; the {self.metric} metric re-runs every token: use --metric expert")
 
     @classmethod
     def from_spec(cls, spec: dict) -> "QuantizeConfig":
@@ -291,6 +324,8 @@ class Pipeline:
 
             if cfg.rotate not in ROTATIONS:
                 raise ValueError(f"unknown --rotate {cfg.rotate!r}; choose one of {', '.join(ROTATIONS)}")
+        cfg.resolve_seqlens()
+        cfg.check_holdout()
         self.cfg, self.progress = cfg, progress
         self.rotation = None  # rotate.Rotation once load() rotated the model (--rotate)
         self.run = Run(out, cfg.spec(), overwrite=overwrite)
@@ -336,12 +371,13 @@ class Pipeline:
 
     def calibrate(self) -> Calibration:
         cfg = self.cfg
-        self.windows = calibration_windows(self.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        self.windows = calibration_windows(self.tokenizer, cfg.calib, cfg.nsamples, cfg.calib_seqlen, cfg.seed)
         if Calibration.exists(self.run.root):
             self.calib = Calibration.load(self.run.root)
             return self.calib
         cal = self.timed("calibrate_seconds", lambda: calibrate(
-            self.adapter, self.windows, cfg.batch_size, cfg.max_tokens_per_expert, cfg.seed, self.progress))
+            self.adapter, self.windows, cfg.batch_size, cfg.max_tokens_per_expert, cfg.seed, self.progress,
+            holdout=cfg.holdout))
         cal.save(self.run.root)
         self.calib = cal
         self._save_results()
@@ -356,7 +392,7 @@ class Pipeline:
         if key in self.results:
             return
         res = self.timed(f"{key}_eval_seconds", lambda: perplexity(
-            self.model, self.eval_tokens(), self.cfg.seqlen, self.cfg.batch_size, self.cfg.eval_windows,
+            self.model, self.eval_tokens(), self.cfg.eval_seqlen, self.cfg.batch_size, self.cfg.eval_windows,
             self.progress, desc=f"eval ({key})"))
         self.results[key] = res.ppl
         self.results["eval_tokens"], self.results["eval_windows"] = res.tokens, res.windows
@@ -380,7 +416,7 @@ class Pipeline:
         table = self.new_table(choices) if table is None else table
         before = self.results.get("profile_seconds", 0.0)
         table = self.timed("profile_seconds", lambda: profile(
-            self.adapter, cfg.metric, units, choices, stats, self.calib.inputs, windows=self.windows,
+            self.adapter, cfg.metric, units, choices, stats, self.calib.profile_inputs(), windows=self.windows,
             act_order=cfg.act_order, table=table, progress=self.progress, whole_expert=whole_expert,
             **({"act_clip": cfg.act_clip} if cfg.act_clip != 1.0 else {})))
         self.results["profile_seconds"] = round(before + self.results["profile_seconds"], 4)

@@ -22,10 +22,25 @@ from .rtn import quantize_rtn
 def quantize_weight(w: torch.Tensor, choice: Choice, hessian: torch.Tensor | None = None,
                     act_order: bool = False, damp: float = 0.01,
                     return_codes: bool = False) -> torch.Tensor | QuantizedWeight:
+    if not bool(torch.isfinite(w).all()):
+        raise FloatingPointError(f"a {tuple(w.shape)} weight to quantize with {choice.label} is not finite "
+                                 f"({int((~torch.isfinite(w)).sum())} NaN/inf entries): check the checkpoint")
     if choice.rank:
         fit = quantize_lowrank(w, choice, hessian, act_order, damp)
-        return fit.stored if return_codes else fit.weight
-    return _quantize_plain(w, choice, hessian, act_order, damp, return_codes)
+        out = fit.stored if return_codes else fit.weight
+    else:
+        out = _quantize_plain(w, choice, hessian, act_order, damp, return_codes)
+    _check_finite(out, choice, w)
+    return out
+
+
+def _check_finite(out: torch.Tensor | QuantizedWeight, choice: Choice, w: torch.Tensor) -> None:
+    """A NaN or inf in a quantized weight would silently poison every later measurement: refuse it."""
+    parts = [out] if torch.is_tensor(out) else [t for t in (out.scale, out.zero, out.weight, out.u, out.v)
+                                                 if t is not None]
+    if not all(bool(torch.isfinite(t).all()) for t in parts):
+        raise FloatingPointError(f"quantizing a finite {tuple(w.shape)} weight with {choice.label} gave non-finite "
+                                 "values (a quantizer defect; please report it)")
 
 
 def quantize_lowrank(w: torch.Tensor, choice: Choice, hessian: torch.Tensor | None = None, act_order: bool = False,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .qweight import QuantizedWeight
-from .rtn import group_view
+from .rtn import group_view, minmax_params, round_codes
 
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
 
@@ -32,6 +32,14 @@ def quantize_hqq(w: torch.Tensor, bits: int, group_size: int = 128,
                                    bitpack=False, compute_dtype=torch.float32, device=device)
     # stored as fp16 (scale, zero): round them as they would be stored
     scale, zero = meta["scale"].half().float(), meta["zero"].half().float()  # [N, 1]
+    # a constant (e.g. all-zero) group: HQQ's zero is -c in fp16, which loses c's low bits, and its
+    # optimiser has nothing to fit; the min-max grid reproduces such a group exactly (rtn.minmax_params)
+    constant = flat.amax(dim=1) == flat.amin(dim=1)
+    if bool(constant.any()):
+        s_c, z_c = minmax_params(flat[constant], bits)
+        w_q = w_q.clone()
+        w_q[constant] = round_codes(flat[constant], s_c[:, None], z_c[:, None], bits).to(w_q.dtype)
+        scale[constant], zero[constant] = s_c[:, None], z_c[:, None]
     if return_codes:
         codes = w_q.reshape(groups.shape).reshape(*w.shape[:-1], -1)[..., :k].to(torch.uint8)
         per_group = groups.shape[:-1]  # [..., R, G]

@@ -24,11 +24,28 @@ def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def minmax_params(w_groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero per group (last dim reduced). Scales are rounded through fp16,
-    as they would be stored, so what we measure is what a user gets."""
+    as they would be stored, so what we measure is what a user gets.
+
+    As the GPTQ reference quantizer does, the range always includes 0 (`lo <= 0 <= hi`), so the zero
+    point is a code of the grid and a one-signed group is not clamped onto a shifted grid, and an
+    all-zero group gets the range [-1, 1] instead of a zero scale (a division by zero, NaN). A
+    constant group `c != 0` uses scale |c| (codes 0 and 1), so it is reproduced exactly whenever
+    `c` is an fp16 value (the general scale |c| / qmax would be rounded through fp16)."""
     qmax = 2 ** bits - 1
     lo = w_groups.amin(dim=-1)
     hi = w_groups.amax(dim=-1)
-    scale = ((hi - lo) / qmax).clamp(min=1e-8).half().float()
+    constant = lo == hi
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    zero_group = (lo == 0) & (hi == 0)
+    lo, hi = torch.where(zero_group, -1.0, lo), torch.where(zero_group, 1.0, hi)
+    scale = torch.where(constant & ~zero_group, hi - lo, (hi - lo) / qmax)
+    # stored in fp16: a range too small for fp16 gets its smallest scale (2^-24 ~ 6e-8, so the rounding
+    # error stays below 3e-8); one too large for fp16 cannot be stored at all
+    scale = scale.clamp(min=2.0 ** -24).half().float()
+    if not bool(torch.isfinite(scale).all()):
+        bad = ~torch.isfinite(scale)
+        raise FloatingPointError(f"{int(bad.sum())} group(s) span a range fp16 scales cannot hold "
+                                 f"(e.g. [{lo[bad][0].item():.3g}, {hi[bad][0].item():.3g}])")
     zero = torch.round(-lo / scale).clamp(0, qmax)
     return scale, zero
 
