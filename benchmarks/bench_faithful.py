@@ -12,20 +12,23 @@ The units of the last `--layers` MoE layers are profiled at GPTQ 2/3 bits (g32) 
   * the expert metric on all routed tokens;
 and, as before issue 13, both metrics with GPTQ Hessians built from the sample.
 Reported: relative difference |expert - layer| / layer (median, fraction above 10 %) and the
-measurement seconds of each metric on the same entries. With `--holdout-results DIR` the script also
-appends the `--holdout` perplexity comparison written by `bench_faithful_holdout.py` (see README).
-Writes benchmarks/results/faithful.md.
+measurement seconds of each metric on the same entries.
+
+The holdout part (`--part holdout`) runs the whole pipeline on the demo model (GPTQ, methods mxmoe and
+fri at 2.5 and 3.25 bits, seeds 0 and 1) with `--holdout 0` and `--holdout F` and compares the final
+perplexities. Each part keeps its table in results/faithful_{metric,holdout}.json; faithful.md holds both.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import write_table
+from _common import RESULTS
 from moebits.calibrate import Calibration, ExpertInputs, calibrate
 from moebits.data import random_windows
 from moebits.models import MoEAdapter, tiny_model
@@ -48,10 +51,25 @@ def main():
     ap.add_argument("--bits", default="2,3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--holdout-results", default=None, help="JSON from bench_faithful_holdout.py to append")
+    ap.add_argument("--part", default="all", choices=["all", "metric", "holdout"],
+                    help="metric: the metric comparison; holdout: the --holdout perplexity runs on the demo; "
+                         "each part's table is kept (results/faithful_*.json) and faithful.md holds both")
+    ap.add_argument("--holdout", type=float, default=0.25, help="holdout fraction compared with 0")
+    ap.add_argument("--holdout-seeds", default="0,1")
+    ap.add_argument("--holdout-bits", default="2.5,3.25")
+    ap.add_argument("--holdout-methods", default="mxmoe,fri")
+    ap.add_argument("--holdout-nsamples", type=int, default=128)
+    ap.add_argument("--workdir", default=None, help="run directories of the holdout part (default: a temp dir)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.part in ("all", "metric"):
+        save_part("metric", metric_part(args))
+    if args.part in ("all", "holdout"):
+        save_part("holdout", holdout_part(args))
+    write_report()
 
+
+def metric_part(args) -> dict:
     ad = MoEAdapter(tiny_model("qwen2_moe", seed=args.seed, num_experts=args.experts, num_hidden_layers=2,
                                num_experts_per_tok=args.top_k))
     tokens = torch.randint(0, 256, (args.nsamples * args.seqlen * 4,), generator=torch.Generator().manual_seed(args.seed))
@@ -107,15 +125,104 @@ def main():
                              "seconds", "speed vs layer"], rows, notes)
 
 
-def holdout_notes(path: Path) -> list[str]:
-    """The --holdout comparison on the demo (bench_faithful_holdout.py), as lines under the table."""
-    res = json.loads(path.read_text())
-    lines = [f"--holdout on the demo model ({res['setup']}): final perplexity (fp16 {res['ppl_fp']:.4f})"]
-    for r in res["rows"]:
-        lines.append(f"  {r['method']} {r['bits']} bits, holdout {r['holdout']}: ppl "
-                     + ", ".join(f"{p:.4f}" for p in r["ppl"]) + f" (seeds {r['seeds']}; mean {np.mean(r['ppl']):.4f})")
-    lines.append(res["verdict"])
-    return lines
+def holdout_part(args) -> dict:
+    """`moebits quantize --model demo --quantizer gptq` at each method x budget x seed, holdout 0 vs F.
+    Per (seed, holdout) the calibration is made once and each method's table once: the later budgets'
+    run directories start from hard links to them (the stages are deterministic given the spec, so this
+    is what a fresh run would compute)."""
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    from moebits.pipeline import Pipeline, QuantizeConfig
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="faithful_"))
+    seeds = [int(x) for x in args.holdout_seeds.split(",")]
+    budgets = [float(x) for x in args.holdout_bits.split(",")]
+    methods = args.holdout_methods.split(",")
+    ppl: dict = {}
+    ppl_fp: dict = {}
+    for seed in seeds:
+        for h in (0.0, args.holdout):
+            first_calib = None
+            for method in methods:
+                first_table = None
+                for bits in budgets:
+                    d = work / f"{method}_b{bits}_s{seed}_h{h}"
+                    cfg = QuantizeConfig(model="demo", method=method, quantizer="gptq", bits=bits, seed=seed,
+                                         nsamples=args.holdout_nsamples, holdout=h, save_model=False)
+                    cfg.resolve_seqlens()
+                    if not (d / "run.json").exists() and first_calib is not None:  # a run dir bound to this spec
+                        d.mkdir(parents=True, exist_ok=True)
+                        (d / "run.json").write_text(json.dumps(cfg.spec()))
+                    for src, names in ((first_calib, ("stats.json", "calib_inputs.safetensors")),
+                                       (first_table, ("table.csv",))):
+                        if src is not None:
+                            for n in names:
+                                if (src / n).exists() and not (d / n).exists():
+                                    os.link(src / n, d / n)
+                    if first_calib is not None and seed in ppl_fp and not (d / "results.json").exists():
+                        (d / "results.json").write_text(json.dumps({"ppl_fp": ppl_fp[seed]}))
+                    t0 = time.perf_counter()
+                    res = Pipeline(cfg, d, progress=False).execute()
+                    print(f"{method} {bits} seed {seed} holdout {h}: ppl {res['ppl_q']:.4f} (fp {res['ppl_fp']:.4f}) "
+                          f"{time.perf_counter() - t0:.0f} s", flush=True)
+                    ppl[(method, bits, h, seed)] = res["ppl_q"]
+                    ppl_fp[seed] = res["ppl_fp"]
+                    first_calib = first_calib or d
+                    first_table = first_table or d
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    rows, wins = [], {0.0: 0, args.holdout: 0}
+    for method in methods:
+        for bits in budgets:
+            a = [ppl[(method, bits, 0.0, s)] for s in seeds]
+            b = [ppl[(method, bits, args.holdout, s)] for s in seeds]
+            for x, y in zip(a, b):
+                wins[0.0 if x < y else args.holdout] += x != y
+            rows.append([method, f"{bits}", ", ".join(f"{x:.4f}" for x in a), f"{np.mean(a):.4f}",
+                         ", ".join(f"{x:.4f}" for x in b), f"{np.mean(b):.4f}",
+                         f"{100 * (np.mean(b) / np.mean(a) - 1):+.2f} %"])
+    fp = ", ".join(f"{ppl_fp[s]:.4f}" for s in seeds)
+    notes = [f"demo model (moebits' own trained Qwen2-MoE, 6 MoE layers x 32 experts + shared), GPTQ g128, "
+             f"candidate bits 2/3/4/8, calibration {args.holdout_nsamples} x 256 demo tokens, expert metric on all "
+             f"routed tokens, perplexity on the demo's held-out plays (all windows of 256); fp16 ppl {fp} "
+             f"(per seed: the seed draws the calibration windows, FRI's anchors and the holdout split).",
+             f"holdout {args.holdout}: each expert's error is measured on a random {args.holdout:.0%} of its routed "
+             "tokens with GPTQ fitted (Hessian) on the rest; the final quantization uses all tokens in both columns.",
+             f"lower perplexity in {wins[0.0]} of {len(rows) * len(seeds)} (method, budget, seed) cells without the "
+             f"holdout, in {wins[args.holdout]} with it."]
+    return {"title": f"--holdout {args.holdout} vs none: final perplexity on the demo",
+            "headers": ["method", "bits", "ppl, holdout 0 (per seed)", "mean", f"ppl, holdout {args.holdout}",
+                        "mean", "change"], "rows": rows, "notes": notes, "command": command()}
+
+
+def command() -> str:
+    return "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:])
+
+
+def save_part(name: str, part: dict) -> None:
+    (RESULTS / f"faithful_{name}.json").write_text(json.dumps(part, indent=1))
+
+
+def write_report() -> Path:
+    """faithful.md from the parts run so far (each keeps the command that made it)."""
+    text = "# faithful\n"
+    for name in ("metric", "holdout"):
+        f = RESULTS / f"faithful_{name}.json"
+        if not f.exists():
+            continue
+        part = json.loads(f.read_text())
+        h = part["headers"]
+        text += (f"\n## {part['title']}\n\n| " + " | ".join(h) + " |\n|" + "|".join("---" for _ in h) + "|\n"
+                 + "".join("| " + " | ".join(str(c) for c in r) + " |\n" for r in part["rows"]) + "\n"
+                 + "".join(f"- {n}\n" for n in part["notes"]) + f"\nCommand: `{part['command']}`\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "faithful.md"
+    path.write_text(text)
+    print(text)
+    return path
 
 
 if __name__ == "__main__":

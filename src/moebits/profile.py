@@ -11,8 +11,10 @@ Two metrics, equal in exact arithmetic:
 
 Both are reported as the *intrinsic* error: squared output error per routed token,
 l_u = ||Y_q - Y||^2 / tokens_u, so that f_u * l_u * total_tokens = layer_out_norm^2 (frequency
-enters the objective separately). The expert metric uses the calibration's sample of each expert's
-routed tokens (all of them when the sample cap exceeds the count), the layer metric all tokens.
+enters the objective separately). The expert metric uses the routed tokens the calibration kept (all
+of them by default, a random sample under `max_tokens_per_expert`; the held-out ones under a holdout,
+see `Calibration.profile_inputs`), the layer metric all tokens. GPTQ quantizes with the calibration's
+Hessians, accumulated over every routed token (`apply.layer_hessians`), in both metrics.
 
 `whole_expert=True` is BT-MoE's isolated perturbation: all three blocks of one expert take the same
 choice at once and the error of that joint perturbation, L_i(c), is measured (it is not the sum of the
