@@ -76,3 +76,17 @@ def test_profile_then_allocate(tmp_path, text_file):
     r = runner.invoke(app, ["allocate", "--table", str(tmp_path / "p" / "table.csv"), "--model", "tiny:qwen3_moe",
                             "--bits", "1.0", "--out", str(tmp_path / "x.json")])
     assert r.exit_code == 2 and "feasible" in r.output
+
+
+def test_quantize_flags_for_window_lengths_holdout_and_token_cap(tmp_path, text_file):
+    args = ["quantize", "--model", "tiny:mixtral", "--method", "mxmoe", "--quantizer", "gptq", "--bits", "3.5",
+            "--group-size", "32", "--calib", str(text_file), "--eval", str(text_file), "--nsamples", "4",
+            "--calib-seqlen", "32", "--eval-seqlen", "48", "--eval-windows", "3", "--holdout", "0.25",
+            "--max-tokens-per-expert", "16", "--no-save-model", "--out", str(tmp_path / "run")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    spec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (spec["calib_seqlen"], spec["eval_seqlen"], spec["holdout"], spec["max_tokens_per_expert"]) == (32, 48, 0.25, 16)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["eval_tokens"] == 3 * 47
+    r = runner.invoke(app, args[:-2] + ["--metric", "layer", "--out", str(tmp_path / "bad")])
+    assert r.exit_code != 0 and "use --metric" in " ".join(r.output.split())
