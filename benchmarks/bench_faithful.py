@@ -119,10 +119,12 @@ def metric_part(args) -> dict:
              "Hessians, and the layer metric of row 4 is their reference).",
              "relative difference = |expert - layer| / layer per entry; seconds = sum of the per-measurement "
              "times (quantize + error) over the same entries; speed = layer seconds / this row's seconds."]
-    if args.holdout_results:
-        notes += holdout_notes(Path(args.holdout_results))
-    write_table("faithful", ["GPTQ Hessians from", "metric", "median rel. diff vs layer (same Hessians)", "entries > 10 %", "max rel. diff",
-                             "seconds", "speed vs layer"], rows, notes)
+    notes.append("timings: the sum of per-measurement seconds on a shared 2-core machine (other jobs running); "
+                 "the same measurement varied up to 2x between runs, so read the speed column to a factor of 2.")
+    return {"title": "expert metric vs MxMoE's layer metric: 512-token sample vs all routed tokens",
+            "headers": ["GPTQ Hessians from", "metric", "median rel. diff vs layer (same Hessians)",
+                        "entries > 10 %", "max rel. diff", "seconds", "speed vs layer"],
+            "rows": rows, "notes": notes, "command": command()}
 
 
 def holdout_part(args) -> dict:
@@ -174,13 +176,14 @@ def holdout_part(args) -> dict:
                     first_table = first_table or d
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    rows, wins = [], {0.0: 0, args.holdout: 0}
+    rows, wins, changes = [], {0.0: 0, args.holdout: 0}, []
     for method in methods:
         for bits in budgets:
             a = [ppl[(method, bits, 0.0, s)] for s in seeds]
             b = [ppl[(method, bits, args.holdout, s)] for s in seeds]
             for x, y in zip(a, b):
                 wins[0.0 if x < y else args.holdout] += x != y
+            changes.append(100 * (np.mean(b) / np.mean(a) - 1))
             rows.append([method, f"{bits}", ", ".join(f"{x:.4f}" for x in a), f"{np.mean(a):.4f}",
                          ", ".join(f"{x:.4f}" for x in b), f"{np.mean(b):.4f}",
                          f"{100 * (np.mean(b) / np.mean(a) - 1):+.2f} %"])
@@ -192,7 +195,8 @@ def holdout_part(args) -> dict:
              f"holdout {args.holdout}: each expert's error is measured on a random {args.holdout:.0%} of its routed "
              "tokens with GPTQ fitted (Hessian) on the rest; the final quantization uses all tokens in both columns.",
              f"lower perplexity in {wins[0.0]} of {len(rows) * len(seeds)} (method, budget, seed) cells without the "
-             f"holdout, in {wins[args.holdout]} with it."]
+             f"holdout, in {wins[args.holdout]} with it; mean change of the cells' mean perplexity "
+             f"{np.mean(changes):+.3f} % (range {min(changes):+.3f} .. {max(changes):+.3f} %)."]
     return {"title": f"--holdout {args.holdout} vs none: final perplexity on the demo",
             "headers": ["method", "bits", "ppl, holdout 0 (per seed)", "mean", f"ppl, holdout {args.holdout}",
                         "mean", "change"], "rows": rows, "notes": notes, "command": command()}
