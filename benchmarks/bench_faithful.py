@@ -196,7 +196,13 @@ def holdout_part(args) -> dict:
              "tokens with GPTQ fitted (Hessian) on the rest; the final quantization uses all tokens in both columns.",
              f"lower perplexity in {wins[0.0]} of {len(rows) * len(seeds)} (method, budget, seed) cells without the "
              f"holdout, in {wins[args.holdout]} with it; mean change of the cells' mean perplexity "
-             f"{np.mean(changes):+.3f} % (range {min(changes):+.3f} .. {max(changes):+.3f} %)."]
+             f"{np.mean(changes):+.3f} % (range {min(changes):+.3f} .. {max(changes):+.3f} %).",
+             "verdict: " + ("the holdout gives the better final perplexity" if wins[args.holdout] > wins[0.0]
+                            and np.mean(changes) < 0 else
+                            "measuring on the Hessian's own tokens (no holdout) gives the better final perplexity"
+                            if wins[0.0] > wins[args.holdout] and np.mean(changes) > 0 else
+                            "neither is consistently better (as many cells each way)") + " on the demo; --holdout "
+             "stays opt-in (default 0)."]
     return {"title": f"--holdout {args.holdout} vs none: final perplexity on the demo",
             "headers": ["method", "bits", "ppl, holdout 0 (per seed)", "mean", f"ppl, holdout {args.holdout}",
                         "mean", "change"], "rows": rows, "notes": notes, "command": command()}
