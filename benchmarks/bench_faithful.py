@@ -127,6 +127,10 @@ def metric_part(args) -> dict:
             "rows": rows, "notes": notes, "command": command()}
 
 
+# FRI as these runs measured it: the paper's configuration (moebits' default when they were made)
+FRI_PAPER = dict(anchors=0.2, sampler="stratified", predictor="fri", proxy=False, solver="lagrangian", fill=False)
+
+
 def holdout_part(args) -> dict:
     """`moebits quantize --model demo --quantizer gptq` at each method x budget x seed, holdout 0 vs F.
     Per (seed, holdout) the calibration is made once and each method's table once: the later budgets'
@@ -153,7 +157,8 @@ def holdout_part(args) -> dict:
                 for bits in budgets:
                     d = work / f"{method}_b{bits}_s{seed}_h{h}"
                     cfg = QuantizeConfig(model="demo", method=method, quantizer="gptq", bits=bits, seed=seed,
-                                         nsamples=args.holdout_nsamples, holdout=h, save_model=False)
+                                         nsamples=args.holdout_nsamples, holdout=h, save_model=False,
+                                         **(FRI_PAPER if method == "fri" else {}))
                     cfg.resolve_seqlens()
                     if not (d / "run.json").exists() and first_calib is not None:  # a run dir bound to this spec
                         d.mkdir(parents=True, exist_ok=True)
@@ -192,6 +197,8 @@ def holdout_part(args) -> dict:
              f"candidate bits 2/3/4/8, calibration {args.holdout_nsamples} x 256 demo tokens, expert metric on all "
              f"routed tokens, perplexity on the demo's held-out plays (all windows of 256); fp16 ppl {fp} "
              f"(per seed: the seed draws the calibration windows, FRI's anchors and the holdout split).",
+             "fri: the paper's configuration (--sampler stratified --predictor fri --no-proxy --solver lagrangian "
+             "--no-fill --anchors 0.2); mxmoe: every unit x {2, 3, 4, 8} profiled, exact ILP.",
              f"holdout {args.holdout}: each expert's error is measured on a random {args.holdout:.0%} of its routed "
              "tokens with GPTQ fitted (Hessian) on the rest; the final quantization uses all tokens in both columns.",
              f"lower perplexity in {wins[0.0]} of {len(rows) * len(seeds)} (method, budget, seed) cells without the "
