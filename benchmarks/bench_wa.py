@@ -6,7 +6,8 @@ vs expert granularity at W5A5), by perplexity and a small zero-shot average.
                                   [--zs-limit 200] [--act-clip 0.9] [--variants plain,rotated] [--merge FILE.json]
 
 Every run also writes its rows' raw numbers to results/NAME.json; `--merge` adds the rows of an earlier
-run's JSON that this run did not measure (e.g. `--variants rotated --merge results/wa.json` adds the GPTQ*
+run's JSON that this run did not measure, and `--rows-from-log LOG` the rows a run printed to its log
+before it was stopped (the table's "seeds" column says how many seeds each row has) (e.g. `--variants rotated --merge results/wa.json` adds the GPTQ*
 rows to a table measured before the rotation existed; the settings must match, which is checked).
 
 Rows (GPTQ g128 weights everywhere; activations per-token symmetric, clip `--act-clip`, quant/act.py):
@@ -92,6 +93,8 @@ def main():
                     help="plain (unrotated rows, W5A5 allocations) and/or rotated (GPTQ*, QuaRot-style W4A4)")
     ap.add_argument("--merge", default=None, help="results JSON(s) of earlier runs (comma list) whose other rows "
                                                   "join the table")
+    ap.add_argument("--rows-from-log", default=None,
+                    help="log of a run of this script (same settings) stopped early: its printed rows join the table")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="wa")
     args = ap.parse_args()
@@ -194,6 +197,7 @@ def main():
                                               "act_clip", "anchors")}
     zs_avg = {n: {"acc_norm": r["average"]["acc_norm"], "label": r["average"]["label"]} for n, r in zs_rows.items()}
     merged_seconds = 0.0
+    logged: set[str] = set()
     for f in (args.merge.split(",") if args.merge else []):
         old = json.loads(Path(f).read_text())
         if old["settings"] != settings:
@@ -204,10 +208,30 @@ def main():
         for name, z in old["zero_shot"].items():
             zs_avg.setdefault(name, z)
         rotate_ok = rotate_ok or old.get("rotated", False)
+    if args.rows_from_log:
+        import ast
+        import re
+
+        row = re.compile(r"^(.+?): ppl ([\d.]+) \(([+-][\d.]+) %\), W ([\d.]+) A ([\d.]+), ([\d.]+) s$")
+        zs_line = re.compile(r"^  zero-shot (.+?): (\{.*\})$")
+        for line in Path(args.rows_from_log).read_text().splitlines():
+            line = line.split("\r")[-1]  # progress bars share lines with the rows
+            if m := row.match(line):
+                name = m.group(1)
+                if name in cells and len(cells[name]["ppl"]) and name not in logged:
+                    continue  # measured by this run (or a merged one): keep those numbers
+                logged.add(name)
+                c = cells.setdefault(name, {"ppl": [], "dppl": [], "wbits": [], "abits": [], "s": []})
+                for k, g in zip(("ppl", "dppl", "wbits", "abits", "s"), m.groups()[1:]):
+                    c[k].append(float(g))
+            elif m := zs_line.match(line):
+                avg = ast.literal_eval(m.group(2))
+                zs_avg.setdefault(m.group(1), {"acc_norm": avg["acc_norm"], "label": avg["label"]})
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"settings": settings, "cells": cells, "zero_shot": zs_avg, "rotated": rotate_ok,
          "seconds": time.perf_counter() - t_start + merged_seconds}, indent=1) + "\n")
+    rotate_ok = rotate_ok or any(n.startswith("GPTQ*") for n in cells)
     order = ["fp16", "fp16 rotated", "GPTQ W3", "GPTQ* W3", "GPTQ W2", "GPTQ* W2", "W4A4", "MxMoE", "FRI"]
     rank = lambda n: next((i for i, p in enumerate(order) if n.startswith(p)), len(order))  # noqa: E731
     cells = dict(sorted(cells.items(), key=lambda kv: rank(kv[0])))
@@ -217,13 +241,14 @@ def main():
         rows.append([name, f"{statistics.mean(c['wbits']):.3f}", f"{statistics.mean(c['abits']):.2f}",
                      mean_sd(c["ppl"]), mean_sd(c["dppl"], "{:+.2f}"),
                      "-" if zs is None else f"{100 * zs['acc_norm']:.1f}",
-                     f"{statistics.mean(c['s']):.0f}"])
+                     f"{statistics.mean(c['s']):.0f}", len(c["ppl"])])
     zs_label = next(iter(zs_avg.values()))["label"] if zs_avg else "-"
     notes = [
         f"demo model, float32; perplexity on {args.eval_windows} held-out windows of {args.seqlen} tokens (the same "
         f"for every row); calibration {args.nsamples} x {args.seqlen} tokens per seed; seeds {args.seeds} (mean ± sd "
         f"over seeds); torch threads {torch.get_num_threads()}; total "
-        f"{time.perf_counter() - t_start + merged_seconds:.0f} s"
+        + ("(rows read from a log: see each row's seconds)" if args.rows_from_log else
+           f"{time.perf_counter() - t_start + merged_seconds:.0f} s")
         + (f" (rows of several runs of these settings, merged: {args.merge})." if args.merge else "."),
         "W = average storage bits per weight over the expert units (g128 metadata included: 3-bit = 3.25); A = "
         "average activation bits weighted by each unit's MACs per token (routed frequency x out x in; 16 = not "
@@ -244,7 +269,11 @@ def main():
         "**GPTQ* rows absent: `moebits.rotate` (the Hadamard rotation, issue 16 item 1) was not on this tree "
         "when the benchmark ran, so the W4A4 row is plain GPTQ W4A4 without rotation.**",
     ]
-    write_table(args.name, ["method", "W bits", "A bits", "ppl", "Δppl %", f"zero-shot {zs_label}", "s"], rows, notes)
+    if args.rows_from_log:
+        notes.append(f"rows also read from the log of a run stopped before its end ({Path(args.rows_from_log).name}): "
+                     "'seeds' gives the seeds each row averages.")
+    write_table(args.name, ["method", "W bits", "A bits", "ppl", "Δppl %", f"zero-shot {zs_label}", "s", "seeds"],
+                rows, notes)
 
 
 if __name__ == "__main__":
