@@ -53,27 +53,36 @@ def apply_plan(adapter: MoEAdapter, plan: Plan, inputs: dict[tuple[int, int | st
     for u in plan.units:
         by_layer[u.layer].append(u)
     for layer in tqdm(sorted(by_layer), desc="quantize", disable=not progress, leave=False):
-        units = by_layer[layer]
-        gptq_experts = sorted({u.expert for u in units if plan.choice(u).quantizer == "gptq" and not plan.choice(u).is_fp},
-                              key=lambda e: (isinstance(e, str), e if isinstance(e, int) else -1))
-        H = layer_hessians(adapter, layer, inputs, gptq_experts) if gptq_experts else {}
-        groups: dict[tuple, list[Unit]] = defaultdict(list)
-        for u in units:
-            groups[(u.kind, u.is_shared, plan.choice(u))].append(u)
-        for (kind, _, choice), members in groups.items():
-            w = torch.stack([adapter.weight(u) for u in members])
-            h = None
-            if choice.quantizer == "gptq" and not choice.is_fp:
-                h = torch.stack([H[(u.expert, "down" if kind == "down" else "in")] for u in members])
-            if codes is None:
-                wq = quantize_weight(w, choice, hessian=h, act_order=act_order)
-            else:
-                qw = quantize_weight(w, choice, hessian=h, act_order=act_order, return_codes=True)
-                wq = qw.dequantize(w.dtype)  # exactly what quantize_weight returns
-                codes.update({u: qw[i] for i, u in enumerate(members)})
-            for u, q in zip(members, wq):
-                adapter.set_weight(u, q)
+        apply_layer(adapter, plan, layer, by_layer[layer], inputs, act_order, codes)
     return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def apply_layer(adapter: MoEAdapter, plan: Plan, layer: int, units: list[Unit],
+                inputs: dict[tuple[int, int | str], ExpertInputs] | None, act_order: bool = False,
+                codes: dict[Unit, QuantizedWeight] | None = None) -> None:
+    """Quantize `units` (all of MoE layer `layer`) in place by `plan` (the streaming path calls it per layer)."""
+    gptq_experts = sorted({u.expert for u in units if plan.choice(u).quantizer == "gptq" and not plan.choice(u).is_fp},
+                          key=lambda e: (isinstance(e, str), e if isinstance(e, int) else -1))
+    if gptq_experts and inputs is None:
+        raise ValueError("the plan uses GPTQ, which needs calibration inputs")
+    H = layer_hessians(adapter, layer, inputs, gptq_experts) if gptq_experts else {}
+    groups: dict[tuple, list[Unit]] = defaultdict(list)
+    for u in units:
+        groups[(u.kind, u.is_shared, plan.choice(u))].append(u)
+    for (kind, _, choice), members in groups.items():
+        w = torch.stack([adapter.weight(u) for u in members])
+        h = None
+        if choice.quantizer == "gptq" and not choice.is_fp:
+            h = torch.stack([H[(u.expert, "down" if kind == "down" else "in")] for u in members])
+        if codes is None:
+            wq = quantize_weight(w, choice, hessian=h, act_order=act_order)
+        else:
+            qw = quantize_weight(w, choice, hessian=h, act_order=act_order, return_codes=True)
+            wq = qw.dequantize(w.dtype)  # exactly what quantize_weight returns
+            codes.update({u: qw[i] for i, u in enumerate(members)})
+        for u, q in zip(members, wq):
+            adapter.set_weight(u, q)
 
 
 def save_quantized(model, tokenizer, plan: Plan, out_dir: str | Path) -> Path:

@@ -110,11 +110,11 @@ def unit_bytes(choice, out_features: int, in_features: int) -> int:
     return n + 2 * choice.rank * (out_features + in_features)
 
 
-def _replaced_names(model, adapter: MoEAdapter) -> set[str]:
-    """State-dict names of the dense unit weights the packed modules replace."""
+def _replaced_names(model, adapter: MoEAdapter, layers=None) -> set[str]:
+    """State-dict names of the dense unit weights the packed modules replace (of `layers`, default all)."""
     names = {id(m): n for n, m in model.named_modules()}
     out = set()
-    for layer in adapter.moe_layers:
+    for layer in adapter.moe_layers if layers is None else [l for l in layers if l in adapter.moe_layers]:
         prefix = names[id(adapter.experts(layer))]
         out |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
         shared = adapter.shared_mlp(layer)
@@ -123,14 +123,19 @@ def _replaced_names(model, adapter: MoEAdapter) -> set[str]:
     return out
 
 
-def _other_tensors(model, adapter: MoEAdapter) -> dict[str, torch.Tensor]:
-    """Every tensor that is not a unit, tied copies once, each in its narrowest exact dtype."""
-    replaced, seen, out = _replaced_names(model, adapter), set(), {}
-    for name, t in model.state_dict().items():
+def _other_tensors(model, adapter: MoEAdapter, keep=None, layers=None) -> dict[str, torch.Tensor]:
+    """Every tensor that is not a unit, tied copies once, each in its narrowest exact dtype.
+    `keep(name)`: only names it accepts (a layer's, for the per-layer writer); `layers`: whose units are replaced."""
+    replaced, seen, out = _replaced_names(model, adapter, layers), set(), {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        if t.is_meta:  # a lazily opened model: layers not materialised now are written on their own turn
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if name in replaced or key in seen:  # tied weights (lm_head = embed_tokens): stored once, re-tied at load
             continue
         seen.add(key)
+        if keep is not None and not keep(name):
+            continue
         out[name] = _narrowest_exact(t.detach().cpu()).contiguous()
     return out
 
@@ -142,6 +147,40 @@ def packed_sizes(model, adapter: MoEAdapter, plan: Plan) -> dict:
     expert = sum(unit_bytes(plan.choice(u), *shapes[u]) for u in adapter.units())
     other = sum(t.numel() * t.element_size() for t in _other_tensors(model, adapter).values())
     return {"model_bytes": expert + other, "expert_bytes": expert}
+
+
+def build_layer_units(model, adapter: MoEAdapter, plan: Plan, qweights: dict[Unit, QuantizedWeight], layer: int,
+                      names: dict | None = None) -> tuple[dict[str, ModuleSpec], dict[str, UnitEntry], dict[str, torch.Tensor]]:
+    """The packed modules, index entries and unit tensors of one MoE layer."""
+    names = names if names is not None else {id(m): n for n, m in model.named_modules()}
+    modules: dict[str, ModuleSpec] = {}
+    entries: dict[str, UnitEntry] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    ex = adapter.experts(layer)
+    prefix = names[id(ex)]
+    tspecs = {}
+    for tname, kinds in EXPERT_TENSORS.items():
+        k = adapter.hidden if tname == "gate_up" else adapter.intermediate
+        b = _TensorBuilder(k)
+        for e in range(adapter.num_experts):
+            for kind in kinds:
+                u = Unit(layer, e, kind)
+                entries[u.name] = b.add(qweights[u], plan.choice(u).quantizer, prefix, tname)
+        tspecs[tname] = b.spec
+        tensors.update(b.tensors(f"{prefix}.{tname}"))
+    modules[prefix] = ModuleSpec("experts", tspecs, adapter.num_experts, adapter.intermediate, adapter.hidden)
+    shared = adapter.shared_mlp(layer)
+    if shared is not None:
+        for kind in KINDS:
+            lin = getattr(shared, f"{kind}_proj")
+            prefix = names[id(lin)]
+            u = Unit(layer, SHARED, kind)
+            b = _TensorBuilder(lin.in_features)
+            entries[u.name] = b.add(qweights[u], plan.choice(u).quantizer, prefix, LINEAR_TENSOR)
+            modules[prefix] = ModuleSpec("linear", {LINEAR_TENSOR: b.spec}, out_features=lin.out_features,
+                                         bias=lin.bias is not None)
+            tensors.update(b.tensors(prefix))
+    return modules, entries, tensors
 
 
 def build_packed(model, adapter: MoEAdapter, plan: Plan,
@@ -156,35 +195,44 @@ def build_packed(model, adapter: MoEAdapter, plan: Plan,
     entries: dict[str, UnitEntry] = {}
     tensors: dict[str, torch.Tensor] = {}
     for layer in adapter.moe_layers:
-        ex = adapter.experts(layer)
-        prefix = names[id(ex)]
-        tspecs = {}
-        for tname, kinds in EXPERT_TENSORS.items():
-            k = adapter.hidden if tname == "gate_up" else adapter.intermediate
-            b = _TensorBuilder(k)
-            for e in range(adapter.num_experts):
-                for kind in kinds:
-                    u = Unit(layer, e, kind)
-                    entries[u.name] = b.add(qweights[u], plan.choice(u).quantizer, prefix, tname)
-            tspecs[tname] = b.spec
-            tensors.update(b.tensors(f"{prefix}.{tname}"))
-        modules[prefix] = ModuleSpec("experts", tspecs, adapter.num_experts, adapter.intermediate, adapter.hidden)
-        shared = adapter.shared_mlp(layer)
-        if shared is None:
-            continue
-        for kind in KINDS:
-            lin = getattr(shared, f"{kind}_proj")
-            prefix = names[id(lin)]
-            u = Unit(layer, SHARED, kind)
-            b = _TensorBuilder(lin.in_features)
-            entries[u.name] = b.add(qweights[u], plan.choice(u).quantizer, prefix, LINEAR_TENSOR)
-            modules[prefix] = ModuleSpec("linear", {LINEAR_TENSOR: b.spec}, out_features=lin.out_features,
-                                         bias=lin.bias is not None)
-            tensors.update(b.tensors(prefix))
+        m, e, t = build_layer_units(model, adapter, plan, qweights, layer, names)
+        modules.update(m)
+        entries.update(e)
+        tensors.update(t)
     unit_names = set(tensors)
     index = PackedIndex(modules, entries, {n: crc32(t) for n, t in sorted(tensors.items())})
     tensors.update(_other_tensors(model, adapter))
     return tensors, index, unit_names
+
+
+def packed_config(model, adapter: MoEAdapter, plan: Plan, index: PackedIndex, sizes: dict, stored_dtype,
+                  rotation: dict | None = None):
+    """The config.json of a packed checkpoint: the model's, its dtype as stored, and the quantization_config."""
+    cfg = copy.deepcopy(model.config)
+    cfg.dtype = stored_dtype
+    cfg.quantization_config = {
+        "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "weights": WEIGHTS_NAME,
+        "avg_bits": plan.avg_bits(adapter.shapes()), "bits_histogram": index.bits_histogram(), **sizes,
+    }
+    act = act_quant_config(plan)
+    if act is not None:
+        cfg.quantization_config["act_quant"] = act
+    if rotation is not None:
+        cfg.quantization_config["rotation"] = rotation
+    return cfg
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished `tmp` directory to `out_dir` (replacing one there)."""
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
 
 
 def save_packed(model, adapter: MoEAdapter, plan: Plan, qweights: dict[Unit, QuantizedWeight], out_dir: str | Path,
@@ -208,33 +256,14 @@ def save_packed(model, adapter: MoEAdapter, plan: Plan, qweights: dict[Unit, Qua
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", INDEX_KEY: json.dumps(index.to_dict())})
-    cfg = copy.deepcopy(model.config)
-    cfg.dtype = stored_dtype
-    cfg.quantization_config = {
-        "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "weights": WEIGHTS_NAME,
-        "avg_bits": plan.avg_bits(adapter.shapes()), "bits_histogram": index.bits_histogram(), **sizes,
-    }
-    act = act_quant_config(plan)
-    if act is not None:
-        cfg.quantization_config["act_quant"] = act
-    if rotation is not None:
-        cfg.quantization_config["rotation"] = rotation
-    cfg.save_pretrained(tmp)
+    packed_config(model, adapter, plan, index, sizes, stored_dtype, rotation).save_pretrained(tmp)
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     plan.save(tmp / "plan.json")
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
+    replace_dir(tmp, out_dir)
     return sizes
 
 
