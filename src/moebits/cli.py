@@ -227,6 +227,9 @@ def quantize(
                                                     "residual stream + online Hadamard before every down projection, "
                                                     "QuaRot) | hadamard-offline (residual stream only, nothing run "
                                                     "online; exportable to compressed-tensors); seeded by --seed"),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
+                                          help="layer by layer from the safetensors shards, one decoder layer in "
+                                               "memory at a time (default: when the model does not fit in memory)"),
     verbose: bool = False,
 ):
     """Calibrate, profile, allocate, quantize and evaluate: the whole job, resumable."""
@@ -257,10 +260,24 @@ def quantize(
         from .dmpq import parse_reward
 
         cfg.reward = parse_reward(reward)
-        results = Pipeline(cfg, out, overwrite=overwrite).execute()
+        results = _quantize_pipeline(cfg, out, overwrite, stream).execute()
     except _user_errors() as e:
         _fail(str(e))
     _print_results(results, out)
+
+
+def _quantize_pipeline(cfg, out: Path, overwrite: bool, stream: Optional[bool]):
+    """The in-memory pipeline, or the streaming one when asked or when the model does not fit (logged)."""
+    from .models.loading import resolve_dtype
+    from .pipeline import Pipeline
+    from .stream import StreamPipeline, decide_stream
+
+    decision = decide_stream(cfg.model, resolve_dtype(cfg.dtype, cfg.device), cfg.device, stream)
+    path = "streaming layer by layer" if decision.stream else "in memory"
+    typer.echo(f"quantizing {path}: {decision.reason}", err=True)
+    if decision.stream:
+        return StreamPipeline(cfg, out, overwrite=overwrite, reason=decision.reason)
+    return Pipeline(cfg, out, overwrite=overwrite)
 
 
 def _print_results(r: dict, out: Path) -> None:

@@ -36,7 +36,7 @@ SINGLE_NAME = "model.safetensors"
 _GATE_NAMES, _UP_NAMES, _DOWN_NAMES = ("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")
 
 
-class LazyLoadError(RuntimeError):
+class LazyLoadError(ValueError):
     pass
 
 
@@ -207,6 +207,7 @@ class LazyModel:
         for name in self._param_names(None):
             self._load_param(name)
         self._tie()
+        self.source.close()
         self.peak_materialised = self.materialised().bytes  # the most bytes of parameters ever on the device
 
     # ---- names ---------------------------------------------------------------------------
@@ -254,6 +255,7 @@ class LazyModel:
             self.drop_layer()
         for name in self._param_names(layer):
             self._load_param(name)
+        self.source.close()  # unmap the shards: mapped pages read so far would otherwise stay resident
         self.loaded = layer
         self.peak_materialised = max(self.peak_materialised, self.materialised().bytes)
         bad = [n for n, p in self.model.named_parameters() if layer_of(n) == layer and not torch.isfinite(p).all()]

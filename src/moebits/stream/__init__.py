@@ -1,0 +1,5 @@
+"""Quantizing models larger than memory, one decoder layer at a time (see pipeline.py)."""
+from .decide import StreamDecision, decide_stream
+from .pipeline import StreamingUnsupported, StreamPipeline
+
+__all__ = ["StreamPipeline", "StreamingUnsupported", "StreamDecision", "decide_stream"]
