@@ -87,6 +87,8 @@ class StreamPipeline(Pipeline):
         problems = []
         if cfg.attn_bits is not None:
             problems.append("--attn-bits (attention quantization)")
+        if getattr(cfg, "abits", None) is not None or getattr(cfg, "abits_set", None):
+            problems.append("--abits / --abits-set (activation quantization)")
         if cfg.qat_steps:
             problems.append("--qat-steps (quantization-aware training)")
         if cfg.solver_name == "rl":
