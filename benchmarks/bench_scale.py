@@ -154,7 +154,10 @@ def scale(opts, log: Path) -> tuple[list, list]:
             shutil.rmtree(d, ignore_errors=True)
         try:
             t0 = time.perf_counter()
-            size = synthesize(ckpt, layers)
+            # in a subprocess: the generator's freed buffers would otherwise stay in this process during the run
+            subprocess.run([sys.executable, __file__, "--synth", str(ckpt), str(layers)], check=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+            size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
             synth = time.perf_counter() - t0
             print(f"L={layers}: synthesized {gib(size)} GiB in {synth:.0f} s; disk: {shutil.disk_usage(opts.tmp).free / 2**30:.0f} GiB free",
                   flush=True)
@@ -277,5 +280,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
         child(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--synth":
+        synthesize(Path(sys.argv[2]), int(sys.argv[3]))
     else:
         main()
