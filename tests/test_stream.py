@@ -246,6 +246,8 @@ def test_unsupported_options_are_refused_before_any_work(ckpt, tmp_path):
         StreamPipeline(config(ckpt, metric="layer"), tmp_path / "b")
     with pytest.raises(StreamingUnsupported, match="abits"):
         StreamPipeline(config(ckpt, abits=8), tmp_path / "c")
+    with pytest.raises(StreamingUnsupported, match="rotate"):
+        StreamPipeline(config(ckpt, rotate="hadamard"), tmp_path / "d")
 
 
 def test_in_memory_tiny_source_streams(tmp_path):

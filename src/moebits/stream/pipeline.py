@@ -89,6 +89,8 @@ class StreamPipeline(Pipeline):
             problems.append("--attn-bits (attention quantization)")
         if getattr(cfg, "abits", None) is not None or getattr(cfg, "abits_set", None):
             problems.append("--abits / --abits-set (activation quantization)")
+        if getattr(cfg, "rotate", None):
+            problems.append("--rotate (the rotation is applied to the whole model in memory)")
         if cfg.qat_steps:
             problems.append("--qat-steps (quantization-aware training)")
         if cfg.solver_name == "rl":
