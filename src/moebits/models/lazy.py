@@ -93,17 +93,18 @@ class SafetensorsSource:
     def _aliases(self, name: str) -> list[str]:
         return [name, name.replace(".mlp.", ".block_sparse_moe.")]
 
-    def get(self, name: str, shape: tuple | None = None) -> torch.Tensor:
-        """The model tensor `name` (fused experts assembled from their per-expert checkpoint tensors)."""
+    def get(self, name: str, shape: tuple | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The model tensor `name` (fused experts assembled from their per-expert checkpoint tensors,
+        directly in `dtype`: no stacked copy in the checkpoint's dtype on the way)."""
         for alias in self._aliases(name):
             if alias in self.weight_map:
                 return self._raw(alias)
-        fused = self._fused(name, shape)
+        fused = self._fused(name, shape, dtype)
         if fused is not None:
             return fused
         raise LazyLoadError(f"{self.directory}: tensor {name} is not in the checkpoint (nor per expert)")
 
-    def _fused(self, name: str, shape: tuple | None) -> torch.Tensor | None:
+    def _fused(self, name: str, shape: tuple | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         base, _, attr = name.rpartition(".")
         if attr not in ("gate_up_proj", "down_proj") or shape is None:
             return None
@@ -117,12 +118,21 @@ class SafetensorsSource:
             n_experts = shape[0]
             if attr == "gate_up_proj":
                 keys = [(find(e, _GATE_NAMES), find(e, _UP_NAMES)) for e in range(n_experts)]
-                if all(g and u for g, u in keys):
-                    return torch.stack([torch.cat([self._raw(g), self._raw(u)]) for g, u in keys])
+                parts = [[g, u] for g, u in keys] if all(g and u for g, u in keys) else None
             else:
                 keys = [find(e, _DOWN_NAMES) for e in range(n_experts)]
-                if all(keys):
-                    return torch.stack([self._raw(k) for k in keys])
+                parts = [[k] for k in keys] if all(keys) else None
+            if parts is None:
+                continue
+            first = self._raw(parts[0][0])
+            out = torch.empty(shape, dtype=dtype or first.dtype)
+            for e, names in enumerate(parts):  # expert by expert into the fused tensor (rows: gate then up)
+                row = 0
+                for key in names:
+                    t = self._raw(key)
+                    out[e, row:row + t.shape[0]].copy_(t)
+                    row += t.shape[0]
+            return out
         return None
 
     def has(self, name: str) -> bool:
@@ -231,7 +241,8 @@ class LazyModel:
 
     def _load_param(self, name: str) -> None:
         shape = self._meta_shapes[name]
-        t = self.source.get(name, shape)
+        t = self.source.get(name, shape, self.dtype) if isinstance(self.source, SafetensorsSource) else \
+            self.source.get(name, shape)
         if tuple(t.shape) != shape:
             raise LazyLoadError(f"tensor {name}: checkpoint shape {tuple(t.shape)} != model shape {shape}")
         t = t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
