@@ -192,7 +192,7 @@ def demo(opts, log: Path) -> list:
             d = Path(opts.tmp) / f"moebits-scale-demo-{q}{mode}"
             shutil.rmtree(d, ignore_errors=True)
             res[mode] = run_child(["--model", "demo", "--method", "fri", "--quantizer", q, "--bits", "3.25",
-                                   mode, "--out", str(d)], log)
+                                   "--eval-windows", str(opts.demo_eval_windows), mode, "--out", str(d)], log)
             res[mode]["plan"] = Plan.load(d / "plan.json")
             shutil.rmtree(d, ignore_errors=True)
         a, b = res["--no-stream"], res["--stream"]
@@ -215,8 +215,10 @@ def main():
     ap.add_argument("--anchors", type=float, default=0.1)
     ap.add_argument("--candidate-bits", default="2,3,4")
     ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument("--demo-eval-windows", type=int, default=64)
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--log", default="bench_scale.log")
+    ap.add_argument("--note", action="append", default=[], help="a note to keep with the results (repeatable)")
     opts = ap.parse_args()
     opts.layers = [int(x) for x in opts.layers.split(",")]
     from moebits.data import load_text
@@ -247,7 +249,13 @@ def main():
         rows += [r for r in old if r[0] not in {x[0] for x in rows}]
         runs.write_text(json.dumps({"rows": sorted(rows, key=lambda r: r[0]), "notes": notes}, indent=1))
     if not opts.skip_demo:
-        (RESULTS_DIR / "scale_demo.json").write_text(json.dumps({"rows": demo(opts, log), "machine": machine}, indent=1))
+        (RESULTS_DIR / "scale_demo.json").write_text(json.dumps({"rows": demo(opts, log), "machine": machine,
+                                                                 "eval_windows": opts.demo_eval_windows}, indent=1))
+    if opts.note:  # a remark on runs the table cannot show (e.g. one killed from outside), kept with the results
+        runs = RESULTS_DIR / "scale_runs.json"
+        d = json.loads(runs.read_text()) if runs.exists() else {"rows": [], "notes": []}
+        d["notes"] += opts.note
+        runs.write_text(json.dumps(d, indent=1))
     render()
 
 
@@ -265,8 +273,9 @@ def render() -> None:
     if demo_p.exists():
         dd = json.loads(demo_p.read_text())
         text = ["", "## Streaming vs in-memory on the demo model", "",
-                "`moebits quantize --model demo --method fri --bits 3.25` (128 x 256 calibration tokens), in memory "
-                f"(`--no-stream`) and streamed (`--stream`); {dd['machine']}:", "",
+                "`moebits quantize --model demo --method fri --bits 3.25 --eval-windows "
+                f"{dd.get('eval_windows')}` (128 x 256 calibration tokens, the first {dd.get('eval_windows')} "
+                f"evaluation windows), in memory (`--no-stream`) and streamed (`--stream`); {dd['machine']}:", "",
                 "| quantizer | same plan | ppl fp in-memory | ppl fp stream | ppl q in-memory | ppl q stream | "
                 "ppl q stream vs in-memory | peak RSS GiB in-memory | peak RSS GiB stream | wall s in-memory | wall s stream |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
