@@ -165,6 +165,7 @@ def scale(opts, log: Path) -> tuple[list, list]:
                            "--calib", str(opts.text), "--nsamples", str(opts.nsamples), "--seqlen", str(opts.seqlen),
                            "--eval", str(opts.text), "--eval-windows", str(opts.eval_windows),
                            "--anchors", str(opts.anchors), "--candidate-bits", opts.candidate_bits,
+                           "--sampler", "stratified", "--predictor", "fri", "--no-proxy",
                            "--stream", "--out", str(run_dir)], log)
             s = r["stream"]
             p1, p2 = s["pass1_layer_seconds"], s["pass2_layer_seconds"]
@@ -192,6 +193,7 @@ def demo(opts, log: Path) -> list:
             d = Path(opts.tmp) / f"moebits-scale-demo-{q}{mode}"
             shutil.rmtree(d, ignore_errors=True)
             res[mode] = run_child(["--model", "demo", "--method", "fri", "--quantizer", q, "--bits", "3.25",
+                                   "--sampler", "stratified", "--predictor", "fri", "--no-proxy", "--anchors", "0.2",
                                    "--eval-windows", str(opts.demo_eval_windows), mode, "--out", str(d)], log)
             res[mode]["plan"] = Plan.load(d / "plan.json")
             shutil.rmtree(d, ignore_errors=True)
@@ -236,7 +238,8 @@ def main():
                  f"MLA, vocab 102400), layer 0 dense (intermediate 10944) as in the real config; bf16 shards, one "
                  f"per layer, per-expert tensor names as on the hub; expert weights: {POOL} random matrices per kind "
                  f"and layer, each expert one of them times its own random scale in [1, 1.25) (synthesis time)",
-                 f"`moebits quantize --method fri --quantizer {opts.quantizer} --bits 3.25 --anchors {opts.anchors} "
+                 f"`moebits quantize --method fri --sampler stratified --predictor fri --no-proxy --quantizer "
+                 f"{opts.quantizer} --bits 3.25 --anchors {opts.anchors} "
                  f"--candidate-bits {opts.candidate_bits} --stream`, calibration {opts.nsamples} x {opts.seqlen} "
                  f"tokens, evaluation {opts.eval_windows} x {opts.seqlen} tokens of the demo text (byte tokenizer); "
                  "s / MoE layer = pass 1 + pass 2 seconds of a MoE layer (mean; loading it from disk included), "
@@ -273,7 +276,8 @@ def render() -> None:
     if demo_p.exists():
         dd = json.loads(demo_p.read_text())
         text = ["", "## Streaming vs in-memory on the demo model", "",
-                "`moebits quantize --model demo --method fri --bits 3.25 --eval-windows "
+                "`moebits quantize --model demo --method fri --sampler stratified --predictor fri --no-proxy "
+                "--anchors 0.2 --bits 3.25 --eval-windows "
                 f"{dd.get('eval_windows')}` (128 x 256 calibration tokens, the first {dd.get('eval_windows')} "
                 f"evaluation windows), in memory (`--no-stream`) and streamed (`--stream`); {dd['machine']}:", "",
                 "| quantizer | same plan | ppl fp in-memory | ppl fp stream | ppl q in-memory | ppl q stream | "

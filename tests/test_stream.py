@@ -64,6 +64,7 @@ def config(model, **kw):
     base = dict(model=str(model), method="fri", quantizer="rtn", bits=3.5, group_size=32, nsamples=8, seqlen=64,
                 eval_windows=4, batch_size=4)
     base["calib"] = base["eval"] = TEXT["path"]
+    base.update(sampler="stratified", proxy=False)  # FRI in one pass of measurements (adaptive rounds do not stream)
     return QuantizeConfig(**{**base, **kw})
 
 
@@ -246,6 +247,8 @@ def test_unsupported_options_are_refused_before_any_work(ckpt, tmp_path):
         StreamPipeline(config(ckpt, metric="layer"), tmp_path / "b")
     with pytest.raises(StreamingUnsupported, match="abits"):
         StreamPipeline(config(ckpt, abits=8), tmp_path / "c")
+    with pytest.raises(StreamingUnsupported, match="adaptive"):
+        StreamPipeline(config(ckpt, sampler="adaptive"), tmp_path / "e")
     with pytest.raises(StreamingUnsupported, match="rotate"):
         StreamPipeline(config(ckpt, rotate="hadamard"), tmp_path / "d")
 

@@ -89,6 +89,9 @@ class StreamPipeline(Pipeline):
             problems.append("--attn-bits (attention quantization)")
         if getattr(cfg, "abits", None) is not None or getattr(cfg, "abits_set", None):
             problems.append("--abits / --abits-set (activation quantization)")
+        if cfg.method == "fri" and (getattr(cfg, "sampler", "stratified") == "adaptive" or getattr(cfg, "proxy", False)):
+            problems.append("FRI's adaptive sampler and RTN proxy (rounds of measurements across all layers; stream "
+                            "FRI with --sampler stratified --no-proxy)")
         if getattr(cfg, "rotate", None):
             problems.append("--rotate (the rotation is applied to the whole model in memory)")
         if cfg.qat_steps:
