@@ -138,7 +138,7 @@ class StreamPipeline(Pipeline):
     def _eval_windows(self) -> torch.Tensor:
         """The windows `evaluate.perplexity` cuts from the evaluation text."""
         ids = self.eval_tokens().reshape(-1)
-        seqlen = self.cfg.seqlen
+        seqlen = getattr(self.cfg, "eval_seqlen", None) or self.cfg.seqlen
         n = ids.numel() // seqlen
         if self.cfg.eval_windows is not None:
             n = min(n, self.cfg.eval_windows)
@@ -176,7 +176,8 @@ class StreamPipeline(Pipeline):
 
     def calibrate(self) -> Calibration:
         cfg = self.cfg
-        self.windows = calibration_windows(self.tokenizer, cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed)
+        self.windows = calibration_windows(self.tokenizer, cfg.calib, cfg.nsamples,
+                                           getattr(cfg, "calib_seqlen", None) or cfg.seqlen, cfg.seed)
         choices = candidate_choices(cfg, self.shapes)
         self.job = self._pass1_job(choices)
         pass1_dir = self.work / "pass1"
