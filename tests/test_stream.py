@@ -260,3 +260,24 @@ def test_in_memory_tiny_source_streams(tmp_path):
     b = StreamPipeline(cfg, tmp_path / "st", progress=False).execute()
     assert a["ppl_q"] == b["ppl_q"] and a["ppl_fp"] == b["ppl_fp"]
     assert json.loads((tmp_path / "mem" / "stats.json").read_text()) == json.loads((tmp_path / "st" / "stats.json").read_text())
+
+
+def test_default_fri_command_streams_with_the_streamable_sampler(ckpt, tmp_path):
+    """`moebits quantize --method fri` with FRI's defaults must not be refused on the models that need
+    streaming: unset --sampler/--proxy fall back to stratified/no proxy (said on stderr, recorded in the
+    run); set explicitly, the adaptive sampler is still refused with the reason."""
+    from typer.testing import CliRunner
+
+    from moebits.cli import app
+
+    args = ["quantize", "--model", str(ckpt), "--method", "fri", "--bits", "3.5", "--group-size", "32",
+            "--nsamples", "8", "--seqlen", "64", "--eval-windows", "4", "--calib", TEXT["path"], "--eval", TEXT["path"],
+            "--stream"]
+    r = CliRunner().invoke(app, args + ["--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    assert "--sampler stratified --no-proxy" in r.output
+    run_cfg = json.loads((tmp_path / "a" / "run.json").read_text())
+    cfg = run_cfg.get("config", run_cfg)
+    assert cfg["sampler"] == "stratified" and cfg["proxy"] is False
+    r = CliRunner().invoke(app, args + ["--sampler", "adaptive", "--out", str(tmp_path / "b")])
+    assert r.exit_code != 0 and "adaptive" in r.output

@@ -188,13 +188,16 @@ def quantize(
                                                        "bit-widths = profiled pairs); default 0.15; not with --rules"),
     rules: Optional[int] = typer.Option(None, help="fri: rule budget in profiled (unit, bit-width) pairs, the "
                                                    "paper's rule-base size: constant as experts grow; not with --anchors"),
-    sampler: str = typer.Option("adaptive", help="fri: adaptive (stratified start, then the pairs most uncertain and "
-                                                 "nearest the allocation's decision boundary; moebits) | stratified "
-                                                 "(the paper's depth-adaptive anchor experts) | random"),
+    sampler: Optional[str] = typer.Option(None, help="fri: adaptive (stratified start, then the pairs most uncertain "
+                                                     "and nearest the allocation's decision boundary; moebits; the "
+                                                     "default in memory) | stratified (the paper's depth-adaptive anchor "
+                                                     "experts; the default when streaming) | random"),
     predictor: str = typer.Option("ridge", help="fri: ridge (log error; moebits' default) | fri (the paper's fuzzy "
                                                 "rule interpolation) | knn | gbm | mlp"),
-    proxy: bool = typer.Option(True, help="fri: add the RTN weight-space error proxy as a feature (moebits; "
-                                          "--no-proxy: Table 7's features only)"),
+    proxy: Optional[bool] = typer.Option(None, "--proxy/--no-proxy",
+                                         help="fri: add the RTN weight-space error proxy as a feature (moebits; the "
+                                              "default in memory) | --no-proxy: Table 7's features only (the default "
+                                              "when streaming)"),
     fill: bool = typer.Option(True, help="lagrangian solver: spend the budget bisection leaves unused on the best "
                                          "loss-per-bit upgrades (moebits' improvement); --no-fill is Algorithm 1 "
                                          "exactly. Paper-faithful FRI-MxMoE: --method fri --sampler stratified "
@@ -245,7 +248,8 @@ def quantize(
                          calib_seqlen=calib_seqlen, eval_seqlen=eval_seqlen,
                          max_tokens_per_expert=max_tokens_per_expert or None, holdout=holdout,
                          eval_windows=eval_windows, metric=metric, solver=solver, granularity=granularity,
-                         tie_gate_up=tie_gate_up, anchors=anchors, rules=rules, sampler=sampler, predictor=predictor, proxy=proxy,
+                         tie_gate_up=tie_gate_up, anchors=anchors, rules=rules, sampler=sampler or "adaptive", predictor=predictor,
+                         proxy=True if proxy is None else proxy,
                          fill=fill, act_order=act_order, seed=seed,
                          dtype=dtype, device=device, save_model=save_model, save_format=save_format,
                          trust_remote_code=trust_remote_code, target=target, rl_steps=rl_steps,
@@ -260,14 +264,20 @@ def quantize(
         from .dmpq import parse_reward
 
         cfg.reward = parse_reward(reward)
-        results = _quantize_pipeline(cfg, out, overwrite, stream).execute()
+        results = _quantize_pipeline(cfg, out, overwrite, stream, fri_defaults=(sampler is None, proxy is None)).execute()
     except _user_errors() as e:
         _fail(str(e))
     _print_results(results, out)
 
 
-def _quantize_pipeline(cfg, out: Path, overwrite: bool, stream: Optional[bool]):
-    """The in-memory pipeline, or the streaming one when asked or when the model does not fit (logged)."""
+def _quantize_pipeline(cfg, out: Path, overwrite: bool, stream: Optional[bool],
+                       fri_defaults: tuple[bool, bool] = (False, False)):
+    """The in-memory pipeline, or the streaming one when asked or when the model does not fit (logged).
+
+    `fri_defaults`: whether --sampler / --proxy were left to their defaults. FRI's in-memory defaults
+    (adaptive rounds across all layers, the RTN proxy) cannot stream; when the run streams, unset ones
+    fall back to the streamable paper configuration (stratified, no proxy) instead of refusing the
+    default command on exactly the models that need streaming. Set explicitly, they are refused."""
     from .models.loading import resolve_dtype
     from .pipeline import Pipeline
     from .stream import StreamPipeline, decide_stream
@@ -276,6 +286,17 @@ def _quantize_pipeline(cfg, out: Path, overwrite: bool, stream: Optional[bool]):
     path = "streaming layer by layer" if decision.stream else "in memory"
     typer.echo(f"quantizing {path}: {decision.reason}", err=True)
     if decision.stream:
+        if cfg.method == "fri":
+            changed = []
+            if fri_defaults[0] and cfg.sampler == "adaptive":
+                cfg.sampler = "stratified"
+                changed.append("--sampler stratified")
+            if fri_defaults[1] and cfg.proxy:
+                cfg.proxy = False
+                changed.append("--no-proxy")
+            if changed:
+                typer.echo(f"streaming FRI uses {' '.join(changed)} (the adaptive sampler's rounds and the RTN proxy "
+                           "need the whole model in memory)", err=True)
         return StreamPipeline(cfg, out, overwrite=overwrite, reason=decision.reason)
     return Pipeline(cfg, out, overwrite=overwrite)
 
