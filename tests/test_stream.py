@@ -281,3 +281,22 @@ def test_default_fri_command_streams_with_the_streamable_sampler(ckpt, tmp_path)
     assert cfg["sampler"] == "stratified" and cfg["proxy"] is False
     r = CliRunner().invoke(app, args + ["--sampler", "adaptive", "--out", str(tmp_path / "b")])
     assert r.exit_code != 0 and "adaptive" in r.output
+
+
+def test_calibration_inputs_count_in_the_stream_decision(ckpt, monkeypatch):
+    """All routed tokens of every layer are kept in memory by the in-memory path: a model whose weights
+    fit but whose calibration inputs do not streams. The estimate equals the bytes a real calibration keeps."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(ckpt))
+    model = tiny_model("deepseek_v2")
+    ad = MoEAdapter(model)
+    win = calibration_windows(byte_tokenizer(), TEXT["path"], 4, 32, 0)
+    cal = calibrate(ad, win, max_tokens_per_expert=None, progress=False)
+    kept = sum(inp.x.numel() * 4 + (inp.h_in.numel() + inp.h_down.numel()) * 4 for inp in cal.inputs.values())
+    assert decide_mod.calibration_bytes(cfg, win.numel()) == kept
+    weights = decide_stream(str(ckpt), torch.float32, "cpu", None).model_bytes
+    monkeypatch.setattr(decide_mod, "available_bytes", lambda device="cpu": int(weights / decide_mod.FIT_MARGIN) + 1)
+    assert decide_stream(str(ckpt), torch.float32, "cpu", None).stream is False
+    d = decide_stream(str(ckpt), torch.float32, "cpu", None, calib_tokens=win.numel())
+    assert d.stream is True and "calibration inputs" in d.reason

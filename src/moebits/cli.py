@@ -282,7 +282,10 @@ def _quantize_pipeline(cfg, out: Path, overwrite: bool, stream: Optional[bool],
     from .pipeline import Pipeline
     from .stream import StreamPipeline, decide_stream
 
-    decision = decide_stream(cfg.model, resolve_dtype(cfg.dtype, cfg.device), cfg.device, stream)
+    decision = decide_stream(cfg.model, resolve_dtype(cfg.dtype, cfg.device), cfg.device, stream,
+                             # unresolved lengths: the model default's upper bound
+                             calib_tokens=cfg.nsamples * (cfg.calib_seqlen or cfg.seqlen or 2048),
+                             max_tokens_per_expert=cfg.max_tokens_per_expert)
     path = "streaming layer by layer" if decision.stream else "in memory"
     typer.echo(f"quantizing {path}: {decision.reason}", err=True)
     if decision.stream:
