@@ -233,6 +233,12 @@ def quantize(
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
                                           help="layer by layer from the safetensors shards, one decoder layer in "
                                                "memory at a time (default: when the model does not fit in memory)"),
+    workers: int = typer.Option(1, help="run pass 1 of the streaming path (calibration + profiling, per layer) as "
+                                        "Ray tasks, at most N at once; > 1 implies --stream (refused with "
+                                        "--no-stream); needs pip install 'moebits[ray]'"),
+    ray_address: Optional[str] = typer.Option(None, help="join an existing Ray cluster (HEAD:6379, ray://HEAD:10001, "
+                                                         "or auto) instead of starting a local one; implies --stream"),
+    worker_threads: int = typer.Option(1, help="torch threads (and Ray CPUs) per Ray task"),
     verbose: bool = False,
 ):
     """Calibrate, profile, allocate, quantize and evaluate: the whole job, resumable."""
@@ -264,15 +270,19 @@ def quantize(
         from .dmpq import parse_reward
 
         cfg.reward = parse_reward(reward)
-        results = _quantize_pipeline(cfg, out, overwrite, stream, fri_defaults=(sampler is None, proxy is None)).execute()
+        results = _quantize_pipeline(cfg, out, overwrite, stream, fri_defaults=(sampler is None, proxy is None),
+                                     workers=workers, ray_address=ray_address,
+                                     worker_threads=worker_threads).execute()
     except _user_errors() as e:
         _fail(str(e))
     _print_results(results, out)
 
 
 def _quantize_pipeline(cfg, out: Path, overwrite: bool, stream: Optional[bool],
-                       fri_defaults: tuple[bool, bool] = (False, False)):
-    """The in-memory pipeline, or the streaming one when asked or when the model does not fit (logged).
+                       fri_defaults: tuple[bool, bool] = (False, False), workers: int = 1,
+                       ray_address: Optional[str] = None, worker_threads: int = 1):
+    """The in-memory pipeline, or the streaming one when asked or when the model does not fit (logged);
+    with --workers N > 1 or --ray-address, the streaming one with pass 1 on Ray.
 
     `fri_defaults`: whether --sampler / --proxy were left to their defaults. FRI's in-memory defaults
     (adaptive rounds across all layers, the RTN proxy) cannot stream; when the run streams, unset ones
@@ -280,7 +290,22 @@ def _quantize_pipeline(cfg, out: Path, overwrite: bool, stream: Optional[bool],
     default command on exactly the models that need streaming. Set explicitly, they are refused."""
     from .models.loading import resolve_dtype
     from .pipeline import Pipeline
-    from .stream import StreamPipeline, decide_stream
+    from .stream import RayStreamPipeline, StreamingUnsupported, StreamPipeline, decide_stream
+
+    if workers < 1:
+        _fail(f"--workers must be at least 1, got {workers}")
+    if workers > 1 or ray_address:
+        flag = f"--workers {workers}" + (f" --ray-address {ray_address}" if ray_address else "")
+        if stream is False:
+            _fail(f"{flag} runs pass 1 of the streaming path on Ray, layer by layer; drop --no-stream (or run "
+                  "without --workers/--ray-address for the in-memory path)")
+        typer.echo(f"quantizing streaming layer by layer, pass 1 on Ray: {flag}", err=True)
+        _fri_streaming_defaults(cfg, fri_defaults)
+        try:
+            return RayStreamPipeline(cfg, out, workers=workers, ray_address=ray_address,
+                                     worker_threads=worker_threads, overwrite=overwrite, reason=flag)
+        except StreamingUnsupported as e:
+            _fail(f"{e} (--workers/--ray-address run on the streaming path)")
 
     decision = decide_stream(cfg.model, resolve_dtype(cfg.dtype, cfg.device), cfg.device, stream,
                              # unresolved lengths: the model default's upper bound
@@ -289,19 +314,25 @@ def _quantize_pipeline(cfg, out: Path, overwrite: bool, stream: Optional[bool],
     path = "streaming layer by layer" if decision.stream else "in memory"
     typer.echo(f"quantizing {path}: {decision.reason}", err=True)
     if decision.stream:
-        if cfg.method == "fri":
-            changed = []
-            if fri_defaults[0] and cfg.sampler == "adaptive":
-                cfg.sampler = "stratified"
-                changed.append("--sampler stratified")
-            if fri_defaults[1] and cfg.proxy:
-                cfg.proxy = False
-                changed.append("--no-proxy")
-            if changed:
-                typer.echo(f"streaming FRI uses {' '.join(changed)} (the adaptive sampler's rounds and the RTN proxy "
-                           "need the whole model in memory)", err=True)
+        _fri_streaming_defaults(cfg, fri_defaults)
         return StreamPipeline(cfg, out, overwrite=overwrite, reason=decision.reason)
     return Pipeline(cfg, out, overwrite=overwrite)
+
+
+def _fri_streaming_defaults(cfg, fri_defaults: tuple[bool, bool]) -> None:
+    """FRI's unset --sampler / --proxy fall back to what streams (see `_quantize_pipeline`), said on stderr."""
+    if cfg.method != "fri":
+        return
+    changed = []
+    if fri_defaults[0] and cfg.sampler == "adaptive":
+        cfg.sampler = "stratified"
+        changed.append("--sampler stratified")
+    if fri_defaults[1] and cfg.proxy:
+        cfg.proxy = False
+        changed.append("--no-proxy")
+    if changed:
+        typer.echo(f"streaming FRI uses {' '.join(changed)} (the adaptive sampler's rounds and the RTN proxy "
+                   "need the whole model in memory)", err=True)
 
 
 def _print_results(r: dict, out: Path) -> None:
