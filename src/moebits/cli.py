@@ -237,7 +237,8 @@ def quantize(
                                         "Ray tasks, at most N at once; > 1 implies --stream (refused with "
                                         "--no-stream); needs pip install 'moebits[ray]'"),
     ray_address: Optional[str] = typer.Option(None, help="join an existing Ray cluster (HEAD:6379, ray://HEAD:10001, "
-                                                         "or auto) instead of starting a local one; implies --stream"),
+                                                         "or auto) instead of starting a local one (local: start "
+                                                         "one even with --workers 1); implies --stream"),
     worker_threads: int = typer.Option(1, help="torch threads (and Ray CPUs) per Ray task"),
     verbose: bool = False,
 ):

@@ -114,17 +114,18 @@ def require_ray():
 
 def connect(workers: int, address: str | None):
     """The `ray` module, initialised: a local cluster of `workers` CPUs, or the cluster at `address`
-    (`auto`: the one `ray start` runs on this node). Returns (ray, whether this call started it)."""
+    (`auto`: the one `ray start` runs on this node; `local`: a fresh local one).
+    Returns (ray, whether this call started it)."""
     ray = require_ray()
     if ray.is_initialized():  # a session the caller set up (a notebook, a test): use it as it is
         return ray, False
     if address:
         check_reachable(address)
     try:
-        if address:
+        if address and address != "local":
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
-        else:
-            ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING)
+        else:  # always a fresh local cluster, even when `ray start` runs one on this node (use auto to join it)
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING)
     except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError depending on the failure
         where = f"the Ray cluster at {address!r}" if address else "a local Ray cluster"
         fix = ("; start one with `ray start --head` on the head node (and `ray start --address HEAD:6379` on the "
@@ -134,10 +135,14 @@ def connect(workers: int, address: str | None):
 
 
 def run_pass1(spec: WorkerModel, tasks: list[tuple[int, str, str]], job: Pass1Job, workers: int,
-              address: str | None, cpus_per_worker: int = 1, on_done=None) -> None:
+              address: str | None, cpus_per_worker: int = 1, on_done=None) -> dict:
     """Pass 1 of each (layer, hidden path, output path) in `tasks` as Ray tasks, at most `workers` in
-    flight; `on_done(layer, seconds)` as each finishes. A task's error is raised here."""
+    flight; `on_done(layer, seconds)` as each finishes. A task's error is raised here. Returns the wall
+    seconds of connecting (`ray_start_seconds`) and of the tasks (`ray_tasks_seconds`: the first submitted
+    to the last finished, the workers' start and model opening included)."""
+    t0 = time.perf_counter()
     ray, started = connect(workers, address)
+    t1 = time.perf_counter()
     try:
         gpus = 1 if str(spec.device).startswith("cuda") else 0
         remote = ray.remote(pass1_task).options(num_cpus=cpus_per_worker, num_gpus=gpus, max_retries=0)
@@ -151,6 +156,7 @@ def run_pass1(spec: WorkerModel, tasks: list[tuple[int, str, str]], job: Pass1Jo
             layer, seconds = ray.get(ready[0])
             if on_done is not None:
                 on_done(layer, seconds)
+        return {"ray_start_seconds": round(t1 - t0, 4), "ray_tasks_seconds": round(time.perf_counter() - t1, 4)}
     finally:
         if started:
             ray.shutdown()
@@ -213,7 +219,10 @@ class RayStreamPipeline(StreamPipeline):
 
         self._note(f"pass 1 of {len(todo)} layers on Ray, {self.workers} worker(s)"
                    + (f" on the cluster at {self.ray_address}" if self.ray_address else " (local cluster)"))
-        run_pass1(spec, tasks, self.job, self.workers, self.ray_address, self.worker_threads, on_done=done_one)
+        timing = run_pass1(spec, tasks, self.job, self.workers, self.ray_address, self.worker_threads,
+                           on_done=done_one)
+        self.results["stream"].update(timing)
+        self._save_results()
         for layer in range(lazy.num_layers):  # the last layer's outputs stay: ppl_fp reads them
             hs_c.drop(layer)
             HiddenStore(self.work, "fp_eval").drop(layer)
