@@ -46,7 +46,8 @@ def setup(tmp_path_factory, text_file):
 
 def config(ckpt, text, **kw):
     base = dict(model=str(ckpt), method="fri", quantizer="gptq", bits=3.5, group_size=32, nsamples=8, seqlen=64,
-                eval_windows=4, batch_size=4, calib=text, eval=text)
+                eval_windows=4, batch_size=4, calib=text, eval=text,
+                sampler="stratified", proxy=False)  # FRI in one pass of measurements (adaptive rounds do not stream)
     return QuantizeConfig(**{**base, **kw})
 
 
