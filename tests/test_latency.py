@@ -48,7 +48,29 @@ def test_anchor_grid_covers_shapes_bits_and_token_range():
     assert anchor_grid([(8, 8)], [4], 10, 1000, 8, seed=2) != anchor_grid([(8, 8)], [4], 10, 1000, 8, seed=3)
 
 
-def test_fri_predicts_held_out_measured_points_and_fills_the_matrix():
+def _roofline_like(pt: KernelPoint) -> float:
+    """A known, noiseless latency: launch overhead + the larger of weight traffic and FLOPs."""
+    weight_bytes = pt.N * pt.K * pt.bits / 8
+    return 2e-6 + max(weight_bytes / 1e9, 2 * pt.M * pt.N * pt.K / 5e10)
+
+
+def test_fri_interpolates_a_known_latency_from_its_anchors():
+    """The interpolation alone, on a known function (wall-clock noise would make the bound flaky):
+    held-out points within a factor 1.5 of the truth, and every predicted cell close to it."""
+    shapes = [(256, 256)] * 6 + [(256, 512)] * 3
+    freq = np.array([0.02, 0.05, 0.1, 0.2, 0.4, 1.0, 0.0, 0.1, 1.0])
+    choices = [Choice(4), Choice(16)]
+    lat, info = latency_fri_matrix(shapes, freq, choices, batch_tokens=1024, anchors=24, holdout=4, seed=0,
+                                   measure=_roofline_like)
+    assert info["holdout_max_ratio"] < 1.5, (info["holdout_latency"], info["holdout_pred"])
+    assert np.all(lat[6] == 0)  # never routed -> never runs
+    truth = np.array([[_roofline_like(KernelPoint(max(1, round(f * 1024)), n, k, c.bits)) for c in choices]
+                      for (n, k), f in zip(shapes, freq)])
+    ratio = lat[freq > 0] / truth[freq > 0]
+    assert np.all((ratio > 1 / 1.5) & (ratio < 1.5)), ratio
+
+
+def test_fri_matrix_from_real_kernel_timings_has_the_right_structure():
     torch.manual_seed(0)
     shapes = [(256, 256)] * 6 + [(256, 512)] * 3
     freq = np.array([0.02, 0.05, 0.1, 0.2, 0.4, 1.0, 0.0, 0.1, 1.0])
@@ -57,9 +79,6 @@ def test_fri_predicts_held_out_measured_points_and_fills_the_matrix():
                                    repeats=7, threads=1)
     assert lat.shape == (len(shapes), len(choices))
     assert np.all(lat[6] == 0) and np.all(lat[np.arange(9) != 6] > 0)  # never routed -> never runs
-    # held-out measured points: the interpolated latency is within a factor 3 of the measurement
-    assert info["holdout_max_ratio"] < 3.0, (info["holdout_latency"], info["holdout_pred"])
-    # 20 tokens vs 1024 tokens of the same shape: 50x the FLOPs
-    assert lat[5, 1] > lat[0, 1]
+    assert np.all(np.isfinite(info["holdout_pred"]))
     with pytest.raises(ValueError):
         latency_fri_matrix(shapes, freq[:3], choices, 2048)

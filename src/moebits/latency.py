@@ -47,7 +47,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -247,14 +247,16 @@ def latency_fri_matrix(shapes: Sequence[tuple[int, int]], frequencies: Sequence[
                        batch_tokens: int, anchors: int | Sequence[KernelPoint] = 48, holdout: int = 8,
                        seed: int = 0, device: str | torch.device = "cpu", layout: str = "bitplane",
                        n_neighbors: int = 4, warmup: int = 3, repeats: int = 15,
-                       threads: int | None = None) -> tuple[np.ndarray, dict]:
+                       threads: int | None = None,
+                       measure: Callable[[KernelPoint], float] | None = None) -> tuple[np.ndarray, dict]:
     """`[U, C]` predicted seconds of unit u (shape `(out, in)`) under choice c, from measured anchors.
 
     `anchors`: a number of anchor points (placed by `anchor_grid` over the model's distinct shapes, the
     choices' bit-widths and the units' token range) or an explicit list of `KernelPoint`s. `holdout`
     extra points at random (shape, bits, M) are measured too, never fitted, and reported in `info`
     as the prediction error of the latency FRI. All choices must share one group size. `threads`: see
-    `measure_latency`.
+    `measure_latency`. `measure`: seconds of one point instead of timing the kernel here (a latency
+    table from another machine, or a known function when checking the interpolation itself).
     """
     s = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
     f = np.asarray(frequencies, dtype=np.float64)
@@ -283,7 +285,9 @@ def latency_fri_matrix(shapes: Sequence[tuple[int, int]], frequencies: Sequence[
         points = list(anchors)
     if not points:
         raise ValueError("no latency anchors to measure")
-    measure = lambda pt: measure_latency(pt, group_size, layout, device, warmup, repeats, seed, threads)  # noqa: E731
+    if measure is None:
+        def measure(pt: KernelPoint) -> float:
+            return measure_latency(pt, group_size, layout, device, warmup, repeats, seed, threads)
     y = np.array([measure(pt) for pt in points])
     rng = np.random.default_rng(seed + 1)
     cells = sorted({(int(o), int(i)) for o, i in s.tolist()})
