@@ -289,6 +289,7 @@ def _quantize_pipeline(cfg, out: Path, overwrite: bool, stream: Optional[bool],
     (adaptive rounds across all layers, the RTN proxy) cannot stream; when the run streams, unset ones
     fall back to the streamable paper configuration (stratified, no proxy) instead of refusing the
     default command on exactly the models that need streaming. Set explicitly, they are refused."""
+    from .data import default_seqlen
     from .models.loading import resolve_dtype
     from .pipeline import Pipeline
     from .stream import RayStreamPipeline, StreamingUnsupported, StreamPipeline, decide_stream
@@ -309,8 +310,8 @@ def _quantize_pipeline(cfg, out: Path, overwrite: bool, stream: Optional[bool],
             _fail(f"{e} (--workers/--ray-address run on the streaming path)")
 
     decision = decide_stream(cfg.model, resolve_dtype(cfg.dtype, cfg.device), cfg.device, stream,
-                             # unresolved lengths: the model default's upper bound
-                             calib_tokens=cfg.nsamples * (cfg.calib_seqlen or cfg.seqlen or 2048),
+                             calib_tokens=cfg.nsamples * (cfg.calib_seqlen or cfg.seqlen or
+                                                          default_seqlen(cfg.model, cfg.trust_remote_code)),
                              max_tokens_per_expert=cfg.max_tokens_per_expert)
     path = "streaming layer by layer" if decision.stream else "in memory"
     typer.echo(f"quantizing {path}: {decision.reason}", err=True)
