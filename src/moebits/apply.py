@@ -92,20 +92,16 @@ def save_quantized(model, tokenizer, plan: Plan, out_dir: str | Path) -> Path:
     `AutoModelForCausalLM.from_pretrained` and reproduces the quantized model's outputs exactly;
     `plan.json` says which bit-width each unit was quantized to.
     """
+    from .atomic import atomic_dir
+
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
     dtype = next(model.parameters()).dtype
-    model.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float16).save_pretrained(tmp, safe_serialization=True)
-    model.to(dtype)
-    tokenizer.save_pretrained(tmp)
-    plan.save(tmp / "plan.json")
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir, "dequantized") as tmp:
+        try:
+            model.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float16).save_pretrained(
+                tmp, safe_serialization=True)
+        finally:
+            model.to(dtype)
+        tokenizer.save_pretrained(tmp)
+        plan.save(tmp / "plan.json")
     return out_dir

@@ -11,57 +11,48 @@ first missing stage and a finished stage is never silently redone or half-writte
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from contextlib import contextmanager
+import shutil
 from pathlib import Path
+
+from .atomic import (RefusedPath, atomic_path, atomic_write_bytes, atomic_write_json,  # noqa: F401 (re-exported)
+                     atomic_write_text, check_replaceable)
+
+# what a run writes into its directory: clearing a run (--overwrite) removes these and nothing else
+RUN_ARTEFACTS = ("run.json", "stats.json", "calib_inputs.safetensors", "table.csv", "plan.json", "model",
+                 "model.layers", "results.json", "stream", "model.partial", "model.old")
+STAGE_ARTEFACTS = tuple(n for n in RUN_ARTEFACTS if n != "run.json")
 
 
 class RunMismatchError(RuntimeError):
     pass
 
 
-@contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temp path in `path`'s directory to write to; on success it is renamed to `path`, so
-    readers never see half a file (and a failed write leaves no file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def is_run_dir(path: str | Path) -> bool:
+    """A directory moebits recognises as a run: it holds run.json."""
+    return (Path(path) / "run.json").is_file()
 
 
 class Run:
-    """A directory of stage artefacts, bound to one request (`spec`)."""
+    """A directory of stage artefacts, bound to one request (`spec`).
+
+    An existing directory is reused when it holds the same request (resume); a different request is
+    refused unless `overwrite`, which then removes the run's own artefacts only (anything else in the
+    directory stays). A run that produced nothing yet (a refused or failed start: run.json alone) is
+    simply taken over by the new request. A directory that is not a run is never emptied: refused."""
 
     def __init__(self, root: str | Path, spec: dict, overwrite: bool = False):
         self.root = Path(root)
         self.spec = spec
-        spec_path = self.root / "run.json"
+        spec_path, old = self.root / "run.json", None
+        if self.root.is_symlink() or (self.root.exists() and not self.root.is_dir()):
+            raise RunMismatchError(f"--out {self.root} is an existing file, not a directory; choose a new "
+                                   "directory path for the run")
         if spec_path.exists():
             try:
                 old = json.loads(spec_path.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 old = None
-            if old != spec:
+            if old != spec and self.stage_artefacts():
                 if not overwrite:
                     diff = _spec_diff(old, spec)
                     raise RunMismatchError(
@@ -69,23 +60,31 @@ class Run:
                         "Choose another --out, or pass --overwrite to replace it."
                     )
                 self.clear()
-        elif self.root.exists() and any(self.root.iterdir()) and not overwrite:
+        elif self.root.exists() and any(self.root.iterdir()):
             raise RunMismatchError(
-                f"{self.root} exists and is not a moebits run directory; choose another --out or pass --overwrite."
+                f"{self.root} exists and is not a moebits run directory (no run.json); moebits does not delete what "
+                "it did not write: choose a new or empty directory for --out"
             )
-        elif overwrite and self.root.exists():
-            self.clear()
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(spec_path, spec)
+        if not spec_path.exists() or old != spec:
+            atomic_write_json(spec_path, spec)
+
+    def stage_artefacts(self) -> list[str]:
+        """The stage artefacts this run directory holds (run.json aside)."""
+        return [n for n in STAGE_ARTEFACTS if (self.root / n).exists()]
 
     def clear(self) -> None:
-        import shutil
-
-        for p in self.root.iterdir() if self.root.exists() else []:
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
+        """Remove what a run writes (RUN_ARTEFACTS and its temporary files); leave everything else."""
+        for name in RUN_ARTEFACTS:
+            p = self.root / name
+            if p.is_symlink() or p.is_file():
                 p.unlink()
+            elif p.is_dir():
+                shutil.rmtree(p)
+        for p in self.root.glob(".*"):  # temporaries of atomic writes: .NAME.XXXX.tmp / .NAME.XXXX.moebits-partial
+            if any(p.name.startswith(f".{n}.") for n in RUN_ARTEFACTS) and \
+                    p.name.endswith((".tmp", ".moebits-partial", ".moebits-old")):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
     def path(self, name: str) -> Path:
         return self.root / name

@@ -140,8 +140,21 @@ def write_compressed_tensors(dense_dir: str | Path, quantized: Mapping[Unit, Uni
     """Write `out_dir` from the dense checkpoint `dense_dir` of the quantized model and every unit's codes.
 
     Refuses (ExportRefused) a plan vLLM cannot serve unless `use_envelope`; the envelope promotes each
-    tied set to its widest bit-width by re-expressing codes (exact).
+    tied set to its widest bit-width by re-expressing codes (exact). `out_dir` is written atomically and
+    must be new, empty or an earlier moebits output (atomic.py).
     """
+    from ..atomic import atomic_dir
+
+    with atomic_dir(out_dir, "export") as tmp:
+        report = write_compressed_tensors_into(dense_dir, quantized, plan, tmp, use_envelope, shapes)
+    report.out_dir = Path(out_dir)
+    return report
+
+
+def write_compressed_tensors_into(dense_dir: str | Path, quantized: Mapping[Unit, UnitCodes], plan: Plan,
+                                  out_dir: str | Path, use_envelope: bool = False,
+                                  shapes: dict[Unit, tuple[int, int]] | None = None) -> ExportReport:
+    """`write_compressed_tensors` into the existing (empty, temporary) directory `out_dir`."""
     from compressed_tensors import __version__ as ct_version
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
@@ -202,10 +215,7 @@ def write_compressed_tensors(dense_dir: str | Path, quantized: Mapping[Unit, Uni
     qconfig = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
                                  quantization_status="compressed", ignore=["lm_head"])
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = out_dir
     for f in dense_dir.iterdir():  # tokenizer, generation config, plan.json, ...
         if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json",
                                                                                    "model.safetensors.index.json"):
@@ -214,9 +224,6 @@ def write_compressed_tensors(dense_dir: str | Path, quantized: Mapping[Unit, Uni
     config["quantization_config"] = {**qconfig.model_dump(mode="json"), "version": ct_version}
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
 
     report = ExportReport(out_dir, plan.avg_bits(shapes), effective_bits(plan, promotions, shapes),
                           sum(p.bits != p.from_bits for p in promotions.values()), unit_bytes=unit_bytes)

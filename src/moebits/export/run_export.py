@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_dir, check_replaceable
 from ..plan import Plan
 
 FORMATS = ("compressed-tensors", "dequantized")
@@ -83,21 +84,22 @@ def _is_tied(model, name: str) -> bool:
 
 def save_dense(model, model_dir: Path, plan: Plan, out_dir: Path) -> Path:
     """16-bit weights (bf16 if the model is bf16, else fp16) that any transformers loads, with the
-    tokenizer and plan of `model_dir`."""
+    tokenizer and plan of `model_dir`; written atomically (atomic.py: `out_dir` must be new, empty or
+    an earlier moebits output)."""
+    with atomic_dir(out_dir, "export") as tmp:
+        save_dense_into(model, model_dir, plan, tmp)
+    return out_dir
+
+
+def save_dense_into(model, model_dir: Path, plan: Plan, tmp: Path) -> None:
+    """`save_dense` into the existing (temporary) directory `tmp`."""
     dtype = next(model.parameters()).dtype
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     model.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float16).save_pretrained(tmp)
     for f in model_dir.iterdir():
         if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))
                             or f.name == "generation_config.json"):
             shutil.copy2(f, tmp / f.name)
     plan.save(tmp / "plan.json")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path, use_envelope: bool = False,
@@ -113,14 +115,14 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, use_envelope: boo
     model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir} holds no quantized model (expected {run_dir}/model from `moebits quantize`)")
-    if out.resolve() in (run_dir.resolve(), model_dir.resolve()):
-        raise ValueError("--out must be a new directory, not the run or its model")
+    if out.resolve() in (run_dir.resolve(), model_dir.resolve()) or run_dir.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"--out {out} holds the run being exported; choose a new directory outside {run_dir}")
+    check_replaceable(out)  # before any work: never replace a directory moebits did not write
     if not is_packed(model_dir):
         # a run saved before the packed format: its model/ already is the dequantized export
         if fmt == "dequantized":
-            if out.exists():
-                shutil.rmtree(out)
-            shutil.copytree(model_dir, out)
+            with atomic_dir(out, "export") as tmp:
+                shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
             return {"format": fmt, "out": str(out), "plan_avg_bits": float("nan"), "export_avg_bits": 16.0,
                     "note": f"{model_dir} holds 16-bit weights (saved before the packed format): copied as is"}
         raise ValueError(f"{model_dir} is not a moebits packed checkpoint (a run saved before the packed format "
@@ -148,22 +150,24 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, use_envelope: boo
     shapes = {u: tuple(q.shape) for u, q in qweights.items()}
     report = {"format": fmt, "out": str(out), "plan_avg_bits": plan.avg_bits(shapes)}
     if fmt == "dequantized":
-        save_dense(model, model_dir, plan, out)
+        with atomic_dir(out, "export") as tmp:
+            save_dense_into(model, model_dir, plan, tmp)
         report["export_avg_bits"] = 16.0
         return report
 
-    from .compressed import ExportRefused, verify_compressed_tensors, write_compressed_tensors
+    from .compressed import ExportRefused, verify_compressed_tensors, write_compressed_tensors_into
 
     if any(q.rank for q in qweights.values()):
         raise ExportRefused("the plan has BT-MoE low-rank compensators, which compressed-tensors cannot store; "
                             "export it with --format dequantized")
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        dense_dir = save_dense(model, model_dir, plan, Path(tmp) / "dense")
-        rep = write_compressed_tensors(dense_dir, qweights, plan, out, use_envelope, shapes)
-    if verify:
-        rep.verified_units = verify_compressed_tensors(out, qweights, plan)
-    report.update({"export_avg_bits": rep.export_avg_bits, "promoted_units": rep.promoted_units,
-                   "schemes": rep.schemes, "unit_bytes": rep.unit_bytes, "verified_units": rep.verified_units,
-                   "envelope": use_envelope, "transformers_note": rep.transformers_note})
-    (out / "moebits_export.json").write_text(json.dumps(report, indent=1) + "\n")
+    with atomic_dir(out, "export") as tmp:  # verified before it replaces anything
+        with tempfile.TemporaryDirectory(dir=tmp.parent) as work:
+            dense_dir = save_dense(model, model_dir, plan, Path(work) / "dense")
+            rep = write_compressed_tensors_into(dense_dir, qweights, plan, tmp, use_envelope, shapes)
+        if verify:
+            rep.verified_units = verify_compressed_tensors(tmp, qweights, plan)
+        report.update({"export_avg_bits": rep.export_avg_bits, "promoted_units": rep.promoted_units,
+                       "schemes": rep.schemes, "unit_bytes": rep.unit_bytes, "verified_units": rep.verified_units,
+                       "envelope": use_envelope, "transformers_note": rep.transformers_note})
+        (tmp / "moebits_export.json").write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -120,10 +120,21 @@ class PackedLayerWriter:
         stored = max(set(other), key=other.count) if other else "F32"
         stored_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[stored]
 
-        tmp = self.out_dir.with_name(self.out_dir.name + ".partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        from ..atomic import check_replaceable, new_partial_dir
+
+        check_replaceable(self.out_dir)
+        tmp = new_partial_dir(self.out_dir, "packed")
+        try:
+            self._join(tmp, entries, raw, model, adapter, plan, index, sizes, stored_dtype, tokenizer,
+                       generation_config)
+            replace_dir(tmp, self.out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return sizes
+
+    def _join(self, tmp: Path, entries, raw: bytes, model, adapter, plan, index, sizes, stored_dtype, tokenizer,
+              generation_config) -> None:
         with open(tmp / WEIGHTS_NAME, "wb") as out:
             out.write(struct.pack("<Q", len(raw)))
             out.write(raw)
@@ -148,8 +159,6 @@ class PackedLayerWriter:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         plan.save(tmp / "plan.json")
-        replace_dir(tmp, self.out_dir)
-        return sizes
 
     def cleanup(self) -> None:
         """Remove the parts (after `finish`)."""

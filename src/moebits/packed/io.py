@@ -223,16 +223,10 @@ def packed_config(model, adapter: MoEAdapter, plan: Plan, index: PackedIndex, si
 
 
 def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished `tmp` directory to `out_dir` (replacing one there)."""
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
+    """Move the finished `tmp` directory to `out_dir` (replacing one there only if moebits wrote it)."""
+    from ..atomic import publish_dir
+
+    publish_dir(tmp, out_dir)
 
 
 def save_packed(model, adapter: MoEAdapter, plan: Plan, qweights: dict[Unit, QuantizedWeight], out_dir: str | Path,
@@ -250,20 +244,17 @@ def save_packed(model, adapter: MoEAdapter, plan: Plan, qweights: dict[Unit, Qua
     other = [t.dtype for n, t in tensors.items() if n not in unit_names and t.is_floating_point()]
     stored_dtype = max(set(other), key=other.count) if other else next(model.parameters()).dtype
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", INDEX_KEY: json.dumps(index.to_dict())})
-    packed_config(model, adapter, plan, index, sizes, stored_dtype, rotation).save_pretrained(tmp)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    plan.save(tmp / "plan.json")
-    replace_dir(tmp, out_dir)
+    from ..atomic import atomic_dir
+
+    with atomic_dir(out_dir, "packed") as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", INDEX_KEY: json.dumps(index.to_dict())})
+        packed_config(model, adapter, plan, index, sizes, stored_dtype, rotation).save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        plan.save(tmp / "plan.json")
     return sizes
 
 
