@@ -45,7 +45,7 @@ def packed_random(num_experts: int, out: int, k: int, expert_bits: list[int], gr
         scales[b] = (torch.rand(rows, G, generator=gen) * 0.01 / 2 ** b + 1e-4).half().to(device)
         zeros[b] = torch.randint(0, 2 ** b, (rows, G), generator=gen).half().to(device)
         segments += [Segment(e, b, i * out, out, 0) for i, e in enumerate(experts)]
-    return PackedGroupedWeight(num_experts, out, k, group_size, codes, scales, zeros, segments)
+    return PackedGroupedWeight.from_bits(num_experts, out, k, group_size, codes, scales, zeros, segments)
 
 
 def w325_bits(num_experts: int, gen: torch.Generator) -> list[int]:

@@ -56,13 +56,13 @@ def make_weight(seg_bits: list[list[int]], out: int, k: int, group_size: int, se
         codes[b] = torch.from_numpy(packed)
         scales[b] = torch.from_numpy(np.concatenate([s for _, s, _ in items]))
         zeros[b] = torch.from_numpy(np.concatenate([z for _, _, z in items]))
-    weight = PackedGroupedWeight(len(seg_bits), out, k, group_size, codes, scales, zeros, segments)
+    weight = PackedGroupedWeight.from_bits(len(seg_bits), out, k, group_size, codes, scales, zeros, segments)
     ref = np.zeros((len(seg_bits), out, k), dtype=np.float32)
     gi = np.arange(k) // g
     for s in segments:  # reference dequantization from the independent reader
-        q = np_unpack(codes[s.bits].numpy()[s.row0:s.row0 + s.rows], s.bits, k).astype(np.float32)
-        sc = scales[s.bits].numpy()[s.row0:s.row0 + s.rows].astype(np.float32)[:, gi]
-        ze = zeros[s.bits].numpy()[s.row0:s.row0 + s.rows].astype(np.float32)[:, gi]
+        q = np_unpack(codes[s.set].numpy()[s.row0:s.row0 + s.rows], s.set, k).astype(np.float32)
+        sc = scales[s.set].numpy()[s.row0:s.row0 + s.rows].astype(np.float32)[:, gi]
+        ze = zeros[s.set].numpy()[s.row0:s.row0 + s.rows].astype(np.float32)[:, gi]
         ref[s.expert, s.col0:s.col0 + s.rows] = (q - ze) * sc
     return weight, torch.from_numpy(ref).half().float()  # the kernel feeds fp16 weights to the dot
 
@@ -161,10 +161,11 @@ def test_sort_by_expert():
 
 def test_bad_segments_refused():
     w, _ = make_weight([[4], [4]], out=8, k=16, group_size=8, seed=0)
+    s = w.sets[4]
     with pytest.raises(ValueError, match="exactly once"):
-        PackedGroupedWeight(2, 8, 16, 8, w.codes, w.scales, w.zeros, w.segments[:1])
+        PackedGroupedWeight.from_bits(2, 8, 16, 8, {4: s.codes}, {4: s.scales}, {4: s.zeros}, w.segments[:1])
     with pytest.raises(ValueError, match="uint8"):
-        PackedGroupedWeight(2, 8, 16, 8, {4: w.codes[4][:, :3]}, w.scales, w.zeros, w.segments)
+        PackedGroupedWeight.from_bits(2, 8, 16, 8, {4: s.codes[:, :3]}, {4: s.scales}, {4: s.zeros}, w.segments)
 
 
 def test_kernel_runs_a_packed_checkpoint_layer(tmp_path):
@@ -193,7 +194,7 @@ def test_kernel_runs_a_packed_checkpoint_layer(tmp_path):
     layer = adapter.moe_layers[1]
     prefix = next(p for p, m in index.modules.items() if m.type == "experts" and f"layers.{layer}." in p)
     w = grouped_weights(index, tensors, prefix)
-    assert len(w["gate_up"].codes) > 1  # several bit-widths in one fused tensor
+    assert len({s.bits for s in w["gate_up"].sets.values()}) > 1  # several bit-widths in one fused tensor
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(7, adapter.hidden, generator=gen)
     topk_w, topk_ids = torch.softmax(torch.randn(7, adapter.num_experts, generator=gen), -1).topk(2, -1)

@@ -139,6 +139,8 @@ def random_hadamard(n: int, seed: int) -> torch.Tensor:
 class OnlineHadamard:
     """Unit input transform `x -> x M^T` (M the size-n normalized Hadamard), computed in float32 or wider."""
 
+    row_wise = True  # models/transforms.py: each row is rotated on its own
+
     def __init__(self, n: int):
         hadamard_split(n)  # refuse unsupported sizes when built, not in the forward
         self.n = n

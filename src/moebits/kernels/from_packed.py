@@ -2,48 +2,58 @@
 experts module, sharing the stored tensors (no copy).
 
 The packed format already stores what the kernel reads: per fused tensor (`gate_up`, `down`) and per
-(bits, group size) set, one rectangular codes / scale / zero stack, a unit's rows contiguous. A unit
-becomes a `Segment`: gate rows write output columns `[0, I)` of `gate_up`, up rows `[I, 2I)`.
+(bits, group size) set, one rectangular codes / scale / zero stack (or fp16 rows), a unit's rows
+contiguous. A unit becomes a `Segment`: gate rows write output columns `[0, I)` of `gate_up`, up rows
+`[I, 2I)`; its compensator, if any, a `LowRank` over the same columns (views of the stored `r{rank}`
+stacks).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from ..packed.layout import EXPERT_TENSORS, PackedIndex
+from ..packed.layout import EXPERT_TENSORS, ModuleSpec, PackedIndex, UnitEntry
 from ..units import FP_BITS, Unit
-from .packed_weight import PackedGroupedWeight, Segment
+from .packed_weight import FP16_BITS, LowRank, PackedGroupedWeight, Segment, WeightSet
+
+
+def module_grouped_weights(spec: ModuleSpec, units: dict[str, UnitEntry],
+                           get: Callable[[str], torch.Tensor]) -> dict[str, PackedGroupedWeight]:
+    """`{"gate_up": ..., "down": ...}` of one experts module; `get(name)` returns a stored tensor by its
+    name below the module (e.g. `gate_up.w3g128.codes`)."""
+    if spec.type != "experts":
+        raise ValueError("not an experts module")
+    out = {}
+    for tname in EXPERT_TENSORS:
+        tspec = spec.tensors[tname]
+        sets = {}
+        for name, s in tspec.sets.items():
+            if s.bits == FP_BITS:
+                sets[name] = WeightSet(FP16_BITS, 0, get(f"{tname}.{name}.weight"))
+            else:
+                sets[name] = WeightSet(s.bits, s.group_size, get(f"{tname}.{name}.codes"),
+                                       get(f"{tname}.{name}.scale"), get(f"{tname}.{name}.zero"))
+        segments, lowrank = [], []
+        for uname, e in units.items():
+            if e.tensor != tname:
+                continue
+            u = Unit.parse(uname)
+            col0 = spec.intermediate if u.kind == "up" else 0
+            segments.append(Segment(int(u.expert), e.set, e.row, e.rows, col0))
+            if e.lowrank:
+                lowrank.append(LowRank(int(u.expert), col0, get(f"{tname}.{e.lowrank}.U")[e.slot],
+                                       get(f"{tname}.{e.lowrank}.V")[e.slot]))
+        out_features = 2 * spec.intermediate if tname == "gate_up" else spec.hidden
+        out[tname] = PackedGroupedWeight(spec.num_experts, out_features, tspec.in_features, sets, segments, lowrank)
+    return out
 
 
 def grouped_weights(index: PackedIndex, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, PackedGroupedWeight]:
-    """`{"gate_up": ..., "down": ...}` of the experts module `prefix` (e.g. `model.layers.1.mlp.experts`).
-    Refuses what the kernel does not run: fp16 rows, low-rank compensators, two group sizes in one tensor."""
+    """`{"gate_up": ..., "down": ...}` of the experts module `prefix` (e.g. `model.layers.1.mlp.experts`)
+    of a checkpoint read as `tensors` (name -> tensor)."""
     m = index.modules.get(prefix)
     if m is None or m.type != "experts":
         raise ValueError(f"{prefix!r} is not an experts module of this checkpoint")
-    out = {}
-    for tname, kinds in EXPERT_TENSORS.items():
-        spec = m.tensors[tname]
-        if any(s.bits == FP_BITS for s in spec.sets.values()) or spec.lowrank:
-            raise ValueError(f"{prefix}.{tname}: the kernel runs quantized rows only (this tensor has fp16 rows "
-                             "or low-rank compensators)")
-        group_sizes = {s.group_size for s in spec.sets.values()}
-        bits = [s.bits for s in spec.sets.values()]
-        if len(group_sizes) != 1 or len(set(bits)) != len(bits):
-            raise ValueError(f"{prefix}.{tname}: the kernel needs one group size and one set per bit-width, "
-                             f"got sets {sorted(spec.sets)}")
-        base = f"{prefix}.{tname}"
-        by_set = {name: s.bits for name, s in spec.sets.items()}
-        codes = {b: tensors[f"{base}.{name}.codes"] for name, b in by_set.items()}
-        scales = {b: tensors[f"{base}.{name}.scale"] for name, b in by_set.items()}
-        zeros = {b: tensors[f"{base}.{name}.zero"] for name, b in by_set.items()}
-        segments = []
-        for name, e in index.units.items():
-            if e.module != prefix or e.tensor != tname:
-                continue
-            u = Unit.parse(name)
-            col0 = m.intermediate if u.kind == "up" else 0
-            segments.append(Segment(int(u.expert), by_set[e.set], e.row, e.rows, col0))
-        out_features = 2 * m.intermediate if tname == "gate_up" else m.hidden
-        out[tname] = PackedGroupedWeight(m.num_experts, out_features, spec.in_features, group_sizes.pop(), codes,
-                                         scales, zeros, segments)
-    return out
+    units = {n: e for n, e in index.units.items() if e.module == prefix}
+    return module_grouped_weights(m, units, lambda name: tensors[f"{prefix}.{name}"])

@@ -2,107 +2,163 @@
 
 Layout (the moebits packed format): the codes of one output row of `K` input values at `b` bits are
 one little-endian bitstream, value `j` in bits `[j*b, (j+1)*b)` counted LSB-first within each byte,
-`ceil(K*b/8)` bytes per row. Rows of one fused tensor (e.g. `gate_up_proj [E, 2I, H]`) are grouped by
-bit-width, so per bit-width there is one rectangular `codes [rows_b, ceil(K*b/8)]` uint8 tensor and
-fp16 `scales`, `zeros` `[rows_b, G]` with `G = ceil(K / group_size)`; dequantized = `(q - zero) * scale`.
+`ceil(K*b/8)` bytes per row. Rows of one fused tensor (e.g. `gate_up_proj [E, 2I, H]`) are grouped into
+*sets*, one per (bits, group size) as the packed format stores them: per set one rectangular
+`codes [rows, ceil(K*b/8)]` uint8 tensor and fp16 `scales`, `zeros` `[rows, G]` with
+`G = ceil(K / group_size)`; dequantized = `(q - zero) * scale`. A set at 16 bits holds fp16 rows
+`[rows, K]` in `codes` and no scales or zeros.
 
-A `Segment` says where a run of one expert's output rows lives: in the `bits` tensor at rows
+A `Segment` says where a run of one expert's output rows lives: in set `set` at rows
 `[row0, row0 + rows)`, producing output columns `[col0, col0 + rows)` of that expert's product. So
 gate and up of one expert may have different bit-widths (two segments), and any per-expert plan maps
-onto it. Only torch here: the Triton kernel is in `triton_grouped.py`.
+onto it. A `LowRank` adds a BT-MoE compensator `x V^T U^T` to one segment's columns (applied in torch
+after the kernel). Only torch here: the Triton kernel is in `triton_grouped.py`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Hashable
 
 import torch
+
+FP16_BITS = 16  # a set of unquantized fp16 rows
+
+
+@dataclass
+class WeightSet:
+    """The rows of one fused tensor stored at one (bits, group size)."""
+
+    bits: int  # 1..8: packed codes; 16: fp16 rows in `codes`
+    group_size: int  # <= 0: one group per row (unused at 16 bits)
+    codes: torch.Tensor  # uint8 [rows, ceil(K*bits/8)], or fp16 [rows, K] at 16 bits
+    scales: torch.Tensor | None = None  # fp16 [rows, G]
+    zeros: torch.Tensor | None = None  # fp16 [rows, G]
+
+    @property
+    def rows(self) -> int:
+        return self.codes.shape[0]
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size <= 0 else math.ceil(in_features / self.group_size)
+
+    def effective_group_size(self, in_features: int) -> int:
+        return in_features if self.group_size <= 0 else self.group_size
+
+    def row_stride(self, in_features: int) -> int:
+        """Elements of `codes` per row (bytes for packed codes, values for fp16 rows)."""
+        return in_features if self.bits == FP16_BITS else math.ceil(in_features * self.bits / 8)
+
+    def to(self, device) -> "WeightSet":
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return WeightSet(self.bits, self.group_size, mv(self.codes), mv(self.scales), mv(self.zeros))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros) if t is not None)
 
 
 @dataclass(frozen=True)
 class Segment:
     expert: int
-    bits: int
-    row0: int  # first row in the `bits` codes tensor
+    set: Hashable  # key of its `WeightSet` in `PackedGroupedWeight.sets`
+    row0: int  # first row in that set
     rows: int
     col0: int  # first output column of the expert's product
 
 
+@dataclass(frozen=True, eq=False)
+class LowRank:
+    """A compensator of one unit: adds `x V^T U^T` to output columns `[col0, col0 + rows)` of `expert`."""
+
+    expert: int
+    col0: int
+    u: torch.Tensor  # [rows, r]
+    v: torch.Tensor  # [r, in_features]
+
+
 @dataclass
 class PackedGroupedWeight:
-    """All experts' `[out_features, in_features]` weights of one fused tensor, packed per bit-width."""
+    """All experts' `[out_features, in_features]` weights of one fused tensor, packed per set."""
 
     num_experts: int
     out_features: int  # per expert
     in_features: int
-    group_size: int  # <= 0: one group per row
-    codes: dict[int, torch.Tensor]  # bits -> uint8 [rows_b, ceil(K*b/8)]
-    scales: dict[int, torch.Tensor]  # bits -> fp16 [rows_b, G]
-    zeros: dict[int, torch.Tensor]  # bits -> fp16 [rows_b, G]
+    sets: dict[Hashable, WeightSet]
     segments: list[Segment]
-    _tiles: dict = field(default_factory=dict, repr=False)  # (bits, block_n, device) -> tile tables
+    lowrank: list[LowRank] = field(default_factory=list)
+    _tiles: dict = field(default_factory=dict, repr=False)  # (set, block_n, device) -> tile tables
 
     def __post_init__(self):
         self.validate()
 
-    @property
-    def groups(self) -> int:
-        return 1 if self.group_size <= 0 else math.ceil(self.in_features / self.group_size)
-
-    @property
-    def effective_group_size(self) -> int:
-        return self.in_features if self.group_size <= 0 else self.group_size
-
-    def row_bytes(self, bits: int) -> int:
-        return math.ceil(self.in_features * bits / 8)
+    @classmethod
+    def from_bits(cls, num_experts: int, out_features: int, in_features: int, group_size: int,
+                  codes: dict[int, torch.Tensor], scales: dict[int, torch.Tensor], zeros: dict[int, torch.Tensor],
+                  segments: list[Segment]) -> "PackedGroupedWeight":
+        """One set per bit-width, all at `group_size` (segments name their set by its bits)."""
+        sets = {b: WeightSet(b, group_size, c, scales.get(b), zeros.get(b)) for b, c in codes.items()}
+        return cls(num_experts, out_features, in_features, sets, segments)
 
     def validate(self) -> None:
-        """Every expert's output columns are covered exactly once, every segment lies inside its tensors."""
-        K, G = self.in_features, self.groups
-        for b, c in self.codes.items():
-            if not 1 <= b <= 8:
-                raise ValueError(f"bits must be in 1..8, got {b}")
-            if c.dtype != torch.uint8 or c.dim() != 2 or c.shape[1] != self.row_bytes(b):
-                raise ValueError(f"codes at {b} bits must be uint8 [rows, {self.row_bytes(b)}] for K={K}, "
-                                 f"got {c.dtype} {tuple(c.shape)}")
-            for name, t in (("scales", self.scales.get(b)), ("zeros", self.zeros.get(b))):
-                if t is None or t.shape != (c.shape[0], G):
-                    raise ValueError(f"{name} at {b} bits must have shape ({c.shape[0]}, {G}), "
+        """Every expert's output columns are covered exactly once, every segment lies inside its set."""
+        K = self.in_features
+        for key, s in self.sets.items():
+            if s.bits == FP16_BITS:
+                if s.codes.dtype != torch.float16 or s.codes.dim() != 2 or s.codes.shape[1] != K:
+                    raise ValueError(f"set {key!r}: fp16 rows must be float16 [rows, {K}], got {s.codes.dtype} "
+                                     f"{tuple(s.codes.shape)}")
+                continue
+            if not 1 <= s.bits <= 8:
+                raise ValueError(f"set {key!r}: bits must be in 1..8 or 16, got {s.bits}")
+            if s.codes.dtype != torch.uint8 or s.codes.dim() != 2 or s.codes.shape[1] != s.row_stride(K):
+                raise ValueError(f"set {key!r}: codes at {s.bits} bits must be uint8 [rows, {s.row_stride(K)}] for "
+                                 f"K={K}, got {s.codes.dtype} {tuple(s.codes.shape)}")
+            for name, t in (("scales", s.scales), ("zeros", s.zeros)):
+                if t is None or t.shape != (s.rows, s.groups(K)):
+                    raise ValueError(f"set {key!r}: {name} must have shape ({s.rows}, {s.groups(K)}), "
                                      f"got {None if t is None else tuple(t.shape)}")
         covered = torch.zeros(self.num_experts, self.out_features, dtype=torch.int32)
-        for s in self.segments:
-            if s.bits not in self.codes:
-                raise ValueError(f"segment {s} refers to {s.bits}-bit codes, which are absent")
-            if not 0 <= s.expert < self.num_experts or s.rows <= 0 or s.row0 < 0 \
-                    or s.row0 + s.rows > self.codes[s.bits].shape[0] or s.col0 < 0 or s.col0 + s.rows > self.out_features:
-                raise ValueError(f"segment {s} lies outside its tensors")
-            covered[s.expert, s.col0:s.col0 + s.rows] += 1
+        for seg in self.segments:
+            if seg.set not in self.sets:
+                raise ValueError(f"segment {seg} refers to set {seg.set!r}, which is absent")
+            if not 0 <= seg.expert < self.num_experts or seg.rows <= 0 or seg.row0 < 0 \
+                    or seg.row0 + seg.rows > self.sets[seg.set].rows or seg.col0 < 0 \
+                    or seg.col0 + seg.rows > self.out_features:
+                raise ValueError(f"segment {seg} lies outside its tensors")
+            covered[seg.expert, seg.col0:seg.col0 + seg.rows] += 1
         if not bool((covered == 1).all()):
             raise ValueError("segments must cover every output row of every expert exactly once")
+        for lr in self.lowrank:
+            rows, r = lr.u.shape
+            if lr.v.shape != (r, K) or not 0 <= lr.expert < self.num_experts or lr.col0 < 0 \
+                    or lr.col0 + rows > self.out_features:
+                raise ValueError(f"compensator of expert {lr.expert} at column {lr.col0} has U {tuple(lr.u.shape)}, "
+                                 f"V {tuple(lr.v.shape)}: does not fit [{self.out_features}, {K}]")
 
     def to(self, device) -> "PackedGroupedWeight":
-        move = lambda d: {b: t.to(device) for b, t in d.items()}  # noqa: E731
-        return PackedGroupedWeight(self.num_experts, self.out_features, self.in_features, self.group_size,
-                                   move(self.codes), move(self.scales), move(self.zeros), list(self.segments))
+        return PackedGroupedWeight(self.num_experts, self.out_features, self.in_features,
+                                   {k: s.to(device) for k, s in self.sets.items()}, list(self.segments),
+                                   [LowRank(c.expert, c.col0, c.u.to(device), c.v.to(device)) for c in self.lowrank])
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.codes, self.scales, self.zeros) for t in d.values())
+        return sum(s.nbytes() for s in self.sets.values()) + sum(
+            c.u.numel() * c.u.element_size() + c.v.numel() * c.v.element_size() for c in self.lowrank)
 
-    def tiles(self, bits: int, block_n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Static launch tables for the `bits` launch, cached: per output tile its segment's
+    def tiles(self, key: Hashable, block_n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static launch tables for the launch of set `key`, cached: per output tile its segment's
         `[expert, row0, rows, col0]` and the tile's first row within the segment (int32)."""
-        key = (bits, block_n, str(device))
-        if key not in self._tiles:
+        cache_key = (key, block_n, str(device))
+        if cache_key not in self._tiles:
             seg_rows, n0s = [], []
             for s in self.segments:
-                if s.bits != bits:
+                if s.set != key:
                     continue
                 for n0 in range(0, s.rows, block_n):
                     seg_rows.append([s.expert, s.row0, s.rows, s.col0])
                     n0s.append(n0)
             seg = torch.tensor(seg_rows, dtype=torch.int32).reshape(-1, 4).to(device)
-            self._tiles[key] = (seg, torch.tensor(n0s, dtype=torch.int32, device=device))
-        return self._tiles[key]
+            self._tiles[cache_key] = (seg, torch.tensor(n0s, dtype=torch.int32, device=device))
+        return self._tiles[cache_key]
 
 
 def unpack_codes(codes: torch.Tensor, bits: int, k: int) -> torch.Tensor:
@@ -116,17 +172,24 @@ def unpack_codes(codes: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return ((lo | (hi << 8)) >> shift) & ((1 << bits) - 1)
 
 
-def dequantize_expert(weight: PackedGroupedWeight, expert: int, dtype=torch.float32) -> torch.Tensor:
-    """One expert's dequantized `[out_features, in_features]` weight (torch)."""
-    K, g = weight.in_features, weight.effective_group_size
-    out = torch.empty(weight.out_features, K, dtype=torch.float32, device=next(iter(weight.codes.values())).device)
-    for s in weight.segments:
-        if s.expert != expert:
+def dequantize_expert(weight: PackedGroupedWeight, expert: int, dtype=torch.float32,
+                      lowrank: bool = True) -> torch.Tensor:
+    """One expert's dequantized `[out_features, in_features]` weight (torch), compensators added."""
+    K = weight.in_features
+    device = next(iter(weight.sets.values())).codes.device
+    out = torch.empty(weight.out_features, K, dtype=torch.float32, device=device)
+    for seg in weight.segments:
+        if seg.expert != expert:
             continue
-        rows = slice(s.row0, s.row0 + s.rows)
-        q = unpack_codes(weight.codes[s.bits][rows], s.bits, K).float()
-        gi = torch.arange(K, device=q.device) // g
-        scale = weight.scales[s.bits][rows].float()[:, gi]
-        zero = weight.zeros[s.bits][rows].float()[:, gi]
-        out[s.col0:s.col0 + s.rows] = (q - zero) * scale
+        s, rows = weight.sets[seg.set], slice(seg.row0, seg.row0 + seg.rows)
+        if s.bits == FP16_BITS:
+            out[seg.col0:seg.col0 + seg.rows] = s.codes[rows].float()
+            continue
+        q = unpack_codes(s.codes[rows], s.bits, K).float()
+        gi = torch.arange(K, device=q.device) // s.effective_group_size(K)
+        out[seg.col0:seg.col0 + seg.rows] = (q - s.zeros[rows].float()[:, gi]) * s.scales[rows].float()[:, gi]
+    if lowrank:
+        for c in weight.lowrank:
+            if c.expert == expert:
+                out[c.col0:c.col0 + c.u.shape[0]] += c.u.float() @ c.v.float()
     return out.to(dtype)

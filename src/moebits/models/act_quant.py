@@ -11,14 +11,16 @@ import torch.nn as nn
 from ..quant.act import FP_ACT_BITS, quantize_activations
 from ..units import Unit
 from .adapter import ARCHS, UnsupportedModelError
-from .transforms import clear_transforms, set_expert_transform, set_linear_transform
+from .transforms import ROW_WISE, clear_transforms, set_expert_transform, set_linear_transform
 
 STAGE = "act_quant"
 
 
 def act_quantizer(bits: int, clip: float = 1.0):
     """The transform quantizing a block's input per token at `bits` (symmetric, clip ratio `clip`)."""
-    return functools.partial(quantize_activations, bits=bits, clip=clip)
+    fn = functools.partial(quantize_activations, bits=bits, clip=clip)
+    setattr(fn, ROW_WISE, True)  # one scale per token
+    return fn
 
 
 def _hosts(model: nn.Module, unit: Unit) -> nn.Module:

@@ -36,6 +36,13 @@ ATTR = "moebits_input_transforms"
 _HOOK_ATTR = "_moebits_transform_hook"
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
+ROW_WISE = "row_wise"  # a transform with this attribute True maps each row (token) independently of the others
+
+
+def is_row_wise(fn: Transform) -> bool:
+    """Does `fn` act on each row alone (so it may run on any subset or superset of an expert's rows)?
+    The packed kernel path applies such transforms to all routed rows at once."""
+    return bool(getattr(fn, ROW_WISE, False))
 
 
 def _check_stage(stage: str) -> None:

@@ -6,6 +6,11 @@ on each call it dequantizes only the experts the batch routes to into small dens
 implementation, activation and gating), with the routing indices renumbered to those n experts.
 So its output is the in-memory quantized model's, not a re-implementation of it.
 
+On a CUDA device with triton installed it instead runs the routed experts with the packed Triton
+kernel (`kernels/`: gate_up, activation, down, routing weights, on the codes as stored; fp16 rows,
+compensators and row-wise input transforms included); `kernel_path.py` says when, and how to force
+either path.
+
 `PackedLinear` replaces a shared expert's `nn.Linear` and dequantizes its weight per call.
 
 Input transforms (models/transforms.py: online rotation, activation quantization) installed on a
@@ -19,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.transforms import experts_chain, experts_forward
+from . import kernel_path
 from ..quant.pack import packed_bytes, unpack_codes
 from ..quant.qweight import dequantize_codes
 from ..units import FP_BITS
@@ -99,6 +105,8 @@ class _UnitMap:
 
 class PackedExperts(nn.Module):
     applies_input_transforms = True  # models/transforms.py: this forward applies the installed chains
+    kernel: str | None = None  # "auto" | "triton" | "torch"; None: the MOEBITS_KERNEL environment variable
+    last_path: str | None = None  # what the latest forward ran: "triton" or "torch"
 
     def __init__(self, spec: ModuleSpec, units: dict[str, UnitEntry], original: nn.Module, device=None):
         super().__init__()
@@ -127,6 +135,9 @@ class PackedExperts(nn.Module):
         for p in ("gate_up_proj", "down_proj"):
             original._parameters.pop(p, None)
         object.__setattr__(self, "_dense", original)
+        self._units = dict(units)
+        self._spec = spec
+        self._grouped: tuple | None = None  # (buffer identities, {"gate_up", "down"} kernel weights)
 
     def _rows_of(self, kind: str) -> int:
         return self.hidden if kind == "down" else self.intermediate
@@ -158,7 +169,43 @@ class PackedExperts(nn.Module):
             out[tname] = w.to(dtype)
         return out["gate_up"], out["down"]
 
+    def grouped_weights(self):
+        """The kernel's `{"gate_up", "down"}` views of this module's buffers (no copy), rebuilt when the
+        buffers were replaced (loading, `.to(device)`)."""
+        from ..kernels.from_packed import module_grouped_weights
+
+        key = tuple((b.data_ptr(), b.device) for b in self.buffers())
+        if self._grouped is None or self._grouped[0] != key:
+            self._grouped = (key, module_grouped_weights(self._spec, self._units, self.get_buffer))
+        return self._grouped[1]
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        mode = kernel_path.kernel_mode(self)
+        if mode != "torch":
+            chain = experts_chain(self)
+            reason = kernel_path.why_not_kernel(hidden_states, chain, forced=mode == "triton")
+            if reason is None:
+                return self.kernel_forward(hidden_states, top_k_index, top_k_weights)
+            if mode == "triton":
+                raise RuntimeError(f"{kernel_path.ENV}=triton, but the packed kernel cannot run: {reason}")
+            kernel_path.log_fallback_once(reason, hidden_states.device)
+        return self.torch_forward(hidden_states, top_k_index, top_k_weights)
+
+    def kernel_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts on the packed Triton kernel."""
+        from ..kernels.moe import packed_experts_forward
+
+        w = self.grouped_weights()
+        chain = experts_chain(self)
+        transform = kernel_path.row_transform(chain, self.num_experts) if chain else None
+        self.last_path = "triton"
+        return packed_experts_forward(hidden_states, top_k_index, top_k_weights, w["gate_up"], w["down"],
+                                      self.act_fn, transform)
+
+    def torch_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """Dequantize the routed experts and run transformers' experts code on them."""
+        self.last_path = "torch"
         hit = torch.unique(top_k_index)
         hit = hit[(hit >= 0) & (hit < self.num_experts)]
         renumber = torch.full((self.num_experts + 1,), len(hit), dtype=top_k_index.dtype, device=top_k_index.device)
