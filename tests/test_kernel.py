@@ -203,3 +203,26 @@ def test_kernel_runs_a_packed_checkpoint_layer(tmp_path):
     with torch.no_grad():
         want = adapter.experts(layer)(x, topk_ids, topk_w)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+
+
+def test_padding_ids_contribute_nothing_and_synced_grid(monkeypatch):
+    """Expert ids outside [0, E) (padding) add nothing; the grid sized by the true largest count (past
+    SYNC_TOKENS) gives the same result as the one sized by the token count."""
+    import moebits.kernels.moe as moe
+
+    E, H, inter = 4, 32, 16
+    gate_up, _ = make_weight([[3, 4]] * E, out=2 * inter, k=H, group_size=16, seed=21)
+    down, _ = make_weight([[2]] * E, out=H, k=inter, group_size=16, seed=22)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, H, generator=gen).half()
+    ids = torch.tensor([[0, 2], [1, -1], [3, E], [2, 0], [E, -1]])
+    w = torch.rand(5, 2, generator=gen)
+    got = packed_experts_forward(x.to(DEVICE), ids.to(DEVICE), w.to(DEVICE), gate_up.to(DEVICE), down.to(DEVICE)).cpu()
+    valid = (ids >= 0) & (ids < E)
+    kept = packed_experts_forward(x.to(DEVICE), ids.clamp(0, E - 1).to(DEVICE), (w * valid).to(DEVICE),
+                                  gate_up.to(DEVICE), down.to(DEVICE)).cpu()
+    assert torch.equal(got, kept) and got[4].abs().max() == 0
+    monkeypatch.setattr(moe, "SYNC_TOKENS", 2)
+    synced = packed_experts_forward(x.to(DEVICE), ids.to(DEVICE), w.to(DEVICE), gate_up.to(DEVICE),
+                                    down.to(DEVICE)).cpu()
+    assert torch.equal(got, synced)

@@ -84,10 +84,10 @@ MIXED = [Choice(2, 16, "rtn"), Choice(3, 24, "rtn"), Choice(4, 128, "hqq"), Choi
          Choice(5, 32, "rtn")]
 
 
-def mixed_quantized(arch: str, lowrank: bool = False):
+def mixed_quantized(arch: str, lowrank: bool = False, **overrides):
     """A tiny model quantized in memory by a plan mixing bits, group sizes, quantizers and fp16,
     with, optionally, BT-MoE compensators on a few units. Returns model, adapter, plan, codes."""
-    model = tiny_model(arch)
+    model = tiny_model(arch, **overrides)
     ad = MoEAdapter(model)
     plan = Plan({u: Assignment(MIXED[i % len(MIXED)]) for i, u in enumerate(ad.units())})
     codes = {}

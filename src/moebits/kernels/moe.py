@@ -18,6 +18,7 @@ from .routing import sort_by_expert
 
 # (kind, x_rows [N, K], expert_of_row [N]) -> the rows' transformed inputs (the same object: identity)
 RowTransform = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+SYNC_TOKENS = 512
 
 
 def add_lowrank(y: torch.Tensor, x: torch.Tensor, weight: PackedGroupedWeight, starts: list[int],
@@ -52,7 +53,9 @@ def packed_experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     valid = (topk_ids >= 0) & (topk_ids < E)
     ids = torch.where(valid, topk_ids, E)  # padding goes to bucket E, which no tile reads
     r = sort_by_expert(ids, torch.where(valid, topk_weights, 0), E + 1, max_count=False)
-    max_tokens = x.shape[0]  # an expert gets each token at most once: no device sync for the grid
+    # an expert gets each token at most once: the token count bounds the grid without a device sync;
+    # past SYNC_TOKENS the idle programs of a T-row grid cost more than one sync for the true largest count
+    max_tokens = x.shape[0] if x.shape[0] <= SYNC_TOKENS else int(r.count[:E].max())
     expert = ids.reshape(-1)[r.order] if transform is not None else None  # expert of each sorted row (E: padding)
     starts = counts = None
     if gate_up.lowrank or down.lowrank:

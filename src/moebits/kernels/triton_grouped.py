@@ -32,7 +32,7 @@ def _packed_grouped_matmul(
     x_ptr, y_ptr, codes_ptr, scales_ptr, zeros_ptr, tile_seg_ptr, tile_n0_ptr, tok_start_ptr, tok_count_ptr,
     K, row_stride, G, group_size, ldx, ldy, plane_stride, alt_col,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -72,9 +72,14 @@ def _packed_grouped_matmul(
                     hi_mask = w_mask & ((byte + 1) < row_stride)[None, :]
                     word = word | (tl.load(c_ptr + 1, mask=hi_mask, other=0).to(tl.int32) << 8)
                 q = (word >> shift[None, :]) & ((1 << BITS) - 1)
-                meta = rows[:, None] * G + (offs_k // group_size)[None, :]
-                scale = tl.load(scales_ptr + meta, mask=w_mask, other=0.0).to(tl.float32)
-                zero = tl.load(zeros_ptr + meta, mask=w_mask, other=0.0).to(tl.float32)
+                if GROUP_ALIGNED:  # the K block lies in one group: one scale and zero per row
+                    meta = rows * G + k0 // group_size
+                    scale = tl.load(scales_ptr + meta, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+                    zero = tl.load(zeros_ptr + meta, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+                else:
+                    meta = rows[:, None] * G + (offs_k // group_size)[None, :]
+                    scale = tl.load(scales_ptr + meta, mask=w_mask, other=0.0).to(tl.float32)
+                    zero = tl.load(zeros_ptr + meta, mask=w_mask, other=0.0).to(tl.float32)
                 w = ((q.to(tl.float32) - zero) * scale).to(x.dtype)  # [BLOCK_N, BLOCK_K]
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
         y_ptrs = y_ptr + tok[:, None] * ldy + (col0 + offs_n)[None, :]
@@ -133,11 +138,13 @@ def packed_grouped_matmul(x_sorted: torch.Tensor, weight: PackedGroupedWeight, t
             continue
         grid = (tile_n0.numel(), triton.cdiv(max_tokens, block_m))
         quantized = s.bits != FP16_BITS
+        group = s.effective_group_size(weight.in_features)
         _packed_grouped_matmul[grid](
             x_sorted, y, s.codes, s.scales if quantized else s.codes, s.zeros if quantized else s.codes,
             tile_seg, tile_n0, tok_start, tok_count, weight.in_features, s.row_stride(weight.in_features),
-            s.groups(weight.in_features), s.effective_group_size(weight.in_features), x_sorted.stride(-2),
-            y.stride(0), plane_stride, weight.out_features if alt_col is None else alt_col,
+            s.groups(weight.in_features), group, x_sorted.stride(-2), y.stride(0), plane_stride,
+            weight.out_features if alt_col is None else alt_col,
             BITS=s.bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=precision,
+            GROUP_ALIGNED=group % block_k == 0,
         )
     return y
