@@ -17,14 +17,14 @@ import torch
 
 pytest.importorskip("triton")  # conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA
 
-from moebits.models import MoEAdapter, tiny_model  # noqa: E402
+from moebits.models import tiny_model  # noqa: E402
 from moebits.models.act_quant import install_act_quant  # noqa: E402
 from moebits.models.loading import byte_tokenizer  # noqa: E402
 from moebits.models.transforms import set_expert_transform  # noqa: E402
 from moebits.packed import load_quantized, save_packed  # noqa: E402
 from moebits.packed import kernel_path  # noqa: E402
 from moebits.packed.kernel_path import set_kernel  # noqa: E402
-from moebits.packed.modules import PackedExperts  # noqa: E402
+from moebits.packed.modules import PackedExperts, PackedLinear  # noqa: E402
 from moebits.rotate import OnlineHadamard  # noqa: E402
 from moebits.units import Unit  # noqa: E402
 
@@ -41,7 +41,8 @@ def tolerance(logits: torch.Tensor) -> float:
 
 
 def paths(model, mode: str) -> set[str]:
-    return {m.last_path for m in model.modules() if isinstance(m, PackedExperts)}
+    """What the latest forward of every packed module (routed experts, shared-expert linears) ran."""
+    return {m.last_path for m in model.modules() if isinstance(m, (PackedExperts, PackedLinear))}
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Which path a `PackedExperts` forward takes: the packed Triton kernel, or the dequantizing torch path.
+"""Which path a `PackedExperts` (or `PackedLinear`) forward takes: the packed Triton kernel, or the dequantizing torch path.
 
 The mode comes from the module's `kernel` attribute, else the `MOEBITS_KERNEL` environment variable:
 
@@ -9,10 +9,11 @@ The mode comes from the module's `kernel` attribute, else the `MOEBITS_KERNEL` e
             interpreter (`TRITON_INTERPRET=1` set before triton is imported: slow, for tests)
     torch   always the torch path (dequantize the routed experts, run transformers' experts code)
 
-`set_kernel(model, mode)` sets the mode on every packed experts module of a model.
+`set_kernel(model, mode)` sets the mode on every packed module of a model.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -39,15 +40,35 @@ def kernel_mode(module: nn.Module) -> str:
 
 
 def set_kernel(model: nn.Module, mode: str | None) -> int:
-    """Set the kernel mode (`None`: back to `MOEBITS_KERNEL`) on every packed experts module; returns how many."""
-    from .modules import PackedExperts
+    """Set the kernel mode (`None`: back to `MOEBITS_KERNEL`) on every packed module; returns how many."""
+    from .modules import PackedExperts, PackedLinear
 
     if mode is not None:
         check_mode(mode)
-    mods = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    mods = [m for m in model.modules() if isinstance(m, (PackedExperts, PackedLinear))]
     for m in mods:
         m.kernel = mode
     return len(mods)
+
+
+def use_kernel(module: nn.Module, x: torch.Tensor, chain: ExpertInputTransforms | None = None) -> bool:
+    """Should `module`'s forward on `x` take the kernel path? Raises in mode "triton" when it cannot;
+    logs the reason once in mode "auto"."""
+    mode = kernel_mode(module)
+    if mode == "torch":
+        return False
+    reason = why_not_kernel(x, chain, forced=mode == "triton")
+    if reason is None:
+        return True
+    if mode == "triton":
+        raise RuntimeError(f"{ENV}=triton, but the packed kernel cannot run: {reason}")
+    log_fallback_once(reason, x.device)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def interpreter_on() -> bool:
@@ -56,7 +77,7 @@ def interpreter_on() -> bool:
 
 def why_not_kernel(x: torch.Tensor, chain: ExpertInputTransforms | None, forced: bool) -> str | None:
     """None when the kernel can run this forward, else the reason it cannot."""
-    if importlib.util.find_spec("triton") is None:
+    if not triton_installed():
         return "triton is not installed (pip install 'moebits[triton]')"
     if not x.is_cuda and not (forced and interpreter_on()):
         return (f"the hidden states are on {x.device.type}; the Triton kernel needs a CUDA device" +

@@ -180,15 +180,8 @@ class PackedExperts(nn.Module):
         return self._grouped[1]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        mode = kernel_path.kernel_mode(self)
-        if mode != "torch":
-            chain = experts_chain(self)
-            reason = kernel_path.why_not_kernel(hidden_states, chain, forced=mode == "triton")
-            if reason is None:
-                return self.kernel_forward(hidden_states, top_k_index, top_k_weights)
-            if mode == "triton":
-                raise RuntimeError(f"{kernel_path.ENV}=triton, but the packed kernel cannot run: {reason}")
-            kernel_path.log_fallback_once(reason, hidden_states.device)
+        if kernel_path.use_kernel(self, hidden_states, experts_chain(self)):
+            return self.kernel_forward(hidden_states, top_k_index, top_k_weights)
         return self.torch_forward(hidden_states, top_k_index, top_k_weights)
 
     def kernel_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -227,7 +220,11 @@ class PackedExperts(nn.Module):
 
 
 class PackedLinear(nn.Module):
-    """A packed `nn.Linear` (a shared expert's gate/up/down): one set, optional compensator and bias."""
+    """A packed `nn.Linear` (a shared expert's gate/up/down): one set, optional compensator and bias.
+    On the kernel path (kernel_path.py) it is a grouped matmul with one expert that gets every token."""
+
+    kernel: str | None = None  # as PackedExperts.kernel
+    last_path: str | None = None
 
     def __init__(self, spec: ModuleSpec, entry: UnitEntry, device=None, bias_dtype=None):
         super().__init__()
@@ -247,8 +244,45 @@ class PackedLinear(nn.Module):
             w = w + f.U[self.slot].float() @ f.V[self.slot].float()
         return w.to(dtype)
 
+    def grouped_weight(self):
+        """The kernel's one-expert view of this linear's buffers (no copy), rebuilt when they were replaced."""
+        from ..kernels.packed_weight import FP16_BITS, LowRank, PackedGroupedWeight, Segment, WeightSet
+
+        key = tuple((b.data_ptr(), b.device) for b in self.buffers())
+        if getattr(self, "_grouped", None) is None or self._grouped[0] != key:
+            s = self.get_submodule(self.set_name)
+            ws = WeightSet(FP16_BITS, 0, s.weight) if s.bits == FP_BITS else \
+                WeightSet(s.bits, s.group_size, s.codes, s.scale, s.zero)
+            lowrank = []
+            if self.lowrank_name:
+                f = self.get_submodule(self.lowrank_name)
+                lowrank.append(LowRank(0, 0, f.U[self.slot], f.V[self.slot]))
+            w = PackedGroupedWeight(1, self.out_features, self.in_features, {self.set_name: ws},
+                                    [Segment(0, self.set_name, 0, self.out_features, 0)], lowrank)
+            self._grouped = (key, w)
+        return self._grouped[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernel_path.use_kernel(self, x):
+            return self.kernel_forward(x)
+        self.last_path = "torch"
         return F.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels.moe import add_lowrank
+        from ..kernels.triton_grouped import packed_grouped_matmul
+
+        w = self.grouped_weight()
+        flat = x.reshape(-1, self.in_features)
+        n = flat.shape[0]
+        start = torch.zeros(1, dtype=torch.int32, device=x.device)
+        count = torch.full((1,), n, dtype=torch.int32, device=x.device)
+        y = packed_grouped_matmul(flat, w, start, count, max(n, 1))
+        add_lowrank(y, flat, w, [0], [n])
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        self.last_path = "triton"
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, set={self.set_name}"
