@@ -632,8 +632,10 @@ def train_demo_cmd(out: Path = typer.Option(Path("demo-model"), help="where to w
 def export_cmd(
     run: Path = typer.Argument(..., help="a run directory of `moebits quantize` (its packed model/)"),
     format: str = typer.Option(..., "--format", help="compressed-tensors (what vLLM serves) | dequantized "
-                                                     "(16-bit weights any transformers loads)"),
-    out: Path = typer.Option(..., help="directory to write"),
+                                                     "(16-bit weights any transformers loads) | gguf (llama.cpp)"),
+    out: Path = typer.Option(..., help="directory to write (gguf: the .gguf file)"),
+    pure: Optional[str] = typer.Option(None, help="gguf: every tensor at this ggml type (F16: llama-quantize's "
+                                                  "input for its stock mixes; Q8_0, Q4_K, ...)"),
     envelope: bool = typer.Option(False, help="compressed-tensors: promote each MoE layer to its widest bit-width "
                                               "(exact) so a per-expert plan becomes servable"),
     verify: bool = typer.Option(True, help="decompress the export with compressed-tensors and compare every "
@@ -643,9 +645,20 @@ def export_cmd(
     from .export.run_export import export_run
 
     try:
-        r = export_run(run, format, out, use_envelope=envelope, verify=verify)
+        r = export_run(run, format, out, use_envelope=envelope, verify=verify, pure=pure)
     except _user_errors() as e:
         _fail(str(e))
+    if format == "gguf":
+        t = Table(title=f"moebits export -> {out}")
+        for c in ("arch", "tensors", "file MB", "bits/weight", "types", "fallbacks", "imatrix"):
+            t.add_column(c, justify="right")
+        t.add_row(r["arch"], str(r["tensors"]), f"{r['file_bytes'] / 1e6:.2f}", f"{r['bits_per_weight']:.3f}",
+                  ", ".join(f"{k}:{v}" for k, v in sorted(r["types"].items())), str(len(r["fallbacks"])),
+                  r["imatrix"])
+        Console().print(t)
+        Console().print(f"types: {r['types_from']}; beside it: {', '.join(r['side_files'].values())}\n"
+                        f"reproduce from the F16 export: {r['llama_quantize']}")
+        return
     t = Table(title=f"moebits export -> {out}")
     for c in ("format", "plan bits", "export bits", "promoted units", "schemes", "verified units"):
         t.add_column(c, justify="right")

@@ -19,7 +19,7 @@ import torch
 from ..atomic import atomic_dir, check_replaceable
 from ..plan import Plan
 
-FORMATS = ("compressed-tensors", "dequantized")
+FORMATS = ("compressed-tensors", "dequantized", "gguf")
 
 
 def read_packed_units(model_dir: Path):
@@ -103,13 +103,22 @@ def save_dense_into(model, model_dir: Path, plan: Plan, tmp: Path) -> None:
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path, use_envelope: bool = False,
-               verify: bool = True) -> dict:
-    """Export `RUN/model` in `fmt`; returns a report (sizes, bits, schemes, verification)."""
+               verify: bool = True, pure: str | None = None) -> dict:
+    """Export `RUN/model` in `fmt`; returns a report (sizes, bits, schemes, verification).
+    `gguf` writes a llama.cpp file from the run's original model instead (moebits.gguf.export)."""
     from ..packed import is_packed
 
     run_dir, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {FORMATS}")
+    if pure is not None and fmt != "gguf":
+        raise ValueError("--pure applies to --format gguf only")
+    if fmt == "gguf":
+        if use_envelope:
+            raise ValueError("--envelope applies to --format compressed-tensors only")
+        from ..gguf.export import export_gguf
+
+        return export_gguf(run_dir, out, pure=pure)
     if use_envelope and fmt != "compressed-tensors":
         raise ValueError("--envelope applies to --format compressed-tensors only")
     model_dir = run_dir / "model" if (run_dir / "model").is_dir() else run_dir
