@@ -213,7 +213,14 @@ def quantize(
                                                    "`import moebits` + from_pretrained) | dequantized (16-bit weights)"),
     trust_remote_code: bool = False,
     target: str = typer.Option("none", help="serving target the plan must fit: none | vllm (layer-uniform "
-                                            "routed-expert bits from {4, 8}, rtn/gptq, servable by construction)"),
+                                            "routed-expert bits from {4, 8}, rtn/gptq, servable by construction) | "
+                                            "llamacpp (a ggml type per GGUF tensor, budget --bpw or --size-gb)"),
+    bpw: Optional[float] = typer.Option(None, help="--target llamacpp: bits per weight over the whole GGUF file "
+                                                   "(as llama.cpp reports it)"),
+    size_gb: Optional[float] = typer.Option(None, help="--target llamacpp: GGUF tensor data in GB (1e9 bytes)"),
+    gguf_types: Optional[str] = typer.Option(None, help="--target llamacpp: candidate ggml types (default "
+                                                        "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0; i-quants e.g. IQ2_XS,IQ3_S "
+                                                        "use the importance matrix)"),
     # -- DMPQ (rl) and quantization-aware training ---------------------------------------------
     rl_steps: int = typer.Option(20_000, help="rl: PPO environment steps"),
     reward: str = typer.Option("1,0,0,0", help="rl: w_acc,w_lat,w_mem,w_eng of R = w_acc·ΔAcc − w_lat·L − w_mem·M − "
@@ -259,7 +266,8 @@ def quantize(
                          proxy=True if proxy is None else proxy,
                          fill=fill, act_order=act_order, seed=seed,
                          dtype=dtype, device=device, save_model=save_model, save_format=save_format,
-                         trust_remote_code=trust_remote_code, target=target, rl_steps=rl_steps,
+                         trust_remote_code=trust_remote_code, target=target, bpw=bpw, size_gb=size_gb,
+                         gguf_types=gguf_types, rl_steps=rl_steps,
                          rl_accuracy=rl_accuracy, rl_sensitivity=rl_sensitivity, energy=energy, qat_steps=qat_steps,
                          qat_lr=qat_lr, abits=abits,
                          abits_set=_parse_bits(abits_set, "--abits-set") if abits_set else None,
@@ -296,6 +304,8 @@ def _quantize_pipeline(cfg, out: Path, overwrite: bool, stream: Optional[bool],
 
     if workers < 1:
         _fail(f"--workers must be at least 1, got {workers}")
+    if cfg.target == "llamacpp" and (workers > 1 or ray_address or stream):
+        _fail("--target llamacpp runs in memory; drop --stream / --workers / --ray-address")
     if workers > 1 or ray_address:
         flag = f"--workers {workers}" + (f" --ray-address {ray_address}" if ray_address else "")
         if stream is False:
@@ -315,6 +325,8 @@ def _quantize_pipeline(cfg, out: Path, overwrite: bool, stream: Optional[bool],
                              max_tokens_per_expert=cfg.max_tokens_per_expert)
     path = "streaming layer by layer" if decision.stream else "in memory"
     typer.echo(f"quantizing {path}: {decision.reason}", err=True)
+    if decision.stream and cfg.target == "llamacpp":
+        _fail(f"--target llamacpp runs in memory, and this model would stream ({decision.reason})")
     if decision.stream:
         _fri_streaming_defaults(cfg, fri_defaults)
         return StreamPipeline(cfg, out, overwrite=overwrite, reason=decision.reason)

@@ -86,7 +86,10 @@ class QuantizeConfig:
     save_model: bool = True
     save_format: str = "packed"  # packed (real low-bit, moebits format) | dequantized (16-bit HF checkpoint)
     trust_remote_code: bool = False
-    target: str = "none"  # serving target the plan must fit: none | vllm (export/vllm_rules.py)
+    target: str = "none"  # serving target the plan must fit: none | vllm (export/vllm_rules.py) | llamacpp (gguf/)
+    bpw: float | None = None  # llamacpp: bits per weight over the whole GGUF file
+    size_gb: float | None = None  # llamacpp: GB (1e9 bytes) of the GGUF's tensor data
+    gguf_types: str | None = None  # llamacpp: candidate ggml types, comma-separated (None: gguf.target.DEFAULT_TYPES)
     # DMPQ (rl solver) and quantization-aware training (any method); see dmpq.py and qat.py
     rl_steps: int = 20_000
     reward: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0)  # w_acc, w_lat, w_mem, w_eng
@@ -117,7 +120,7 @@ class QuantizeConfig:
         for k, default in (("bits_set", None), ("ranks", None), ("attn_bits", None), ("attn_rank", 0), ("abits", None),
                            ("abits_set", None), ("abits_budget", None), ("act_clip", 1.0), ("rotate", None),
                            ("rules", None), ("anchors", None), ("predictor", "ridge"), ("proxy", True), ("fill", True),
-                           ("holdout", 0.0)):
+                           ("holdout", 0.0), ("bpw", None), ("size_gb", None), ("gguf_types", None)):
             if d[k] == default:  # likewise for runs made before bt, --attn-bits, ..., --rules, --holdout
                 d.pop(k)
         # one length for both: the spec of runs made before --calib-seqlen / --eval-seqlen existed
@@ -164,6 +167,13 @@ class QuantizeConfig:
         return cls(**d)
 
     def budget_request(self) -> tuple[str, float]:
+        if self.target == "llamacpp":  # a budget over the whole GGUF file (gguf/target.py)
+            from .gguf.target import file_budget
+
+            b = file_budget(self.bpw, self.size_gb)
+            return b.kind, b.value
+        if self.bpw is not None or self.size_gb is not None:
+            raise ValueError("--bpw / --size-gb budget a GGUF file: use them with --target llamacpp")
         if self.wbits is not None:
             if self.method != "uniform":
                 raise ValueError(f"--wbits sets one code width for every unit (method uniform); method "
@@ -254,7 +264,7 @@ class QuantizeConfig:
             return None
         return Choice(self.attn_bits, self.group_size, self.quantizer, rank=self.attn_rank)
 
-TARGETS = ("none", "vllm")
+TARGETS = ("none", "vllm", "llamacpp")
 
 
 def candidate_choices(cfg: QuantizeConfig, shapes: dict | None = None) -> list[Choice]:
@@ -572,6 +582,10 @@ class Pipeline:
     # -- the whole job -------------------------------------------------------------------------
     def execute(self) -> dict:
         cfg = self.cfg
+        if cfg.target == "llamacpp":  # --- serving target (issue 21): a ggml type per GGUF tensor
+            from .gguf.quantize import execute
+
+            return execute(self)
         if self.results.get("done"):
             return self.results
         cfg.check_act_options()
