@@ -193,3 +193,44 @@ def test_fri_predicts_unmeasured_pairs(demo):
     np.testing.assert_array_equal(pred.error[m], full.error[m])
     rho = spearmanr(np.log(pred.error[~m]), np.log(full.error[~m])).statistic
     assert rho > 0.8, rho
+
+
+@pytest.mark.parametrize("method", ["mxmoe", "fri"])
+def test_quantize_then_export_writes_the_plan(tmp_path, text_file, method):
+    """`quantize --target llamacpp` then `export --format gguf`: the file holds the plan's types, its tensor data
+    is the plan's byte count (within the budget), and llama.cpp loads it."""
+    import json
+
+    import gguf
+    from typer.testing import CliRunner
+
+    from moebits.cli import app
+    from moebits.gguf.llamacpp import load as load_llama, logits as llama_logits
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    extra = ["--rules", "60", "--sampler", "stratified"] if method == "fri" else []
+    r = runner.invoke(app, ["quantize", "--model", "tiny:qwen2_moe", "--method", method, "--target", "llamacpp",
+                            "--bpw", "6.0", "--calib", str(text_file), "--eval", str(text_file), "--nsamples", "4",
+                            "--seqlen", "32", "--eval-windows", "2", "--out", str(run), *extra])
+    assert r.exit_code == 0, r.output
+    plan = json.loads((run / "gguf_plan.json").read_text())
+    res = json.loads((run / "results.json").read_text())
+    assert plan["bpw"] <= 6.0 and res["gguf_bpw"] == plan["bpw"] and np.isfinite(res["ppl_q"])
+    table = json.loads((run / "gguf_table.json").read_text())["tensors"]
+    measured = [m for t in table.values() for m in t["measured"]]
+    if method == "fri":  # a rule budget measured, the rest predicted
+        assert 0 < res["rules"] <= res["rule_budget"] and min(measured) < 1
+    else:
+        assert min(measured) == 1.0
+    out = tmp_path / "m.gguf"
+    r = runner.invoke(app, ["export", str(run), "--format", "gguf", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    reader = gguf.GGUFReader(str(out))
+    assert sum(int(t.n_bytes) for t in reader.tensors) == plan["file_bytes"]
+    assert {t.name: t.tensor_type.name for t in reader.tensors} == plan["types"]
+    assert np.isfinite(llama_logits(load_llama(out, n_ctx=32), [1, 2, 3, 4])).all()
+    r = runner.invoke(app, ["quantize", "--model", "tiny:qwen2_moe", "--method", method, "--target", "llamacpp",
+                            "--bpw", "4.0", "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
+                            "--out", str(tmp_path / "r2"), *extra])
+    assert r.exit_code != 0 and "feasible" in r.output and "bpw" in r.output

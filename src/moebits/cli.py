@@ -350,6 +350,10 @@ def _fri_streaming_defaults(cfg, fri_defaults: tuple[bool, bool]) -> None:
 
 
 def _print_results(r: dict, out: Path) -> None:
+    if r.get("target") == "llamacpp":
+        from .gguf.quantize import print_results
+
+        return print_results(r, out)
     t = Table(title=f"moebits quantize -> {out}")
     for c in ("method", "quantizer", "avg bits", "weight MB", "ppl fp", "ppl q", "Δppl %", "seconds"):
         t.add_column(c, justify="right")

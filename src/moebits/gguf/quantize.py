@@ -162,3 +162,20 @@ def _fill(p, tensors, types, effective, cost, imatrix) -> TensorTable:
     table = tensor_table(tensors, types, effective, cost, units_table, layer_errors)
     table.seconds = {"profile": p.results["profile_seconds"]}
     return table
+
+
+def print_results(r: dict, out) -> None:
+    """The CLI's summary of a `--target llamacpp` run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"moebits quantize --target llamacpp -> {out}")
+    for c in ("method", "solver", "GGUF bpw", "tensor MB", "ppl fp", "ppl q", "Δppl %", "seconds"):
+        t.add_column(c, justify="right")
+    secs = sum(r.get(k, 0) for k in ("calibrate_seconds", "imatrix_seconds", "profile_seconds", "allocate_seconds",
+                                     "quantize_seconds", "eval_seconds"))
+    t.add_row(r["method"], str(r["solver"]), f"{r['gguf_bpw']:.4f}", f"{r['gguf_tensor_bytes'] / 1e6:.3f}",
+              f"{r['ppl_fp']:.3f}", f"{r['ppl_q']:.3f}", f"{100 * (r['ppl_q'] / r['ppl_fp'] - 1):+.2f}", f"{secs:.1f}")
+    Console().print(t)
+    Console().print(f"types of the allocated tensors: {r['gguf_types']}; plan: {out}/{r['gguf_plan']} "
+                    f"(write it with `moebits export {out} --format gguf --out FILE.gguf`)")
