@@ -36,6 +36,7 @@ NOT_YET = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3"}
 # llama.cpp's graphs hard-code whether the top-k routing weights are renormalised (build_moe_ffn's norm_w):
 # models/qwen2moe.cpp and olmoe.cpp do not, qwen3moe.cpp does (llama/Mixtral: softmax over the top k, always)
 ROUTING_NORM = {"qwen2_moe": False, "olmoe": False, "qwen3_moe": True}
+OUTPUT_REQUIRED = ("qwen2_moe", "olmoe")  # llama.cpp loads no output-less (tied) model of these families
 EXPERT_ROLES = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
 SHARED_ROLES = {"gate": "ffn_gate_shexp", "up": "ffn_up_shexp", "down": "ffn_down_shexp"}
 
@@ -176,6 +177,11 @@ class GGUFModel:
                 kv = int(getattr(self.config, "num_key_value_heads", heads) or heads)
                 permute = ("permute", heads if ".attn_q." in name else kv)
             out.append(self._add(name, hf_name, tuple(p.shape), permute))
+        if tied and self.model_type in OUTPUT_REQUIRED and "output.weight" not in {t.name for t in out}:
+            # llama.cpp's qwen2moe and olmoe graphs require an output matrix (no fallback to token_embd, unlike
+            # llama/qwen3moe): a tied model gets the embedding written a second time as `output.weight`
+            emb = next(t for t in out if t.name == "token_embd.weight")
+            out.append(self._add("output.weight", emb.hf_name, emb.shape, None))
         names = [t.name for t in out]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

@@ -149,8 +149,8 @@ def collect_imatrix(model, windows: torch.Tensor, batch_size: int = 8, adapter=N
 
     def add_rows(name: str, mat: int, n_mat: int, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        if x.shape[0]:
-            im.add(name, mat, n_mat, (x * x).sum(0, dtype=torch.float64).cpu().numpy(), x.shape[0])
+        if x.shape[0]:  # a batch's sums in float32 (llama-imatrix accumulates in float), the running sum in float64
+            im.add(name, mat, n_mat, x.square().sum(0).cpu().numpy(), x.shape[0])
 
     def on_linear(module_name: str, x: torch.Tensor) -> None:
         add_rows(targets[module_name][1], 0, 1, x)
@@ -161,13 +161,16 @@ def collect_imatrix(model, windows: torch.Tensor, batch_size: int = 8, adapter=N
         x = b.hidden.float()
         flat = b.top_k_index.reshape(-1)
         tok = torch.arange(x.shape[0], device=x.device).repeat_interleave(b.top_k_index.shape[1])
-        for e in torch.unique(flat).tolist():
-            if e >= E:
-                continue
-            xe = x[tok[flat == e]]
-            add_rows(names["gate"][b.layer], e, E, xe)
-            add_rows(names["up"][b.layer], e, E, xe)
-            add_rows(names["down"][b.layer], e, E, adapter.expert_intermediate(b.layer, e, xe))
+        keep = flat < E  # (padding slots of some routers point past the last expert)
+        flat, tok = flat[keep], tok[keep]
+        # gate/up: every expert's sums in one scatter; counts = routed tokens per expert
+        sq = torch.zeros(E, x.shape[1], device=x.device).index_add_(0, flat, x.square()[tok]).double().cpu().numpy()
+        n = torch.bincount(flat, minlength=E).cpu().numpy()
+        for kind in ("gate", "up"):
+            for e in np.flatnonzero(n):
+                im.add(names[kind][b.layer], int(e), E, sq[e], int(n[e]))
+        for e in np.flatnonzero(n).tolist():  # down: the intermediate of each expert's own tokens
+            add_rows(names["down"][b.layer], e, E, adapter.expert_intermediate(b.layer, e, x[tok[flat == e]]))
 
     model.eval()
     device = next(model.parameters()).device

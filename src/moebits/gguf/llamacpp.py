@@ -36,11 +36,14 @@ def _llama_cpp():
     return llama_cpp
 
 
-def load(path: str | Path, n_ctx: int = 512, n_threads: int | None = None, logits_all: bool = True):
-    """A llama_cpp.Llama on `path` (quiet), for logits of every position."""
+def load(path: str | Path, n_ctx: int = 512, n_threads: int | None = None, logits_all: bool = True,
+         kv_cache: str = "F16"):
+    """A llama_cpp.Llama on `path` (quiet), for logits of every position. `kv_cache`: the K/V cache type
+    (F16: llama.cpp's default, what users run; F32: no rounding of keys and values)."""
     llama_cpp = _llama_cpp()
+    kv = ggml.type_id(kv_cache)
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
-                           n_threads=n_threads or ggml.default_threads(), verbose=False, seed=0)
+                           n_threads=n_threads or ggml.default_threads(), verbose=False, seed=0, type_k=kv, type_v=kv)
 
 
 def logits(llm, tokens) -> np.ndarray:
@@ -53,13 +56,14 @@ def logits(llm, tokens) -> np.ndarray:
     return np.array(llm.scores[: len(toks)], dtype=np.float32)
 
 
-def perplexity(path_or_llm, token_ids, seqlen: int, max_windows: int | None = None) -> dict:
+def perplexity(path_or_llm, token_ids, seqlen: int, max_windows: int | None = None, kv_cache: str = "F16") -> dict:
     """Perplexity of a GGUF on `token_ids` (1-D) in moebits' convention (see the module docstring)."""
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
     n_windows = ids.size // seqlen if max_windows is None else min(ids.size // seqlen, max_windows)
     if n_windows == 0:
         raise ValueError(f"{ids.size} tokens, fewer than one window of {seqlen}")
-    llm = load(path_or_llm, n_ctx=seqlen) if isinstance(path_or_llm, (str, Path)) else path_or_llm
+    own = isinstance(path_or_llm, (str, Path))
+    llm = load(path_or_llm, n_ctx=seqlen, kv_cache=kv_cache) if own else path_or_llm
     nll, count = 0.0, 0
     for w in range(n_windows):
         win = ids[w * seqlen:(w + 1) * seqlen]
@@ -68,6 +72,8 @@ def perplexity(path_or_llm, token_ids, seqlen: int, max_windows: int | None = No
         logz = (m + np.log(np.exp(lg - m).sum(axis=1, keepdims=True))).reshape(-1)
         nll += float((logz - lg[np.arange(seqlen - 1), win[1:]]).sum())
         count += seqlen - 1
+    if own:
+        llm.close()
     mean = nll / count
     return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "windows": n_windows, "seqlen": seqlen}
 
