@@ -37,11 +37,12 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, weight: PackedGroupedWeight, s
 def packed_experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                            gate_up: PackedGroupedWeight, down: PackedGroupedWeight,
                            act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
-                           transform: RowTransform | None = None) -> torch.Tensor:
+                           transform: RowTransform | None = None, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
     """`x [T, H]` -> `[T, H]`: `sum_k w_k * down_e(act(gate_e(x)) * up_e(x))` over each token's top-k experts.
 
     `gate_up` holds `[E, 2I, H]` (gate = rows `:I`, up = rows `I:`, as transformers 5 fuses them),
-    `down` holds `[E, H, I]`. Expert ids outside `[0, E)` (padding) contribute nothing.
+    `down` holds `[E, H, I]`. Expert ids outside `[0, E)` (padding) contribute nothing. `block_n`,
+    `block_k`: the kernel's output and reduction tile sizes.
     """
     from .triton_grouped import packed_grouped_matmul
 
@@ -65,7 +66,7 @@ def packed_experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     if transform is not None:
         xg, xu = transform("gate", xs, expert), transform("up", xs, expert)
         xs, alt_col = (xg, None) if xg is xu else (torch.stack([xg, xu]), inter)
-    h = packed_grouped_matmul(xs, gate_up, r.start, r.count, max_tokens, alt_col=alt_col)
+    h = packed_grouped_matmul(xs, gate_up, r.start, r.count, max_tokens, block_n, block_k, alt_col=alt_col)
     if gate_up.lowrank:
         if alt_col is None:
             add_lowrank(h, xs, gate_up, starts, counts)
@@ -75,7 +76,7 @@ def packed_experts_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     a = act(h[:, :inter]) * h[:, inter:]
     if transform is not None:
         a = transform("down", a, expert)
-    o = packed_grouped_matmul(a, down, r.start, r.count, max_tokens)
+    o = packed_grouped_matmul(a, down, r.start, r.count, max_tokens, block_n, block_k)
     if down.lowrank:
         add_lowrank(o, a, down, starts, counts)
     kept = valid.reshape(-1)[r.order]
