@@ -51,9 +51,9 @@ run_step env 60
 if [[ " ${FAILED[*]:-} " == *" env "* ]]; then
   say "the environment check failed: no point in timing anything (see above)"
 else
-  run_step correct 120
-  run_step layer 140
-  run_step decode 150
+  run_step correct 150
+  run_step layer 130
+  run_step decode 140
 fi
 "$PYTHON" benchmarks/gpu_check.py report --out "$OUT" $SMOKE 2>&1 | tee -a "$LOG"
 if (( ${#FAILED[@]} )); then

@@ -229,8 +229,8 @@ def test_padding_ids_contribute_nothing_and_synced_grid(monkeypatch):
 
 
 def test_bf16_activations():
-    """bf16 activations: the weights are rounded to bf16 and multiplied with an fp32 accumulator
-    (under the interpreter, whose bf16 dot is broken, the same bf16 values are multiplied in fp32)."""
+    """bf16 activations: weights rounded to bf16, fp32 accumulator, bf16 result (under the interpreter,
+    whose bf16 dot and rounding are wrong, in fp32 with the result rounded by torch)."""
     w, ref = make_weight([[3], [4, 2]], out=32, k=96, group_size=32, seed=9)
     x, start, count = routed([4, 7], 96, seed=9)
     xb = x.bfloat16()

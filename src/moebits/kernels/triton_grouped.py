@@ -32,7 +32,7 @@ def _packed_grouped_matmul(
     x_ptr, y_ptr, codes_ptr, scales_ptr, zeros_ptr, tile_seg_ptr, tile_n0_ptr, tok_start_ptr, tok_count_ptr,
     K, row_stride, G, group_size, ldx, ldy, plane_stride, alt_col,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, GROUP_ALIGNED: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -81,10 +81,7 @@ def _packed_grouped_matmul(
                     scale = tl.load(scales_ptr + meta, mask=w_mask, other=0.0).to(tl.float32)
                     zero = tl.load(zeros_ptr + meta, mask=w_mask, other=0.0).to(tl.float32)
                 w = ((q.to(tl.float32) - zero) * scale).to(x.dtype)  # [BLOCK_N, BLOCK_K]
-            if UPCAST_DOT:  # the interpreter's dot mishandles bf16: the same bf16 values, multiplied in fp32
-                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
         y_ptrs = y_ptr + tok[:, None] * ldy + (col0 + offs_n)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -122,6 +119,11 @@ def packed_grouped_matmul(x_sorted: torch.Tensor, weight: PackedGroupedWeight, t
             x_sorted.shape[0] != 2 or alt_col is None)):
         raise ValueError(f"x must be [N, {weight.in_features}] (or [2, N, {weight.in_features}] with alt_col), "
                          f"got {tuple(x_sorted.shape)}")
+    if x_sorted.dtype == torch.bfloat16 and not x_sorted.is_cuda:
+        # Triton's interpreter multiplies bf16 wrongly and rounds to bf16 by truncation: there, bf16 runs in
+        # fp32 (weights not rounded to bf16) and the result is rounded by torch
+        y = packed_grouped_matmul(x_sorted.float(), weight, tok_start, tok_count, max_tokens, block_n, block_k, alt_col)
+        return y.to(torch.bfloat16)
     x_sorted = x_sorted.contiguous()
     n = x_sorted.shape[-2]
     y = torch.empty(n, weight.out_features, dtype=x_sorted.dtype, device=x_sorted.device)
@@ -148,6 +150,6 @@ def packed_grouped_matmul(x_sorted: torch.Tensor, weight: PackedGroupedWeight, t
             s.groups(weight.in_features), group, x_sorted.stride(-2), y.stride(0), plane_stride,
             weight.out_features if alt_col is None else alt_col,
             BITS=s.bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=precision,
-            GROUP_ALIGNED=group % block_k == 0, UPCAST_DOT=interpreted() and x_sorted.dtype == torch.bfloat16,
+            GROUP_ALIGNED=group % block_k == 0,
         )
     return y
