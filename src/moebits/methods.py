@@ -127,9 +127,10 @@ def fill_fri(run: "Pipeline", choices: list[Choice]) -> SensitivityTable:
     if cfg.sampler == "adaptive":
         table = run.new_table(choices)
 
-        def measure(pairs):
-            for j in sorted({c for _, c in pairs}):
-                run.measure([run.units[u] for u, c in pairs if c == j], [choices[j]], table=table)
+        def measure(pairs):  # one call per round: its GPTQ is batched over all the round's pairs
+            run.measure([], choices, table=table,
+                        pairs=[(run.units[u], choices[j]) for j in sorted({c for _, c in pairs})
+                               for u, c in pairs if c == j])
 
         budget = run.budget(choices, table.frequency)
         res = run.timed("adaptive_seconds", lambda: adaptive_fill(

@@ -415,23 +415,54 @@ class Pipeline:
         return new_table(self.adapter, choices, self.calib.stats)
 
     def measure(self, units: list[Unit], choices: list[Choice], whole_expert: bool = False,
-                table: SensitivityTable | None = None) -> SensitivityTable:
-        """Profile `units` x `choices` with the run's metric into `table` (a new one if None: other
-        entries unknown); `whole_expert`: BT-MoE's joint perturbation of all blocks of an expert (see
-        profile.py). Seconds add up in `results["profile_seconds"]` over calls."""
+                table: SensitivityTable | None = None,
+                pairs: list[tuple[Unit, Choice]] | None = None) -> SensitivityTable:
+        """Profile `units` x `choices` (or exactly the (unit, choice) `pairs`) with the run's metric into
+        `table` (a new one if None: other entries unknown); `whole_expert`: BT-MoE's joint perturbation
+        of all blocks of an expert (see profile.py). Seconds add up in `results["profile_seconds"]`
+        over calls; with the expert metric, calls share one `ExpertProfiler` (its reference forwards and
+        prepared Hessians), so an adaptive sampler's rounds do not redo them."""
         from .profile import profile
 
         cfg = self.cfg
         stats = self.calib.stats
         table = self.new_table(choices) if table is None else table
         before = self.results.get("profile_seconds", 0.0)
-        table = self.timed("profile_seconds", lambda: profile(
-            self.adapter, cfg.metric, units, choices, stats, self.calib.profile_inputs(), windows=self.windows,
-            act_order=cfg.act_order, table=table, progress=self.progress, whole_expert=whole_expert,
-            **({"act_clip": cfg.act_clip} if cfg.act_clip != 1.0 else {})))
-        self.results["profile_seconds"] = round(before + self.results["profile_seconds"], 4)
-        self.results["profiled_units"] = self.results.get("profiled_units", 0) + len(units)
+        inputs = self._profile_inputs()
+        kw = {"act_clip": cfg.act_clip} if cfg.act_clip != 1.0 else {}
+        t0 = time.perf_counter()
+        if cfg.metric == "expert" and not whole_expert:
+            profiler = self._expert_profiler(inputs)
+            todo = pairs if pairs is not None else [(u, c) for u in units for c in choices]
+            profiler.measure(todo, table, self.progress)
+        elif pairs is not None:
+            for c in dict.fromkeys(c for _, c in pairs):
+                table = profile(self.adapter, cfg.metric, [u for u, pc in pairs if pc == c], [c], stats, inputs,
+                                windows=self.windows, act_order=cfg.act_order, table=table, progress=self.progress,
+                                whole_expert=whole_expert, **kw)
+        else:
+            table = profile(self.adapter, cfg.metric, units, choices, stats, inputs, windows=self.windows,
+                            act_order=cfg.act_order, table=table, progress=self.progress, whole_expert=whole_expert,
+                            **kw)
+        self.results["profile_seconds"] = round(before + time.perf_counter() - t0, 4)
+        n = len({u for u, _ in pairs}) if pairs is not None else len(units)
+        self.results["profiled_units"] = self.results.get("profiled_units", 0) + n
         return table
+
+    def _profile_inputs(self):
+        """`calib.profile_inputs()`, made once per calibration (under --holdout it builds new tensors)."""
+        cached = getattr(self, "_profile_inputs_of", None)
+        if cached is None or cached[0] is not self.calib:
+            cached = self._profile_inputs_of = (self.calib, self.calib.profile_inputs())
+        return cached[1]
+
+    def _expert_profiler(self, inputs):
+        from .expert_profiler import ExpertProfiler
+
+        prof = getattr(self, "_profiler", None)
+        if prof is None or prof.inputs is not inputs:
+            prof = self._profiler = ExpertProfiler(self.adapter, inputs, self.cfg.act_order, self.cfg.act_clip)
+        return prof
 
     def fill_table(self, choices: list[Choice]) -> SensitivityTable:
         """The method's sensitivity table, saved as table.csv when it holds measurements."""

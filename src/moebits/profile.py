@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .apply import layer_hessians
 from .calibrate import ExpertInputs
+from .expert_profiler import ExpertProfiler
 from .models.act_quant import act_quantizer
 from .models.adapter import MoEAdapter
 from .quant import quantize_weight
@@ -46,14 +47,6 @@ from .table import SensitivityTable
 from .units import KINDS, Choice, Unit
 
 METRICS = ("expert", "layer")
-
-
-def _groups(units: list[Unit]):
-    """(layer, kind, is_shared) -> units: units quantized together in one batched call per choice."""
-    g: dict[tuple, list[Unit]] = defaultdict(list)
-    for u in units:
-        g[(u.layer, u.kind, u.is_shared)].append(u)
-    return g
 
 
 def _act_quant(choice: Choice, kinds, clip: float) -> dict | None:
@@ -73,45 +66,20 @@ def _quantize_batch(adapter: MoEAdapter, members: list[Unit], choice: Choice, H:
     return quantize_weight(w, choice, hessian=h, act_order=act_order)
 
 
-@torch.no_grad()
 def profile_expert(adapter: MoEAdapter, units: list[Unit], choices: list[Choice], stats: CalibrationStats,
                    inputs: dict[tuple[int, int | str], ExpertInputs], act_order: bool = False,
-                   table: SensitivityTable | None = None, progress: bool = True, act_clip: float = 1.0) -> SensitivityTable:
-    """Expert-local metric for `units` x `choices`, written into `table` (a new one if None)."""
+                   table: SensitivityTable | None = None, progress: bool = True, act_clip: float = 1.0,
+                   profiler: ExpertProfiler | None = None) -> SensitivityTable:
+    """Expert-local metric for `units` x `choices`, written into `table` (a new one if None). The work
+    is `ExpertProfiler`'s (expert_profiler.py); pass one `profiler` to calls that should share its
+    caches (the adaptive sampler's rounds)."""
     table = table or new_table(adapter, choices, stats)
-    groups = _groups(units)
-    needs_h = any(c.quantizer == "gptq" for c in choices)
-    bar = tqdm(total=len(units) * len(choices), desc="profile (expert)", disable=not progress, leave=False)
-    H_cache: dict[int, dict] = {}
-    ref_cache: dict[tuple, torch.Tensor] = {}
-    for (layer, kind, _), members in groups.items():
-        if needs_h and layer not in H_cache:
-            H_cache = {layer: layer_hessians(adapter, layer, inputs, sorted({u.expert for u in units if u.layer == layer},
-                                                                              key=str))}
-        H = H_cache.get(layer, {})
-        wq_by_weight: dict[Choice, tuple] = {}  # choices differing only in act bits share the weights
-        for choice in choices:
-            t0 = time.perf_counter()
-            if choice.weight_choice not in wq_by_weight:
-                wq_by_weight[choice.weight_choice] = (_quantize_batch(adapter, members, choice, H, act_order),
-                                                      (time.perf_counter() - t0) / len(members))
-            wq, t_quant = wq_by_weight[choice.weight_choice]  # batched: each member pays its share
-            for u, q in zip(members, wq):
-                t1 = time.perf_counter()
-                inp = inputs[(u.layer, u.expert)]
-                x = inp.x.to(q.dtype)
-                key = (u.layer, u.expert)
-                if key not in ref_cache:  # unquantized output, once per expert (cache holds one layer)
-                    if any(k[0] != u.layer for k in ref_cache):
-                        ref_cache.clear()
-                    ref_cache[key] = adapter.expert_forward(u.layer, u.expert, x)
-                y_q = adapter.expert_forward(u.layer, u.expert, x, {u.kind: q},
-                                             act_quant=_act_quant(choice, (u.kind,), act_clip))
-                d = (y_q - ref_cache[key]).double() * inp.g.double()[:, None]
-                err = (d * d).sum().item() / x.shape[0]
-                table.set(u, choice, err, seconds=t_quant + time.perf_counter() - t1, measured=True)
-                bar.update()
-    bar.close()
+    if profiler is None:
+        profiler = ExpertProfiler(adapter, inputs, act_order, act_clip)
+    elif (profiler.inputs is not inputs or profiler.act_order != act_order or profiler.act_clip != act_clip
+          or profiler.adapter is not adapter):
+        raise ValueError("the profiler was made for other inputs or options than this call's")
+    profiler.measure([(u, c) for u in units for c in choices], table, progress)
     return table
 
 

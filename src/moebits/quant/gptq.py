@@ -9,6 +9,8 @@ from the original weights ("static groups"), so the stored layout stays plain g1
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .qweight import QuantizedWeight
@@ -21,23 +23,86 @@ def hessian_from_inputs(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-1, -2) @ x / max(1, x.shape[-2])
 
 
+@dataclass
+class PreparedHessian:
+    """What GPTQ derives from a Hessian alone, independent of the weight and the bit-width: the upper
+    Cholesky factor of the damped inverse, the dead inputs, and with act_order the column order. The
+    profiler prepares each expert's Hessian once and quantizes every block that reads it (gate and up
+    share one) at every bit-width with it; `quantize_gptq` prepares and runs in one call."""
+    hinv: torch.Tensor  # [B, K, K] upper Cholesky factor of (H + damp)^-1, permuted with act_order
+    dead: torch.Tensor  # [B, K] bool: inputs that were always zero (their weights are zeroed)
+    perm: torch.Tensor | None = None  # [B, K] column order (decreasing H_ii) with act_order
+
+    def __getitem__(self, index) -> "PreparedHessian":
+        """The batch elements `index` (a list or LongTensor of element indices)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return PreparedHessian(self.hinv[index], self.dead[index], None if self.perm is None else self.perm[index])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.hinv, self.dead, self.perm) if t is not None)
+
+    @staticmethod
+    def cat(parts: list["PreparedHessian"]) -> "PreparedHessian":
+        perms = [p.perm for p in parts]
+        return PreparedHessian(torch.cat([p.hinv for p in parts]), torch.cat([p.dead for p in parts]),
+                               None if perms[0] is None else torch.cat(perms))
+
+
+@torch.no_grad()
+def prepare_hessian(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> PreparedHessian:
+    """`hessian [K, K]` or `[B, K, K]` -> `PreparedHessian` (batched)."""
+    H = (hessian[None] if hessian.dim() == 2 else hessian).float().clone()  # [B, K, K]
+    K = H.shape[-1]
+    eye = torch.eye(K, dtype=H.dtype)
+    diag = torch.diagonal(H, dim1=1, dim2=2)  # [B, K]
+    dead = diag == 0  # inputs that were always zero: their weights do not matter
+    H = H + torch.diag_embed(dead.float())
+    perm = None
+    if act_order:
+        B = H.shape[0]
+        perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=1, descending=True)  # [B, K]
+        H = H.gather(1, perm[:, :, None].expand(B, K, K)).gather(2, perm[:, None, :].expand(B, K, K))
+    mean_diag = torch.diagonal(H, dim1=1, dim2=2).mean(dim=1)  # [B]
+    H = H + damp * mean_diag[:, None, None] * eye
+    L = torch.linalg.cholesky(H)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper Cholesky of H^-1
+    return PreparedHessian(hinv, dead, perm)
+
+
 @torch.no_grad()
 def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int = 128, damp: float = 0.01,
                   act_order: bool = False, return_codes: bool = False) -> torch.Tensor | QuantizedWeight:
     """Dequantized GPTQ weight, same shape and dtype as `w` (`[out, in]` or `[B, out, in]`); or, with
     `return_codes`, what is stored (codes, scale and integer zero per group)."""
     squeeze = w.dim() == 2
-    W = (w[None] if squeeze else w).float().clone()  # [B, R, K]
-    H = (hessian[None] if hessian.dim() == 2 else hessian).float().clone()  # [B, K, K]
+    W = w[None] if squeeze else w
+    H = hessian[None] if hessian.dim() == 2 else hessian
     B, R, K = W.shape
     if H.shape != (B, K, K):
         raise ValueError(f"hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}")
-    g = K if group_size <= 0 else group_size
-    eye = torch.eye(K, dtype=H.dtype)
+    out = quantize_gptq_prepared(W, prepare_hessian(H, damp, act_order), bits, group_size, return_codes)
+    return out[0] if squeeze else out
 
-    diag = torch.diagonal(H, dim1=1, dim2=2)  # [B, K]
-    dead = diag == 0  # inputs that were always zero: their weights do not matter
-    H = H + torch.diag_embed(dead.float())
+
+@torch.no_grad()
+def quantize_gptq_prepared(w: torch.Tensor, prepared: PreparedHessian, bits: int | torch.Tensor,
+                           group_size: int = 128, return_codes: bool = False) -> torch.Tensor | QuantizedWeight:
+    """GPTQ of `w [B, R, K]` with prepared Hessians (`prepare_hessian`, one per batch element). `bits`:
+    an int, or a `[B, R]` tensor giving each row its own bit-width (rows never interact in GPTQ, so a
+    row's result is the same as in a call at its width alone; `return_codes` needs an int)."""
+    W = w.float().clone()  # [B, R, K]
+    B, R, K = W.shape
+    Hinv, dead, perm = prepared.hinv, prepared.dead, prepared.perm
+    act_order = perm is not None
+    if Hinv.shape != (B, K, K):
+        raise ValueError(f"prepared hessian shape {tuple(Hinv.shape)} does not match weight {tuple(W.shape)}")
+    per_row = torch.is_tensor(bits)
+    if per_row:
+        if return_codes:
+            raise ValueError("return_codes needs one bit-width for the whole batch")
+        bits = bits.to(torch.float32).expand(B, R)
+    g = K if group_size <= 0 else group_size
     W = W.masked_fill(dead[:, None, :], 0.0)
 
     G = -(-K // g)
@@ -47,16 +112,9 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         # act_order: fix the (unpermuted) groups' parameters first ("static groups"), then visit
         # columns by decreasing H_ii. Per-channel: one set of parameters from the whole row, as the
         # reference does (not one per 128-column block, which would be g128 storage).
-        group_scale, group_zero = minmax_params(group_view(W, g), bits)  # [B, R, G]
+        group_scale, group_zero = minmax_params(group_view(W, g), bits[..., None] if per_row else bits)  # [B, R, G]
     if act_order:
-        perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=1, descending=True)  # [B, K]
         W = W.gather(2, perm[:, None, :].expand(B, R, K))
-        H = H.gather(1, perm[:, :, None].expand(B, K, K)).gather(2, perm[:, None, :].expand(B, K, K))
-
-    mean_diag = torch.diagonal(H, dim1=1, dim2=2).mean(dim=1)  # [B]
-    H = H + damp * mean_diag[:, None, None] * eye
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper Cholesky of H^-1
 
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
@@ -90,7 +148,5 @@ def quantize_gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         inv = torch.argsort(perm, dim=1)[:, None, :].expand(B, R, K)
         Q, codes = Q.gather(2, inv), codes.gather(2, inv)
     if return_codes:
-        qw = QuantizedWeight(bits, group_size, codes.to(torch.uint8), group_scale.half(), group_zero.half())
-        return qw[0] if squeeze else qw
-    Q = Q.to(w.dtype)
-    return Q[0] if squeeze else Q
+        return QuantizedWeight(bits, group_size, codes.to(torch.uint8), group_scale.half(), group_zero.half())
+    return Q.to(w.dtype)

@@ -11,6 +11,18 @@ import torch
 from .qweight import QuantizedWeight
 
 
+def _qmax(bits: int | torch.Tensor) -> int | torch.Tensor:
+    """2^bits - 1; `bits` an int, or a float tensor broadcastable to the values (one width per row: the
+    batched profiler quantizes rows of several bit-widths in one call, with the same results)."""
+    return 2.0 ** bits - 1 if torch.is_tensor(bits) else 2 ** bits - 1
+
+
+def _clamp_grid(x: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
+    if torch.is_tensor(bits):
+        return torch.minimum(x.clamp(min=0), _qmax(bits))
+    return x.clamp(0, 2 ** bits - 1)
+
+
 def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """`[..., out, in] -> [..., out, G, g]`; a partial last group is padded by repeating its last
     column, which leaves that group's min and max (hence its scale and zero) unchanged."""
@@ -31,7 +43,7 @@ def minmax_params(w_groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     all-zero group gets the range [-1, 1] instead of a zero scale (a division by zero, NaN). A
     constant group `c != 0` uses scale |c| (codes 0 and 1), so it is reproduced exactly whenever
     `c` is an fp16 value (the general scale |c| / qmax would be rounded through fp16)."""
-    qmax = 2 ** bits - 1
+    qmax = _qmax(bits)
     lo = w_groups.amin(dim=-1)
     hi = w_groups.amax(dim=-1)
     constant = lo == hi
@@ -46,13 +58,13 @@ def minmax_params(w_groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
         bad = ~torch.isfinite(scale)
         raise FloatingPointError(f"{int(bad.sum())} group(s) span a range fp16 scales cannot hold "
                                  f"(e.g. [{lo[bad][0].item():.3g}, {hi[bad][0].item():.3g}])")
-    zero = torch.round(-lo / scale).clamp(0, qmax)
+    zero = _clamp_grid(torch.round(-lo / scale), bits)
     return scale, zero
 
 
 def round_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """The integer code of each value (as float): clamp(round(x / scale) + zero, 0, 2^bits - 1)."""
-    return torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
+    return _clamp_grid(torch.round(x / scale) + zero, bits)
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,218 @@
+"""Issue 25: the faster profiler gives the numbers the old one gave, bit for bit.
+
+The references below are the code as it was before the speed work (GPTQ's one-shot function and the
+per-(layer, kind, choice) profiling loop over full `expert_forward`s), kept here verbatim so that any
+later change to the fast path is checked against the same independent computation."""
+import numpy as np
+import pytest
+import torch
+
+from moebits.calibrate import calibrate
+from moebits.data import random_windows
+from moebits.expert_profiler import ExpertProfiler, hessian_input
+from moebits.models import MoEAdapter, tiny_model
+from moebits.models.act_quant import act_quantizer
+from moebits.profile import new_table, profile
+from moebits.quant import quantize_weight
+from moebits.quant.gptq import prepare_hessian, quantize_gptq, quantize_gptq_prepared
+from moebits.quant.rtn import group_view
+from moebits.table import SensitivityTable
+from moebits.units import Choice, Unit
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Both sides run with the same settings; one thread keeps these tests fast on a loaded 2-core machine
+    (two intra-op threads stall on each other there)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- the old GPTQ, verbatim ----------------------------------------------------------------------
+def _minmax_ref(w_groups, bits):
+    qmax = 2 ** bits - 1
+    lo, hi = w_groups.amin(dim=-1), w_groups.amax(dim=-1)
+    constant = lo == hi
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    zero_group = (lo == 0) & (hi == 0)
+    lo, hi = torch.where(zero_group, -1.0, lo), torch.where(zero_group, 1.0, hi)
+    scale = torch.where(constant & ~zero_group, hi - lo, (hi - lo) / qmax)
+    scale = scale.clamp(min=2.0 ** -24).half().float()
+    return scale, torch.round(-lo / scale).clamp(0, qmax)
+
+
+def gptq_reference(w, hessian, bits, group_size=128, damp=0.01, act_order=False):
+    squeeze = w.dim() == 2
+    W = (w[None] if squeeze else w).float().clone()
+    H = (hessian[None] if hessian.dim() == 2 else hessian).float().clone()
+    B, R, K = W.shape
+    g = K if group_size <= 0 else group_size
+    eye = torch.eye(K, dtype=H.dtype)
+    diag = torch.diagonal(H, dim1=1, dim2=2)
+    dead = diag == 0
+    H = H + torch.diag_embed(dead.float())
+    W = W.masked_fill(dead[:, None, :], 0.0)
+    G = -(-K // g)
+    group_scale, group_zero = torch.zeros(B, R, G), torch.zeros(B, R, G)
+    if act_order or group_size <= 0:
+        group_scale, group_zero = _minmax_ref(group_view(W, g), bits)
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=1, descending=True)
+        W = W.gather(2, perm[:, None, :].expand(B, R, K))
+        H = H.gather(1, perm[:, :, None].expand(B, K, K)).gather(2, perm[:, None, :].expand(B, K, K))
+    mean_diag = torch.diagonal(H, dim1=1, dim2=2).mean(dim=1)
+    H = H + damp * mean_diag[:, None, None] * eye
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    Q = torch.zeros_like(W)
+    block = g if group_size > 0 else 128
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1 = W[:, :, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        if group_size <= 0 and not act_order:
+            scale, zero = group_scale[..., 0], group_zero[..., 0]
+        elif not act_order:
+            scale, zero = _minmax_ref(W1, bits)
+        for i in range(i2 - i1):
+            col = W1[:, :, i]
+            if act_order:
+                gi = (perm[:, i1 + i] // g)[:, None, None].expand(B, R, 1)
+                scale, zero = group_scale.gather(2, gi)[..., 0], group_zero.gather(2, gi)[..., 0]
+            c = torch.clamp(torch.round(col / scale) + zero, 0, 2 ** bits - 1)
+            q = (c - zero) * scale
+            Q[:, :, i1 + i] = q
+            err = (col - q) / Hinv1[:, i, i][:, None]
+            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, i, i:][:, None, :]
+            Err1[:, :, i] = err
+        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+    if act_order:
+        Q = Q.gather(2, torch.argsort(perm, dim=1)[:, None, :].expand(B, R, K))
+    Q = Q.to(w.dtype)
+    return Q[0] if squeeze else Q
+
+
+# ---- the old profiling loop, verbatim (full expert forwards, one batch per layer/kind/choice) -----
+def profile_reference(adapter, units, choices, inputs, act_order=False, act_clip=1.0):
+    out = {}
+    groups = {}
+    for u in units:
+        groups.setdefault((u.layer, u.kind, u.is_shared), []).append(u)
+    for (layer, kind, _), members in groups.items():
+        for choice in choices:
+            wc = choice.weight_choice
+            w = torch.stack([adapter.weight(u) for u in members])
+            h = None
+            if wc.quantizer == "gptq" and not wc.is_fp:
+                key = "h_down" if kind == "down" else "h_in"
+                h = torch.stack([getattr(inputs[(u.layer, u.expert)], key) for u in members])
+            wq = quantize_weight(w, wc, hessian=h, act_order=act_order)
+            for u, q in zip(members, wq):
+                inp = inputs[(u.layer, u.expert)]
+                x = inp.x.to(q.dtype)
+                ref = adapter.expert_forward(u.layer, u.expert, x)
+                act = {u.kind: act_quantizer(choice.act_bits, act_clip)} if choice.quantizes_acts else None
+                y_q = adapter.expert_forward(u.layer, u.expert, x, {u.kind: q}, act_quant=act)
+                d = (y_q - ref).double() * inp.g.double()[:, None]
+                out[(u, choice)] = (d * d).sum().item() / x.shape[0]
+    return out
+
+
+def _calibrated(arch, windows=6, seqlen=48, seed=1):
+    ad = MoEAdapter(tiny_model(arch))
+    win = random_windows(torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(seed)), windows, seqlen)
+    return ad, calibrate(ad, win, progress=False)
+
+
+CHOICES = [Choice(b, 32, "gptq") for b in (2, 3, 4, 8)] + [Choice(16, 32, "gptq"), Choice(3, 32, "rtn"),
+                                                          Choice(4, 32, "gptq", act_bits=8)]
+
+
+@pytest.mark.parametrize("shape,group_size,act_order", [((3, 24, 128), 32, False), ((2, 16, 96), 32, True),
+                                                        ((2, 8, 70), 32, False), ((2, 8, 64), -1, True),
+                                                        ((2, 8, 64), -1, False)])
+def test_gptq_equals_the_old_gptq_bit_for_bit_also_with_bits_per_row(shape, group_size, act_order):
+    g = torch.Generator().manual_seed(0)
+    B, R, K = shape
+    w = torch.randn(B, R, K, generator=g)
+    x = torch.randn(B, 200, K, generator=g)
+    x[:, :, 5] = 0  # a dead input
+    h = x.transpose(1, 2) @ x / 200
+    refs = {b: gptq_reference(w, h, b, group_size, act_order=act_order) for b in (2, 3, 4, 8)}
+    for b, ref in refs.items():
+        assert torch.equal(quantize_gptq(w, h, b, group_size, act_order=act_order), ref)
+    row_bits = torch.tensor([2, 3, 4, 8])[torch.randint(0, 4, (B, R), generator=g)]
+    mixed = quantize_gptq_prepared(w, prepare_hessian(h, act_order=act_order), row_bits, group_size)
+    for b, ref in refs.items():
+        m = row_bits == b
+        assert m.any() and torch.equal(mixed[m], ref[m])
+    # rows of several weights on one Hessian, stacked, = each weight alone
+    stacked = quantize_gptq_prepared(torch.cat([w, 2 * w], dim=1), prepare_hessian(h, act_order=act_order), 3,
+                                     group_size)
+    assert torch.equal(stacked[:, R:], quantize_gptq(2 * w, h, 3, group_size, act_order=act_order))
+
+
+@pytest.mark.parametrize("arch,act_order", [("qwen2_moe", False), ("deepseek_v2", True), ("mixtral", False)])
+def test_profiler_equals_the_old_loop_bit_for_bit(arch, act_order):
+    ad, cal = _calibrated(arch)
+    units = ad.units()
+    ref = profile_reference(ad, units, CHOICES, cal.inputs, act_order)
+    t = profile(ad, "expert", units, CHOICES, cal.stats, cal.inputs, act_order=act_order, progress=False)
+    for (u, c), e in ref.items():
+        assert t.error[t.unit_index(u), t.choice_index(c)] == e, f"{u.name} {c.label}"
+    assert t.measured.all() and (t.seconds > 0).all()
+
+
+def test_rounds_with_small_caches_equal_one_call_and_reuse_references(monkeypatch):
+    """The adaptive sampler's use: pairs in several calls, through one profiler whose caches and chunks
+    are too small for everything (eviction, recomputation), give what one call gives."""
+    ad, cal = _calibrated("qwen2_moe")
+    units = ad.units()
+    ref = profile_reference(ad, units, CHOICES, cal.inputs)
+    pairs = [(u, c) for u in units for c in CHOICES]
+    rng = np.random.default_rng(0)
+    rng.shuffle(pairs)
+    monkeypatch.setattr("moebits.expert_profiler.GPTQ_CALL_BYTES", 20_000)  # stacks split, calls of 1-2 experts
+    prof = ExpertProfiler(ad, cal.inputs, cache_bytes=20_000, hessian_bytes=50_000, chunk_bytes=30_000)
+    t = new_table(ad, CHOICES, cal.stats)
+    for part in np.array_split(np.arange(len(pairs)), 5):
+        prof.measure([pairs[i] for i in part], t)
+    assert all(t.error[t.unit_index(u), t.choice_index(c)] == e for (u, c), e in ref.items())
+    assert prof.refs.hits > 0 and prof.refs.misses > 0 and prof.refs.bytes <= 20_000 + max(
+        r.nbytes for r in prof.refs.items.values())
+    # with room for everything, a second round recomputes no reference and prepares no Hessian again
+    big = ExpertProfiler(ad, cal.inputs)
+    t2 = new_table(ad, CHOICES, cal.stats)
+    big.measure(pairs[:40], t2)
+    misses = (big.refs.misses, big.hessians.misses)
+    prepared = {(u.layer, u.expert, hessian_input(u.kind)) for u, c in pairs[:40]
+                if c.quantizer == "gptq" and not c.is_fp}
+    again = [p for p in pairs[40:] if (p[0].layer, p[0].expert, hessian_input(p[0].kind)) in prepared]
+    assert len(again) > 10
+    big.measure(again, t2)
+    assert (big.refs.misses, big.hessians.misses) == misses
+
+
+def test_profiler_sees_installed_input_transforms():
+    """An online rotation before some blocks (rotate.py's kind of transform): the pieces the profiler
+    reuses are taken after the transforms, exactly as `expert_forward` applies them."""
+    ad, cal = _calibrated("qwen2_moe")
+    l = ad.moe_layers[0]
+    g = torch.Generator().manual_seed(3)
+    qr = torch.linalg.qr(torch.randn(32, 32, generator=g))[0]
+    ad.set_input_transform(Unit(l, 1, "down"), "rotate", lambda h: h @ qr)
+    ad.set_input_transform(Unit(l, 2, "gate"), "rotate", lambda x: x * 1.5)
+    units = [Unit(l, e, k) for e in (0, 1, 2) for k in ("gate", "up", "down")]
+    ref = profile_reference(ad, units, CHOICES, cal.inputs)
+    t = profile(ad, "expert", units, CHOICES, cal.stats, cal.inputs, progress=False)
+    assert all(t.error[t.unit_index(u), t.choice_index(c)] == e for (u, c), e in ref.items())
+
+
+def test_profile_expert_refuses_a_profiler_made_for_other_inputs():
+    ad, cal = _calibrated("mixtral")
+    prof = ExpertProfiler(ad, cal.inputs)
+    with pytest.raises(ValueError, match="other inputs"):
+        profile(ad, "expert", ad.units()[:3], CHOICES[:1], cal.stats, dict(cal.inputs), progress=False, profiler=prof)
