@@ -216,3 +216,34 @@ def test_profile_expert_refuses_a_profiler_made_for_other_inputs():
     prof = ExpertProfiler(ad, cal.inputs)
     with pytest.raises(ValueError, match="other inputs"):
         profile(ad, "expert", ad.units()[:3], CHOICES[:1], cal.stats, dict(cal.inputs), progress=False, profiler=prof)
+
+
+def proxy_reference(adapter, units, choices, inputs):
+    """The RTN proxy as proxy.py computed it before (quantize_weight, expert_intermediate per expert)."""
+    values = np.zeros((len(units), len(choices)))
+    for i, u in enumerate(units):
+        inp = inputs[(u.layer, u.expert)]
+        x = inp.x.float()
+        g2 = (inp.g.float() ** 2)[:, None]
+        if u.kind == "down":
+            x = adapter.expert_intermediate(u.layer, u.expert, x.to(adapter.weight(u).dtype)).float()
+        m = (g2 * x * x).sum(0) / max(1, x.shape[0])
+        w = adapter.weight(u).float()[None]
+        for j, c in enumerate(choices):
+            if not c.is_fp:
+                wq = quantize_weight(w, Choice(c.bits, c.group_size, "rtn"))
+                values[i, j] = torch.einsum("noi,ni->n", (wq - w) ** 2, m[None]).double().item()
+    return np.maximum(values, 0.0)
+
+
+def test_proxy_through_the_profiler_equals_the_old_proxy():
+    from moebits.proxy import rtn_proxy
+
+    ad, cal = _calibrated("qwen2_moe")
+    units, choices = ad.units(), [Choice(b, 32, "gptq") for b in (2, 3, 8)] + [Choice(16, 32, "gptq")]
+    ref = proxy_reference(ad, units, choices, cal.inputs)
+    prof = ExpertProfiler(ad, cal.inputs)
+    shared = rtn_proxy(ad, units, choices, cal.inputs, profiler=prof)
+    assert np.array_equal(rtn_proxy(ad, units, choices, cal.inputs).values, ref)
+    assert np.array_equal(shared.values, ref)
+    assert len(prof.refs.items) == len(cal.inputs)  # every expert's reference forward is kept for the pairs

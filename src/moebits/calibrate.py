@@ -333,14 +333,17 @@ class LayerCollector:
         tok_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(b.top_k_index.shape[1])
         E = self.E
         self.tokens += x.shape[0]
-        self.counts += torch.bincount(flat_idx.cpu(), minlength=E)[:E]
+        counts = torch.bincount(flat_idx.cpu(), minlength=E)
+        self.counts += counts[:E]
         self.mass += torch.zeros(E, dtype=torch.float64).index_add_(0, flat_idx.cpu(), flat_w.double().cpu())
         self.generic.add(x, torch.full((x.shape[0],), flat_w.mean().item()), torch.zeros(x.shape[0], dtype=torch.bool))
-        for e in torch.unique(flat_idx).tolist():
-            if e >= E:
-                continue
-            sel = flat_idx == e
-            self._add_expert(e, x[tok_of[sel]], flat_w[sel])
+        # one stable sort groups the routed (token, slot) positions by expert, in token order within each
+        # expert (what a mask per expert selected, without E passes over all positions)
+        order = torch.argsort(flat_idx, stable=True)
+        ends = counts.cumsum(0).tolist()
+        for e in torch.nonzero(counts[:E]).flatten().tolist():
+            pos = order[ends[e] - int(counts[e]):ends[e]].to(flat_idx.device)
+            self._add_expert(e, x[tok_of[pos]], flat_w[pos])
         if SHARED in self.samples:
             s = self.adapter.shared_scale(self.layer, x.to(b.hidden.dtype)).float()
             self.shared_mass += s.sum().item()

@@ -41,7 +41,7 @@ from .units import Choice, Unit
 CACHE_BYTES = 512 * 2 ** 20  # reference pieces kept across calls
 HESSIAN_BYTES = 256 * 2 ** 20  # prepared Hessians kept across calls
 CHUNK_BYTES = 64 * 2 ** 20  # float32 weights quantized before their errors are measured and they are dropped
-GPTQ_CALL_BYTES = 2 * 2 ** 20  # rows x column block x 4 bytes per batched GPTQ call (about the L2 cache)
+GPTQ_CALL_BYTES = 2 ** 20  # rows x column block x 4 bytes per batched GPTQ call (within the L2 cache)
 DAMP = 0.01  # quant.quantize_weight's default, which profiling has always used
 
 
@@ -231,6 +231,12 @@ class ExpertProfiler:
                          x_is_copy=x is not inp.x)
         self.refs.put((layer, expert), ref)
         return ref, time.perf_counter() - t0
+
+    def intermediate(self, layer: int, expert) -> torch.Tensor:
+        """The expert's unquantized down-projection input `[n, I]` on its inputs (`expert_intermediate`),
+        from its reference forward (computed and kept if it was not)."""
+        ref, _ = self._reference(layer, expert)
+        return self.adapter.block_input(layer, expert, "down", ref.gate_act * ref.up_out)
 
     def _output(self, ref: _Reference, unit: Unit, q: torch.Tensor, act: dict | None) -> torch.Tensor:
         """The expert's output with `unit`'s block replaced by `q` (and its input fake-quantized by

@@ -122,7 +122,9 @@ def fill_fri(run: "Pipeline", choices: list[Choice]) -> SensitivityTable:
     if cfg.proxy:
         from .proxy import rtn_proxy
 
-        px = rtn_proxy(run.adapter, run.units, choices, run.calib.inputs)
+        # the profiler keeps the reference forwards the proxy computes, for the pairs measured next
+        profiler = run.expert_profiler() if cfg.metric == "expert" else None
+        px = rtn_proxy(run.adapter, run.units, choices, run.calib.inputs, profiler=profiler)
         proxy, run.results["proxy_seconds"] = px.values, round(px.seconds, 4)
     if cfg.sampler == "adaptive":
         table = run.new_table(choices)

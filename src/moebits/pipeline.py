@@ -432,7 +432,7 @@ class Pipeline:
         kw = {"act_clip": cfg.act_clip} if cfg.act_clip != 1.0 else {}
         t0 = time.perf_counter()
         if cfg.metric == "expert" and not whole_expert:
-            profiler = self._expert_profiler(inputs)
+            profiler = self.expert_profiler()
             todo = pairs if pairs is not None else [(u, c) for u in units for c in choices]
             profiler.measure(todo, table, self.progress)
         elif pairs is not None:
@@ -456,9 +456,12 @@ class Pipeline:
             cached = self._profile_inputs_of = (self.calib, self.calib.profile_inputs())
         return cached[1]
 
-    def _expert_profiler(self, inputs):
+    def expert_profiler(self):
+        """The run's `ExpertProfiler` on the profiling inputs (one per calibration, shared by every
+        measure() call of the expert metric)."""
         from .expert_profiler import ExpertProfiler
 
+        inputs = self._profile_inputs()
         prof = getattr(self, "_profiler", None)
         if prof is None or prof.inputs is not inputs:
             prof = self._profiler = ExpertProfiler(self.adapter, inputs, self.cfg.act_order, self.cfg.act_clip)
@@ -471,7 +474,10 @@ class Pipeline:
             return SensitivityTable.from_csv(table_p)
         self.results["profile_seconds"] = 0.0  # measure() adds up; an interrupted attempt's seconds do not count
         self.results.pop("profiled_units", None)
-        table = self.method.fill(self, choices)
+        try:
+            table = self.method.fill(self, choices)
+        finally:
+            self._profiler = None  # its caches (reference forwards, Hessians) are of no use after this stage
         if not table.complete:
             raise RuntimeError(f"method {self.method.name!r} left {int((~np.isfinite(table.error)).sum())} "
                                "table entries unknown")

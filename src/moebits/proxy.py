@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .quant import quantize_weight
+from .quant.rtn import quantize_rtn
 from .units import Choice, Unit
 
 @dataclass
@@ -32,19 +32,25 @@ class Proxy:
     seconds: float  # wall seconds it took (moments + RTN + weighted sums)
 
 
-def _second_moments(adapter, layer: int, expert, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E[g^2 x^2] of the expert input [H], E[g^2 h^2] of the down input [I]) on its calibration sample."""
+def _second_moments(adapter, layer: int, expert, inputs, profiler=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E[g^2 x^2] of the expert input [H], E[g^2 h^2] of the down input [I]) on its calibration sample.
+    With a `profiler` measuring on the same inputs, the down input comes from its reference forward
+    (the same numbers), which it then keeps for the pairs it measures later."""
     inp = inputs[(layer, expert)]
     x = inp.x.float()
     g2 = (inp.g.float() ** 2)[:, None]
-    h = adapter.expert_intermediate(layer, expert, x.to(adapter.weight(Unit(layer, expert, "gate")).dtype)).float()
+    if profiler is not None and profiler.inputs is inputs:
+        h = profiler.intermediate(layer, expert).float()
+    else:
+        h = adapter.expert_intermediate(layer, expert, x.to(adapter.weight(Unit(layer, expert, "gate")).dtype)).float()
     n = max(1, x.shape[0])
     return (g2 * x * x).sum(0) / n, (g2 * h * h).sum(0) / n
 
 
 @torch.no_grad()
-def rtn_proxy(adapter, units: list[Unit], choices: list[Choice], inputs) -> Proxy:
-    """`Proxy` for `units` x `choices` (RTN at each choice's bits and group size, whatever its quantizer)."""
+def rtn_proxy(adapter, units: list[Unit], choices: list[Choice], inputs, profiler=None) -> Proxy:
+    """`Proxy` for `units` x `choices` (RTN at each choice's bits and group size, whatever its quantizer).
+    `profiler`: an `ExpertProfiler` on `inputs` whose reference forwards it shares (see `_second_moments`)."""
     t0 = time.perf_counter()
     values = np.zeros((len(units), len(choices)))
     moments = {}
@@ -52,14 +58,16 @@ def rtn_proxy(adapter, units: list[Unit], choices: list[Choice], inputs) -> Prox
     for i, u in enumerate(units):
         key = (u.layer, u.expert)
         if key not in moments:
-            moments[key] = _second_moments(adapter, u.layer, u.expert, inputs)
+            moments[key] = _second_moments(adapter, u.layer, u.expert, inputs, profiler)
         by_group[(u.layer, u.kind, u.is_shared)].append(i)
     for (_, kind, _), rows in by_group.items():
         w = torch.stack([adapter.weight(units[i]).float() for i in rows])  # [n, out, in]
+        if not bool(torch.isfinite(w).all()):  # quantize_weight's check, once per group
+            raise FloatingPointError(f"a {tuple(w.shape)} weight to quantize with RTN is not finite: check the checkpoint")
         m = torch.stack([moments[(units[i].layer, units[i].expert)][1 if kind == "down" else 0] for i in rows])
         for j, c in enumerate(choices):
             if c.is_fp:
                 continue
-            wq = quantize_weight(w, Choice(c.bits, c.group_size, "rtn"))
+            wq = quantize_rtn(w, c.bits, c.group_size)  # what quantize_weight(w, Choice(bits, group, "rtn")) runs
             values[rows, j] = torch.einsum("noi,ni->n", (wq - w) ** 2, m).double().numpy()
     return Proxy(np.maximum(values, 0.0), time.perf_counter() - t0)

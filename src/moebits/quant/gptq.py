@@ -121,28 +121,30 @@ def quantize_gptq_prepared(w: torch.Tensor, prepared: PreparedHessian, bits: int
     block = g if group_size > 0 else 128
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
-        W1 = W[:, :, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        # the block column-major, [n, B, R]: column i and the columns after it are contiguous, so the
+        # per-column update streams them once (the same elementwise arithmetic: 2-3x faster than [B, R, n])
+        W1 = W[:, :, i1:i2].permute(2, 0, 1).contiguous()
+        H1 = Hinv[:, i1:i2, i1:i2].permute(1, 2, 0).contiguous()  # [n, n, B]
+        Q1, C1, Err1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
         if group_size <= 0 and not act_order:
             scale, zero = group_scale[..., 0], group_zero[..., 0]
         elif not act_order:
             # i1 is a group start (block == group size): parameters from the error-updated weights
-            scale, zero = minmax_params(W1, bits)  # [B, R]
+            scale, zero = minmax_params(W[:, :, i1:i2], bits)  # [B, R]
             group_scale[:, :, i1 // g], group_zero[:, :, i1 // g] = scale, zero
         for i in range(i2 - i1):
-            col = W1[:, :, i]  # [B, R]
+            col = W1[i]  # [B, R]
             if act_order:
                 gi = (perm[:, i1 + i] // g)[:, None, None].expand(B, R, 1)
                 scale, zero = group_scale.gather(2, gi)[..., 0], group_zero.gather(2, gi)[..., 0]
             c = round_codes(col, scale, zero, bits)
             q = (c - zero) * scale
-            codes[:, :, i1 + i] = c
-            Q[:, :, i1 + i] = q
-            err = (col - q) / Hinv1[:, i, i][:, None]
-            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, i, i:][:, None, :]
-            Err1[:, :, i] = err
-        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+            C1[i], Q1[i] = c, q
+            err = (col - q) / H1[i, i][:, None]
+            W1[i:] -= H1[i, i:][:, :, None] * err[None]
+            Err1[i] = err
+        Q[:, :, i1:i2], codes[:, :, i1:i2] = Q1.permute(1, 2, 0), C1.permute(1, 2, 0)
+        W[:, :, i2:] -= Err1.permute(1, 2, 0).contiguous() @ Hinv[:, i1:i2, i2:]
 
     if act_order:
         inv = torch.argsort(perm, dim=1)[:, None, :].expand(B, R, K)
