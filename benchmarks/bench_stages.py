@@ -234,24 +234,41 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     root = Path(tempfile.mkdtemp(prefix="moebits_stages_"))
     text = text_file(root)
-    specs = {
-        "demo": ("demo", None),
-        "olmoe64": (random_model(root, "olmoe64", "olmoe", hidden_size=128, intermediate_size=64, num_experts=64,
-                                 num_hidden_layers=6, num_experts_per_tok=8, vocab_size=260), text),
-        "ds2": (random_model(root, f"ds2_{args.ds_experts}", "deepseek_v2", n_routed_experts=args.ds_experts,
-                             num_experts_per_tok=args.ds_topk, **DS_LITE), text),
+    specs = {  # built when first run
+        "demo": lambda: ("demo", None),
+        "olmoe64": lambda: (random_model(root, "olmoe64", "olmoe", hidden_size=128, intermediate_size=64,
+                                         num_experts=64, num_hidden_layers=6, num_experts_per_tok=8, vocab_size=260),
+                            text),
+        "ds2": lambda: (random_model(root, f"ds2_{args.ds_experts}", "deepseek_v2", n_routed_experts=args.ds_experts,
+                                     num_experts_per_tok=args.ds_topk, **DS_LITE), text),
     }
     names = {"demo": "demo", "olmoe64": "OLMoE-shaped, 64 experts",
              "ds2": f"DeepSeek-V2-Lite widths, 2 layers, {args.ds_experts} experts top-{args.ds_topk}"}
     rows = []
     for key in [m for m in args.models.split(",") if m]:
-        model, txt = specs[key]
+        model, txt = specs[key]()
         reps = []
         for i in range(args.reps):
             reps.append(one_repetition(model, txt, args.eval_windows, root))
             load.append(os.getloadavg()[0])
             print(key, i, {k: round(v, 3) for k, v in reps[-1].items()}, flush=True)
         rows += stage_rows(names[key], reps)
+        write_table(args.name, ["model", "stage", "seconds", "floor seconds", "ratio"], rows,
+                    notes_for(args, load, t_start))  # after every model: a long run keeps what it measured
+    notes = notes_for(args, load, t_start)
+    sections = [("model", "stage", "seconds", "floor seconds", "ratio"), rows]
+    if args.experts:
+        sw = sweep([int(e) for e in args.experts.split(",")], args.rules, root, text, args.eval_windows)
+        write_table(args.name + "_experts", ["experts", "units", "rules", "FRI profile s", "pairs s", "proxy s",
+                                             "fit s", "calibration s"], sw,
+                    notes + [f"experts sweep: OLMoE shape (hidden 128, width 64, 6 layers, top-8), E experts, "
+                             f"--rules {args.rules}, one repetition each; profile = pairs + proxy; the fit is not "
+                             "in profile"])
+    if rows:
+        write_table(args.name, list(sections[0]), sections[1], notes)
+
+
+def notes_for(args, load, t_start) -> list[str]:
     notes = [f"seconds are medians of {args.reps} repetitions, each running every stage and floor side by side "
              "in one process; ratio = median over repetitions of stage / floor",
              f"machine: 2 shared cores, load average (1 min) {min(load):.1f}-{max(load):.1f} during the run "
@@ -261,14 +278,7 @@ def main() -> None:
              f"total benchmark time {time.perf_counter() - t_start:.0f} s"]
     if args.note:
         notes.append(args.note)
-    sections = [("model", "stage", "seconds", "floor seconds", "ratio"), rows]
-    if args.experts:
-        sw = sweep([int(e) for e in args.experts.split(",")], args.rules, root, text, args.eval_windows)
-        notes.append(f"experts sweep: OLMoE shape (hidden 128, width 64, 6 layers, top-8), E experts, --rules "
-                     f"{args.rules}, one repetition each; profile = pairs + proxy; the fit is not in profile")
-        write_table(args.name + "_experts", ["experts", "units", "rules", "FRI profile s", "pairs s", "proxy s",
-                                             "fit s", "calibration s"], sw, notes)
-    write_table(args.name, list(sections[0]), sections[1], notes)
+    return notes
 
 
 if __name__ == "__main__":

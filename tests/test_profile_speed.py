@@ -247,3 +247,42 @@ def test_proxy_through_the_profiler_equals_the_old_proxy():
     assert np.array_equal(rtn_proxy(ad, units, choices, cal.inputs).values, ref)
     assert np.array_equal(shared.values, ref)
     assert len(prof.refs.items) == len(cal.inputs)  # every expert's reference forward is kept for the pairs
+
+
+def test_calibration_equals_the_old_mask_per_expert_collection():
+    """The routed positions grouped by one sort give the rows, statistics and Hessians a mask per expert gave."""
+    from moebits import calibrate as C
+
+    class MaskPerExpert(C.LayerCollector):
+        def add(self, b):  # the old loop, verbatim
+            x = b.hidden.float()
+            flat_idx, flat_w = b.top_k_index.reshape(-1), b.top_k_weights.reshape(-1).float()
+            tok_of = torch.arange(x.shape[0]).repeat_interleave(b.top_k_index.shape[1])
+            E = self.E
+            self.tokens += x.shape[0]
+            self.counts += torch.bincount(flat_idx, minlength=E)[:E]
+            self.mass += torch.zeros(E, dtype=torch.float64).index_add_(0, flat_idx, flat_w.double())
+            self.generic.add(x, torch.full((x.shape[0],), flat_w.mean().item()), torch.zeros(x.shape[0], dtype=torch.bool))
+            for e in torch.unique(flat_idx).tolist():
+                sel = flat_idx == e
+                self._add_expert(e, x[tok_of[sel]], flat_w[sel])
+            if C.SHARED in self.samples:
+                s = self.adapter.shared_scale(self.layer, x.to(b.hidden.dtype)).float()
+                self.shared_mass += s.sum().item()
+                self._add_expert(C.SHARED, x, s)
+
+    ad = MoEAdapter(tiny_model("qwen2_moe"))
+    win = random_windows(torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2)), 6, 48)
+    new = calibrate(ad, win, progress=False, holdout=0.3)
+    orig = C.LayerCollector
+    C.LayerCollector = MaskPerExpert
+    try:
+        old = calibrate(ad, win, progress=False, holdout=0.3)
+    finally:
+        C.LayerCollector = orig
+    for k, a in old.inputs.items():
+        b = new.inputs[k]
+        for f in ("x", "g", "h_in", "h_down", "held_out", "h_in_fit", "h_down_fit"):
+            assert (getattr(a, f) is None and getattr(b, f) is None) or torch.equal(getattr(a, f), getattr(b, f)), (k, f)
+    for col in ("tokens", "frequency", "routing_mass", "act_var", "act_mean_abs", "act_outlier_ratio", "act_kurtosis"):
+        assert np.array_equal(getattr(old.stats, col), getattr(new.stats, col)), col
