@@ -119,7 +119,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, pure: str | None = None, r
     """Write RUN as FILE.gguf (+ side files); returns the report written to FILE.moebits.json."""
     from ..pipeline import Pipeline
     from ..plan import Plan
-    from ..run import atomic_write_json, atomic_write_text
+    from ..atomic import atomic_write_json, atomic_write_text
     from .convert import GGUFModel
     from .llamacpp import tensor_type_lines
     from .writer import write_gguf

@@ -73,7 +73,7 @@ class Imatrix:
         """Write llama.cpp's GGUF imatrix file (atomically)."""
         import gguf
 
-        from ..run import atomic_path
+        from ..atomic import atomic_path
 
         path = Path(path)
         with atomic_path(path) as tmp:

@@ -191,7 +191,7 @@ def write_gguf(path: str | Path, model, tokenizer, types: Mapping[str, str] | Ca
     import gguf
     from tqdm.auto import tqdm
 
-    from ..run import atomic_path
+    from ..atomic import atomic_path
 
     if reference not in ("F16", "F32"):
         raise ValueError(f"reference must be F16 (the converter's F16 GGUF) or F32, got {reference!r}")
