@@ -11,6 +11,11 @@ from moebits.cli import app
 runner = CliRunner()
 
 
+def said(r) -> str:
+    """What the command printed, without the line breaks rich adds at the terminal width."""
+    return r.output.replace("\n", "")
+
+
 def quantize_args(text_file, out, *extra):
     return ["quantize", "--model", "tiny:qwen2_moe", "--method", "uniform", "--quantizer", "rtn", "--bits", "4.5",
             "--group-size", "32", "--calib", str(text_file), "--eval", str(text_file), "--nsamples", "2",
@@ -24,6 +29,15 @@ def run_dir(tmp_path_factory, text_file):
     r = runner.invoke(app, quantize_args(text_file, out))
     assert r.exit_code == 0, r.output
     return out
+
+
+def stored(f):
+    """(metadata, {tensor name: bytes}) of a safetensors file (its header's key order is not fixed)."""
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as sf:
+        return sf.metadata(), {k: sf.get_tensor(k).contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes()
+                               for k in sf.keys()}
 
 
 def snapshot(directory):
@@ -41,7 +55,7 @@ def test_export_into_the_runs_parent_deletes_nothing(tmp_path, run_dir):
     before = snapshot(w)
     r = runner.invoke(app, ["export", str(w / "run"), "--format", "dequantized", "--out", str(w)])
     assert r.exit_code != 0 and "Traceback" not in r.output
-    assert str(w) in r.output.replace("\n", "")
+    assert str(w) in said(r)
     assert snapshot(w) == before  # nothing deleted, nothing added
 
 
@@ -50,7 +64,7 @@ def test_export_refuses_a_directory_it_did_not_write_and_replaces_its_own(tmp_pa
     user.mkdir()
     (user / "notes.txt").write_text("mine\n")
     r = runner.invoke(app, ["export", str(run_dir), "--format", "dequantized", "--out", str(user)])
-    assert r.exit_code == 2 and "not written by moebits" in r.output.replace("\n", " ")
+    assert r.exit_code == 2 and "not written by moebits" in said(r).replace("\n", " ")
     assert (user / "notes.txt").read_text() == "mine\n" and len(list(user.iterdir())) == 1
     # an export moebits wrote (marker file) is replaced by a second export; an empty directory is fine too
     out = tmp_path / "export"
@@ -64,7 +78,7 @@ def test_export_refuses_a_directory_it_did_not_write_and_replaces_its_own(tmp_pa
     f = tmp_path / "file.bin"
     f.write_bytes(b"x")
     r = runner.invoke(app, ["export", str(run_dir), "--format", "dequantized", "--out", str(f)])
-    assert r.exit_code == 2 and "existing file" in r.output and f.read_bytes() == b"x"
+    assert r.exit_code == 2 and "existing file" in said(r) and f.read_bytes() == b"x"
 
 
 def test_export_of_a_run_into_itself_or_its_model_is_refused(tmp_path, run_dir):
@@ -86,7 +100,7 @@ def test_quantize_overwrite_never_empties_a_directory_that_is_not_a_run(tmp_path
     for extra in ((), ("--overwrite",)):
         r = runner.invoke(app, quantize_args(text_file, d, *extra))
         assert r.exit_code == 2, r.output
-        assert "not a moebits run" in r.output and "--overwrite" not in r.output
+        assert "not a moebits run" in said(r) and "--overwrite" not in said(r)
         assert sorted(p.name for p in d.iterdir()) == ["a.jpg"]
 
 
@@ -95,7 +109,7 @@ def test_quantize_overwrite_of_a_run_removes_only_the_runs_artefacts(tmp_path, r
     shutil.copytree(run_dir, run)
     (run / "my_notes.txt").write_text("keep\n")
     r = runner.invoke(app, quantize_args(text_file, run, "--seed", "1"))
-    assert r.exit_code == 2 and "different run" in r.output and "--overwrite" in r.output
+    assert r.exit_code == 2 and "different run" in said(r) and "--overwrite" in said(r)
     r = runner.invoke(app, quantize_args(text_file, run, "--seed", "1", "--overwrite"))
     assert r.exit_code == 0, r.output
     assert (run / "my_notes.txt").read_text() == "keep\n"
@@ -107,7 +121,7 @@ def test_quantize_out_an_existing_file_is_refused(tmp_path, text_file):
     f.write_text("data\n")
     for extra in ((), ("--overwrite",)):
         r = runner.invoke(app, quantize_args(text_file, f, *extra))
-        assert r.exit_code == 2 and "existing file" in r.output and "Traceback" not in r.output
+        assert r.exit_code == 2 and "existing file" in said(r) and "Traceback" not in r.output
         assert f.read_text() == "data\n"
 
 
@@ -142,3 +156,286 @@ def test_an_export_written_before_the_marker_is_still_recognised(tmp_path, run_d
     (out / "thesis.tex").write_text("not ours")  # a foreign file: the directory is no longer provably ours
     r = runner.invoke(app, ["export", str(run_dir), "--format", "dequantized", "--out", str(out)])
     assert r.exit_code == 2 and (out / "thesis.tex").exists()
+
+
+# ---- 2. silent wrong results ---------------------------------------------------------------------------
+def copy_run(run_dir, tmp_path, name="run"):
+    run = tmp_path / name
+    shutil.copytree(run_dir, run)
+    return run
+
+
+def mxmoe_args(text_file, out, *extra):
+    """A run whose plan mixes bit-widths (3.75 bits over candidates {2, 3, 4, 8})."""
+    return ["quantize", "--model", "tiny:qwen2_moe", "--method", "mxmoe", "--quantizer", "rtn", "--bits", "3.75",
+            "--group-size", "32", "--calib", str(text_file), "--eval", str(text_file), "--nsamples", "2",
+            "--seqlen", "32", "--eval-windows", "2", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory, text_file):
+    out = tmp_path_factory.mktemp("rel") / "mixed"
+    r = runner.invoke(app, mxmoe_args(text_file, out))
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def interrupt_before_quantizing(run):
+    """What a run killed after allocating leaves: no model, results without ppl_q/done."""
+    from moebits.run import record_file
+
+    shutil.rmtree(run / "model")
+    res = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({k: v for k, v in res.items() if k in ("ppl_fp", "calibrate_seconds")}))
+    record_file(run, "results.json")
+
+
+def edit_plan(run, fn):
+    """Change plan.json as a person would (and re-record it, so that only the plan check can object)."""
+    from moebits.run import record_file
+
+    d = json.loads((run / "plan.json").read_text())
+    fn(d["units"])
+    (run / "plan.json").write_text(json.dumps(d))
+    record_file(run, "plan.json")
+
+
+def test_a_resumed_plan_outside_the_candidates_is_refused(tmp_path, mixed_run, text_file):
+    """The issue: one unit's bits set to 5 in plan.json (candidates {2,3,4,8}) -> exit 0, w5g128, avg bits over budget."""
+    run = copy_run(mixed_run, tmp_path)
+    interrupt_before_quantizing(run)
+    edit_plan(run, lambda units: units[next(iter(units))].update(bits=5))
+    r = runner.invoke(app, mxmoe_args(text_file, run))
+    assert r.exit_code == 2 and "plan.json" in said(r) and "candidate" in said(r), r.output
+    assert not (run / "model").exists()
+
+
+def test_a_resumed_plan_over_the_budget_is_refused(tmp_path, mixed_run, text_file):
+    run = copy_run(mixed_run, tmp_path)
+    interrupt_before_quantizing(run)
+    edit_plan(run, lambda units: [v.update(bits=8) for v in units.values()])  # valid choices, 9 bits average
+    r = runner.invoke(app, mxmoe_args(text_file, run))
+    assert r.exit_code == 2 and "plan.json" in said(r) and "budget" in said(r), r.output
+
+
+def test_a_plan_edited_behind_moebits_back_is_refused_by_its_checksum(tmp_path, mixed_run, text_file):
+    run = copy_run(mixed_run, tmp_path)
+    interrupt_before_quantizing(run)
+    d = json.loads((run / "plan.json").read_text())
+    d["units"][next(iter(d["units"]))]["bits"] = 2
+    (run / "plan.json").write_text(json.dumps(d))  # not re-recorded: the cache check refuses it
+    r = runner.invoke(app, mxmoe_args(text_file, run))
+    assert r.exit_code == 2 and "plan.json" in said(r) and "changed or damaged" in said(r), r.output
+
+
+def tensor_span(f, name):
+    """(absolute start, end) of tensor `name`'s bytes in the safetensors file `f`."""
+    import struct
+
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    info = json.loads(raw[8:8 + n])[name]
+    return 8 + n + info["data_offsets"][0], 8 + n + info["data_offsets"][1]
+
+
+def rewrite_metadata(f, fn):
+    """Rewrite the safetensors header of `f` with `fn(metadata)` applied (tensor bytes unchanged)."""
+    import struct
+
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    fn(header["__metadata__"])
+    new = json.dumps(header, separators=(",", ":")).encode()
+    new += b" " * (-len(new) % 8)
+    replace_file(f, struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+def replace_file(f, data: bytes):
+    """Write a new file in place of `f` (a new inode: a model still mapping the old one keeps its bytes)."""
+    tmp = f.with_name(f.name + ".new")
+    tmp.write_bytes(data)
+    tmp.replace(f)
+
+
+def attention_tensor(f):
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as sf:
+        return next(k for k in sf.keys() if "self_attn.q_proj.weight" in k)
+
+
+@pytest.mark.parametrize("damage", ["flip", "nan"])
+def test_a_damaged_attention_weight_is_refused_on_load(tmp_path, run_dir, damage):
+    """The issue: flipped bytes or a NaN in an attention weight loaded without a word."""
+    from moebits.packed import PackedFormatError, load_quantized
+
+    run = copy_run(run_dir, tmp_path)
+    f = run / "model" / "model.safetensors"
+    name = attention_tensor(f)
+    start, _ = tensor_span(f, name)
+    raw = bytearray(f.read_bytes())
+    if damage == "flip":
+        raw[start + 3] ^= 0x10
+    else:  # a NaN in the stored dtype's bytes
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(str(f), "pt") as sf:
+            dt = sf.get_slice(name).get_dtype()
+        nan = torch.tensor([float("nan")], dtype={"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[dt])
+        b = nan.view(torch.uint8).numpy().tobytes()
+        raw[start:start + len(b)] = b
+    replace_file(f, bytes(raw))
+    with pytest.raises(PackedFormatError, match=name.replace(".", r"\.")):
+        load_quantized(run / "model")
+    r = runner.invoke(app, ["eval", "--run", str(run), "--tasks", "none"])
+    assert r.exit_code != 0 and "model.safetensors" in said(r) and "Traceback" not in r.output
+
+
+def test_swapped_unit_rows_in_the_index_are_refused(tmp_path, mixed_run):
+    from moebits.packed import PackedFormatError, load_quantized
+
+    run = copy_run(mixed_run, tmp_path)
+    f = run / "model" / "model.safetensors"
+
+    def swap(meta):
+        index = json.loads(meta["moebits"])
+        same_set = {}
+        for name, e in index["units"].items():
+            same_set.setdefault((e["module"], e["tensor"], e["set"], e["rows"]), []).append(name)
+        a, b = next(v for v in same_set.values() if len(v) >= 2)[:2]
+        index["units"][a]["row"], index["units"][b]["row"] = index["units"][b]["row"], index["units"][a]["row"]
+        meta["moebits"] = json.dumps(index)
+
+    rewrite_metadata(f, swap)
+    with pytest.raises(PackedFormatError, match="changed after writing"):
+        load_quantized(run / "model")
+
+
+@pytest.mark.parametrize("field,value", [("hidden", 10 ** 12), ("num_experts", 10 ** 8), ("intermediate", -1)])
+def test_index_sizes_are_bounded_by_the_stored_tensors(tmp_path, run_dir, field, value):
+    """The issue: hidden=1e12 tried to allocate petabytes, num_experts=1e8 exhausted memory, `info`
+    printed 4.6e19 MiB. Checked with the index digest removed too (a checkpoint of the old format)."""
+    from moebits.packed import PackedFormatError, describe_packed, load_quantized
+
+    run = copy_run(run_dir, tmp_path)
+    f = run / "model" / "model.safetensors"
+
+    def edit(meta):
+        index = json.loads(meta["moebits"])
+        next(m for m in index["modules"].values() if m["type"] == "experts")[field] = value
+        meta["moebits"] = json.dumps(index)
+        meta.pop("moebits_integrity", None), meta.pop("moebits_checksums", None)
+
+    rewrite_metadata(f, edit)
+    with pytest.raises(PackedFormatError, match="inconsistent with the stored tensors"):
+        load_quantized(run / "model")
+    with pytest.raises(PackedFormatError):
+        describe_packed(run / "model")
+    r = runner.invoke(app, ["info", "--model", str(run / "model")])
+    assert r.exit_code == 2 and "inconsistent" in said(r)
+
+
+def test_a_checkpoint_written_before_the_checksums_still_loads(tmp_path, run_dir):
+    """Format-version-aware: a file without the new metadata keys loads (unit crcs checked as before)."""
+    import torch
+
+    from moebits.packed import load_quantized
+
+    run = copy_run(run_dir, tmp_path)
+    f = run / "model" / "model.safetensors"
+    want = load_quantized(run / "model")
+    rewrite_metadata(f, lambda meta: (meta.pop("moebits_integrity"), meta.pop("moebits_checksums")))
+    got = load_quantized(run / "model")
+    ids = torch.arange(20)[None]
+    assert torch.equal(want(input_ids=ids).logits, got(input_ids=ids).logits)
+
+
+def test_eval_run_exits_non_zero_when_the_saved_model_does_not_reproduce_ppl_q(tmp_path, run_dir):
+    """The issue: `eval --run` printed DIFFERENT (or nan) and exited 0."""
+    run = copy_run(run_dir, tmp_path)
+    r = runner.invoke(app, ["eval", "--run", str(run), "--tasks", "none"])
+    assert r.exit_code == 0 and "equal" in said(r), r.output
+    res = json.loads((run / "results.json").read_text())
+    res["ppl_q"] *= 1.5  # the recorded figure no longer describes the saved model
+    (run / "results.json").write_text(json.dumps(res))
+    r = runner.invoke(app, ["eval", "--run", str(run), "--tasks", "none"])
+    assert r.exit_code == 1 and "does not reproduce" in said(r)
+
+
+def test_a_nan_perplexity_of_the_saved_model_exits_non_zero(tmp_path, run_dir, monkeypatch):
+    from moebits import cli, evaluate
+
+    run = copy_run(run_dir, tmp_path)
+    real = evaluate.perplexity
+
+    def nan_ppl(*a, **k):
+        r = real(*a, **k)
+        r.ppl = float("nan")
+        return r
+
+    monkeypatch.setattr(evaluate, "perplexity", nan_ppl)
+    r = runner.invoke(cli.app, ["eval", "--run", str(run), "--tasks", "none"])
+    assert r.exit_code == 1 and "nan" in said(r) and "damaged" in said(r)
+
+
+def test_editing_the_calibration_text_between_interruption_and_resume_is_noticed(tmp_path, text_file, mixed_run):
+    """The issue: run.json records the text's path only; an edited text silently reused the old statistics."""
+    text = tmp_path / "calib.txt"
+    text.write_text(text_file.read_text())
+    run = tmp_path / "run"
+    args = mxmoe_args(text_file, run)
+    args[args.index("--calib") + 1] = str(text)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    interrupt_before_quantizing(run)
+    text.write_text(text.read_text()[::-1])  # same path, different content
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "different calib" in said(r) and "--overwrite" in said(r), r.output
+    r = runner.invoke(app, args + ["--overwrite"])
+    assert r.exit_code == 0, r.output
+
+
+def test_scaled_calibration_inputs_are_refused(tmp_path, mixed_run, text_file):
+    """The issue: calib_inputs.safetensors x50 changed 36 units' bits, exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    run = copy_run(mixed_run, tmp_path)
+    for name in ("table.csv", "plan.json"):
+        (run / name).unlink()
+    interrupt_before_quantizing(run)
+    p = run / "calib_inputs.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(p), "pt") as f:
+        meta = f.metadata()
+    save_file({k: v * 50 for k, v in load_file(str(p)).items()}, str(p), metadata=meta)
+    r = runner.invoke(app, mxmoe_args(text_file, run))
+    assert r.exit_code == 2 and "calib_inputs.safetensors" in said(r) and "changed or damaged" in said(r), r.output
+
+
+def test_a_done_run_whose_model_was_deleted_quantizes_again(tmp_path, run_dir, text_file):
+    """The issue: a finished run whose model/ was deleted re-ran as "done" (and left no model)."""
+    run = copy_run(run_dir, tmp_path)
+    before = stored(run / "model" / "model.safetensors")
+    ppl_q = json.loads((run / "results.json").read_text())["ppl_q"]
+    shutil.rmtree(run / "model")
+    r = runner.invoke(app, quantize_args(text_file, run))
+    assert r.exit_code == 0, r.output
+    assert stored(run / "model" / "model.safetensors") == before
+    assert json.loads((run / "results.json").read_text())["ppl_q"] == ppl_q
+
+
+def test_a_seqlen_beyond_the_models_positions_warns(tmp_path, text_file, caplog):
+    """The issue: --seqlen 4096 on a model with 512 positions evaluated past its limit without a word."""
+    from moebits.models import load_model
+
+    model, _, _ = load_model("tiny:qwen2_moe")
+    limit = model.config.max_position_embeddings
+    r = runner.invoke(app, ["quantize", "--model", "tiny:qwen2_moe", "--bits", "4.5", "--group-size", "32",
+                            "--calib", str(text_file), "--eval", str(text_file), "--nsamples", "1",
+                            "--seqlen", str(limit * 2), "--eval-windows", "1", "--no-save-model",
+                            "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    assert f"beyond the model's {limit} positions" in said(r)

@@ -228,8 +228,12 @@ class Calibration:
         if not cls.exists(directory):
             raise FileNotFoundError(f"no calibration in {directory} (expected {cls.STATS_FILE} and {cls.INPUTS_FILE})")
         stats, meta = CalibrationStats.load(directory / cls.STATS_FILE)
-        return cls(stats, cls.load_inputs(directory / cls.INPUTS_FILE), meta["total_tokens"],
-                   [tuple(x) for x in meta.get("never_routed", [])])
+        try:
+            inputs = cls.load_inputs(directory / cls.INPUTS_FILE)
+        except Exception as e:  # safetensors raises its own error types; what matters is the file
+            raise ValueError(f"{directory / cls.INPUTS_FILE} is unreadable ({type(e).__name__}: {str(e)[:120]}); "
+                             "it is truncated or damaged: delete it to calibrate again") from None
+        return cls(stats, inputs, meta["total_tokens"], [tuple(x) for x in meta.get("never_routed", [])])
 
     def save_inputs(self, path: str | Path) -> None:
         from safetensors.torch import save_file

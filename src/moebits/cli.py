@@ -551,6 +551,25 @@ def eval_cmd(
         if "perplexity" in res:
             r["ppl_loaded"] = res["perplexity"]
         atomic_write_json(run / "results.json", r)
+    _check_reproduced(run, res.get("perplexity"))
+
+
+def _check_reproduced(run: Optional[Path], ppl: Optional[dict]) -> None:
+    """`eval --run`: a loaded model whose perplexity is not finite, or not the run's ppl_q, is an error
+    (exit 1): the saved model does not reproduce the run."""
+    import math
+
+    if run is None or not ppl:
+        return
+    if not math.isfinite(ppl["ppl"]):
+        console.print(f"[bold red]error:[/] the model saved in {run / 'model'} gives perplexity {ppl['ppl']}: it is "
+                      f"damaged; delete {run / 'model'} and rerun the run's `moebits quantize` command to re-create it")
+        raise typer.Exit(1)
+    if ppl.get("matches_ppl_q") is False:
+        console.print(f"[bold red]error:[/] the model saved in {run / 'model'} gives perplexity {ppl['ppl']:.6g}, the "
+                      f"run recorded ppl_q {ppl['ppl_q']:.6g}: the saved model does not reproduce the run (changed or "
+                      f"damaged); delete {run / 'model'} and rerun the run's `moebits quantize` command to re-create it")
+        raise typer.Exit(1)
 
 
 def _load_run_model(run: Path, dtype: Optional[str]):

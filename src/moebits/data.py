@@ -189,3 +189,15 @@ def default_seqlen(model: str, trust_remote_code: bool = False) -> int:
         except Exception:  # noqa: BLE001 - any failure here is reported by load_model with a better message
             max_pos = None
     return min(MAX_DEFAULT_SEQLEN, int(max_pos)) if max_pos else MAX_DEFAULT_SEQLEN
+
+
+def seqlen_warnings(model_config, **seqlens: int | None) -> list[str]:
+    """Lines to warn with when a window is longer than the model's `max_position_embeddings` (the model
+    then runs on positions it never saw: its perplexity and statistics are not what it would give)."""
+    cfg = getattr(model_config, "text_config", None) or model_config
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    if not max_pos:
+        return []
+    return [f"--{name.replace('_', '-')} {n} is beyond the model's {max_pos} positions: it runs on positions it "
+            f"was not trained for; use --{name.replace('_', '-')} {max_pos} or less"
+            for name, n in seqlens.items() if n is not None and n > max_pos]

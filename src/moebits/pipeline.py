@@ -338,11 +338,11 @@ class Pipeline:
         cfg.check_holdout()
         self.cfg, self.progress = cfg, progress
         self.rotation = None  # rotate.Rotation once load() rotated the model (--rotate)
-        self.run = Run(out, cfg.spec(), overwrite=overwrite)
-        self.results: dict = {}
-        rp = self.run.path("results.json")
-        if rp.exists():
-            self.results = json.loads(rp.read_text())
+        from .fingerprint import run_inputs
+        from .run import read_cached_json
+
+        self.run = Run(out, cfg.spec(), overwrite=overwrite, inputs=run_inputs(cfg.model, cfg.calib, cfg.eval))
+        self.results: dict = read_cached_json(self.run, "results.json") or {}
 
     @classmethod
     def from_run(cls, directory: str | Path, progress: bool = True, **output_options) -> "Pipeline":
@@ -369,6 +369,7 @@ class Pipeline:
         self.model, self.tokenizer, self.adapter = load_model(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code,
                                                               seed=cfg.seed)
         self.adapter.check_finite()
+        self.warn_seqlen()
         self.rotation = None
         if cfg.rotate:  # before calibration: statistics, Hessians and profiles are of the rotated model
             from .rotate import rotate_model
@@ -382,13 +383,14 @@ class Pipeline:
     def calibrate(self) -> Calibration:
         cfg = self.cfg
         self.windows = calibration_windows(self.tokenizer, cfg.calib, cfg.nsamples, cfg.calib_seqlen, cfg.seed)
-        if Calibration.exists(self.run.root):
+        if self.run.verified(Calibration.STATS_FILE) and self.run.verified(Calibration.INPUTS_FILE):
             self.calib = Calibration.load(self.run.root)
             return self.calib
         cal = self.timed("calibrate_seconds", lambda: calibrate(
             self.adapter, self.windows, cfg.batch_size, cfg.max_tokens_per_expert, cfg.seed, self.progress,
             holdout=cfg.holdout))
         cal.save(self.run.root)
+        self.run.record(Calibration.INPUTS_FILE, Calibration.STATS_FILE)
         self.calib = cal
         self._save_results()
         return cal
@@ -470,7 +472,7 @@ class Pipeline:
     def fill_table(self, choices: list[Choice]) -> SensitivityTable:
         """The method's sensitivity table, saved as table.csv when it holds measurements."""
         table_p = self.run.path("table.csv")
-        if table_p.exists():
+        if self.run.verified("table.csv"):
             return SensitivityTable.from_csv(table_p)
         self.results["profile_seconds"] = 0.0  # measure() adds up; an interrupted attempt's seconds do not count
         self.results.pop("profiled_units", None)
@@ -483,6 +485,7 @@ class Pipeline:
                                "table entries unknown")
         if self.method.profiles:
             table.to_csv(table_p)
+            self.run.record("table.csv")
         self.results.setdefault("profile_seconds", 0.0)
         self._save_results()
         return table
@@ -495,8 +498,8 @@ class Pipeline:
 
     def allocate(self, choices: list[Choice], table: SensitivityTable) -> Plan:
         plan_p = self.run.path("plan.json")
-        if plan_p.exists():
-            return Plan.load(plan_p)
+        if self.run.verified("plan.json"):
+            return self.load_plan(plan_p, choices, table)
         cfg = self.cfg
         attn = cfg.attention_choice()
         meta = {"method": cfg.method, "granularity": cfg.granularity_name, "tie_gate_up": cfg.tie_gate_up,
@@ -540,8 +543,31 @@ class Pipeline:
             if problems:
                 raise ValueError("--target vllm: this plan is not servable by vLLM: " + "; ".join(problems))
         plan.save(plan_p)
+        self.run.record("plan.json")
         self._save_results()
         return plan
+
+    def load_plan(self, plan_p: Path, choices: list[Choice], table: SensitivityTable) -> Plan:
+        """The plan of an interrupted run, checked against the run's units, candidates, structure and budget."""
+        from .plan import check_loaded_plan
+
+        plan = Plan.load(plan_p)
+        if self.cfg.budget_request()[0] == "wbits":
+            wb = Choice(self.cfg.wbits, self.cfg.group_size, self.cfg.quantizer, act_bits=self.cfg.abits or 16)
+            check_loaded_plan(plan, plan_p, self.units, [wb])
+        else:  # a latency-fri budget would be re-measured (noisy): its plan is checked without the budget
+            budget = None if self.cfg.cost == "latency-fri" and self.cfg.latency is not None else \
+                self.budget(choices, table.frequency)
+            check_loaded_plan(plan, plan_p, self.units, choices, budget, self.groups())
+        return plan
+
+    def warn_seqlen(self) -> None:
+        from .data import seqlen_warnings
+
+        for line in seqlen_warnings(self.model.config, calib_seqlen=self.cfg.calib_seqlen,
+                                    eval_seqlen=self.cfg.eval_seqlen):
+            log.warning(line)
+            self._note(line)
 
     def _note(self, line: str) -> None:
         """A line the user should read (printed by the CLI, kept in results.json)."""
@@ -623,7 +649,7 @@ class Pipeline:
             from .gguf.quantize import execute
 
             return execute(self)
-        if self.results.get("done"):
+        if self.finished():
             return self.results
         cfg.check_act_options()
         self.load()
@@ -666,3 +692,14 @@ class Pipeline:
 
     def _save_results(self) -> None:
         atomic_write_json(self.run.path("results.json"), self.results)
+        self.run.record("results.json")
+
+    def finished(self) -> bool:
+        """A done run whose saved model is still there (a deleted model/ is re-quantized on resume)."""
+        if not self.results.get("done"):
+            return False
+        if self.results.get("model_format") and not (self.run.path("model") / "config.json").is_file():
+            log.warning("%s: the run is done but its model/ is missing: quantizing again", self.run.root)
+            self.results.pop("done")
+            return False
+        return True

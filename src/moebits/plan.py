@@ -99,3 +99,49 @@ class Plan:
                 f"plan does not match the model: {len(miss)} unit(s) missing (e.g. {[u.name for u in miss[:3]]}), "
                 f"{len(extra)} unknown (e.g. {[u.name for u in extra[:3]]})"
             )
+
+
+def check_loaded_plan(plan: Plan, path: str | Path, units, choices, budget=None, groups=None) -> None:
+    """A plan read back from disk (a resumed run) must be one the run could have made: every unit of the
+    model and no other, each at one of the run's candidate choices, the structure constraints (units of a
+    group share a choice) and the budget (and the activation-bits budget) met. Raises PlanError naming the
+    file and saying how to recompute it."""
+    import numpy as np
+
+    fix = f"delete {path} to allocate again (or restore it)"
+    try:
+        plan.check_covers(units)
+    except PlanError as e:
+        raise PlanError(f"{path}: {e}; {fix}") from None
+    units = list(units)
+    index = {c: j for j, c in enumerate(choices)}
+    cols = np.empty(len(units), dtype=np.int64)
+    for i, u in enumerate(units):
+        c = plan.choice(u)
+        if c not in index:
+            raise PlanError(f"{path}: unit {u.name} is at {c.label}, which is not one of this run's candidate choices "
+                            f"({', '.join(sorted({x.label for x in choices}))}); {fix}")
+        cols[i] = index[c]
+    if groups is not None:
+        g = np.asarray(groups)
+        for gid in np.unique(g):
+            members = np.flatnonzero(g == gid)
+            if len(set(cols[members].tolist())) > 1:
+                raise PlanError(f"{path}: units {units[members[0]].name} and "
+                                f"{units[members[np.flatnonzero(cols[members] != cols[members[0]])[0]]].name} must share "
+                                f"one choice (granularity / --tie-gate-up / --target) but do not; {fix}")
+    if budget is None:
+        return
+    rows = [budget.units.index(u) for u in units] if list(budget.units) != units else list(range(len(units)))
+    used = float(budget.cost[rows, cols].sum())
+    if not used <= budget.total * (1 + 1e-9) + 1e-12:
+        say = budget.describe or (lambda c: f"{c:.6g}")
+        raise PlanError(f"{path}: the plan costs {say(used)}, over the run's {budget.kind} budget {say(budget.total)}; "
+                        f"{fix}")
+    if budget.act is not None:
+        by_row = np.empty_like(cols)
+        by_row[rows] = cols
+        act = budget.act.average(by_row)
+        if not act <= budget.act.value * (1 + 1e-9) + 1e-12:
+            raise PlanError(f"{path}: the plan's average activation bits {act:.4f} exceed the run's budget "
+                            f"{budget.act.value}; {fix}")

@@ -7,9 +7,15 @@ first missing stage and a finished stage is never silently redone or half-writte
     DIR/plan.json       unit -> choice                   (allocate)
     DIR/model/          quantized model, packed format   (quantize; see moebits.packed)
     DIR/results.json    metrics and seconds per stage    (evaluate)
+    DIR/cache.json      what the caches were computed from (content fingerprints of the model and the
+                        texts, fingerprint.py) and the sha256 of every cached file as written
+
+A cached file is used only if its sha256 is the one recorded when moebits wrote it (else the run refuses
+with the file named); a missing one is recomputed; inputs whose content changed make a different run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,13 +24,54 @@ from .atomic import (RefusedPath, atomic_path, atomic_write_bytes, atomic_write_
                      atomic_write_text, check_replaceable)
 
 # what a run writes into its directory: clearing a run (--overwrite) removes these and nothing else
-RUN_ARTEFACTS = ("run.json", "stats.json", "calib_inputs.safetensors", "table.csv", "plan.json", "model",
-                 "model.layers", "results.json", "stream", "model.partial", "model.old")
-STAGE_ARTEFACTS = tuple(n for n in RUN_ARTEFACTS if n != "run.json")
+RUN_ARTEFACTS = ("run.json", "cache.json", "stats.json", "calib_inputs.safetensors", "table.csv", "plan.json", "model",
+                 "model.layers", "results.json", "stream", "model.partial", "model.old",
+                 "gguf_table.json", "gguf_plan.json", "imatrix.gguf")  # --target llamacpp (gguf/)
+STAGE_ARTEFACTS = tuple(n for n in RUN_ARTEFACTS if n not in ("run.json", "cache.json"))
+MANIFEST = "cache.json"
+MANIFEST_FORMAT = "moebits.cache/1"
 
 
 class RunMismatchError(RuntimeError):
     pass
+
+
+class CacheError(ValueError):
+    """A cached file of a run that is not what moebits wrote (edited, truncated, damaged)."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(16 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_manifest(root: Path) -> dict | None:
+    p = root / MANIFEST
+    if not p.exists():
+        return None
+    try:
+        m = json.loads(p.read_text())
+        if m.get("format") != MANIFEST_FORMAT or not isinstance(m.get("files"), dict):
+            raise ValueError("not a moebits cache manifest")
+        return m
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise CacheError(f"{p} is damaged ({e}); delete it and the run's cached files, or rerun with "
+                         "--overwrite") from None
+
+
+def record_file(root: str | Path, *names: str) -> None:
+    """Record the sha256 of the files `names` of the run directory `root` as written by moebits."""
+    root = Path(root)
+    m = _read_manifest(root) or {"format": MANIFEST_FORMAT, "inputs": {}, "files": {}}
+    for n in names:
+        if (root / n).is_file():
+            m["files"][n] = file_sha256(root / n)
+        else:
+            m["files"].pop(n, None)
+    atomic_write_json(root / MANIFEST, m)
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -40,7 +87,7 @@ class Run:
     directory stays). A run that produced nothing yet (a refused or failed start: run.json alone) is
     simply taken over by the new request. A directory that is not a run is never emptied: refused."""
 
-    def __init__(self, root: str | Path, spec: dict, overwrite: bool = False):
+    def __init__(self, root: str | Path, spec: dict, overwrite: bool = False, inputs: dict | None = None):
         self.root = Path(root)
         self.spec = spec
         spec_path, old = self.root / "run.json", None
@@ -68,6 +115,54 @@ class Run:
         self.root.mkdir(parents=True, exist_ok=True)
         if not spec_path.exists() or old != spec:
             atomic_write_json(spec_path, spec)
+        if inputs is not None:
+            self.check_inputs(inputs, overwrite)
+
+    # -- what the caches were computed from, and their checksums (cache.json) --------------------
+    def check_inputs(self, inputs: dict, overwrite: bool = False) -> None:
+        """The content fingerprints of the model and the texts must be those the cached stages were
+        computed from; else this is a different run (refused, or cleared with `overwrite`). A run made
+        before fingerprints existed adopts the current ones (its files are trusted as they are)."""
+        m = _read_manifest(self.root)
+        if m is None:
+            m = {"format": MANIFEST_FORMAT, "inputs": dict(inputs), "files": {}}
+            for n in STAGE_ARTEFACTS:  # a run made before cache.json: record what it holds now
+                if (self.root / n).is_file():
+                    m["files"][n] = file_sha256(self.root / n)
+            atomic_write_json(self.root / MANIFEST, m)
+            return
+        changed = [k for k in inputs if k in m.get("inputs", {}) and m["inputs"][k] != inputs[k]]
+        if changed and self.stage_artefacts():
+            if not overwrite:
+                raise RunMismatchError(
+                    f"{self.root} was computed from a different {' and '.join(changed)} (its content changed since: "
+                    f"fingerprint {m['inputs'][changed[0]][:20]}... -> {inputs[changed[0]][:20]}...); restore it, "
+                    "choose another --out, or pass --overwrite to recompute the run")
+            self.clear()
+            m = {"format": MANIFEST_FORMAT, "inputs": {}, "files": {}}
+        m["inputs"] = {**m.get("inputs", {}), **inputs}
+        atomic_write_json(self.root / MANIFEST, m)
+
+    def record(self, *names: str) -> None:
+        record_file(self.root, *names)
+
+    def verified(self, name: str) -> bool:
+        """Whether the cached file `name` exists and is what moebits wrote. A file the manifest does not
+        know (written by an interrupted write, or by hand) counts as absent: it is recomputed. A file
+        whose sha256 differs from the recorded one is refused (CacheError naming it)."""
+        p = self.root / name
+        if not p.is_file():
+            return False
+        m = _read_manifest(self.root)
+        want = (m or {}).get("files", {}).get(name)
+        if m is None:
+            return True  # no manifest at all: a Run made without inputs (library use); nothing to check against
+        if want is None:
+            return False
+        if file_sha256(p) != want:
+            raise CacheError(f"{p} was changed or damaged after moebits wrote it (its sha256 differs from the one "
+                             f"recorded in {self.root / MANIFEST}); delete it to recompute it, or restore it")
+        return True
 
     def stage_artefacts(self) -> list[str]:
         """The stage artefacts this run directory holds (run.json aside)."""
@@ -91,6 +186,20 @@ class Run:
 
     def has(self, name: str) -> bool:
         return (self.root / name).exists()
+
+
+def read_cached_json(run: Run, name: str) -> dict | None:
+    """A run's cached JSON file (None when absent or not recorded), verified; damage names the file."""
+    if not run.verified(name):
+        return None
+    p = run.path(name)
+    try:
+        d = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CacheError(f"{p} is not valid JSON ({e}); delete it to recompute it") from None
+    if not isinstance(d, dict):
+        raise CacheError(f"{p} is not a moebits {name}; delete it to recompute it")
+    return d
 
 
 def _spec_diff(old: dict | None, new: dict) -> str:

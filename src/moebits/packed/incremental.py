@@ -31,6 +31,7 @@ from .io import (INDEX_KEY, WEIGHTS_NAME, _other_tensors, build_layer_units, crc
 from .layout import PackedIndex
 
 PART_KEY = "moebits_part"
+PART_CRCS_KEY = "moebits_part_crcs"  # crc32 of every tensor of the part (parts written before it: computed at join)
 REST = "rest"  # the part holding everything outside the decoder layers
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
              "U8": 1, "I8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -77,9 +78,10 @@ class PackedLayerWriter:
     def _write(self, part, tensors: dict[str, torch.Tensor], index: PackedIndex) -> Path:
         from safetensors.torch import save_file
 
+        crcs = {n: crc32(t) for n, t in tensors.items()}
         with atomic_path(self.part_path(part)) as tmp:
             save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp),
-                      metadata={"format": "pt", PART_KEY: json.dumps(index.to_dict())})
+                      metadata={"format": "pt", PART_KEY: json.dumps(index.to_dict()), PART_CRCS_KEY: json.dumps(crcs)})
         return self.part_path(part)
 
     def finish(self, model, adapter: MoEAdapter, plan: Plan, layers: list[int], tokenizer=None,
@@ -89,10 +91,14 @@ class PackedLayerWriter:
         missing = [p.name for p in parts if not p.exists()]
         if missing:
             raise FileNotFoundError(f"{self.parts_dir}: parts {missing[:3]} are missing; rerun to write them")
-        modules, units, checks, entries = {}, {}, {}, []  # entries: (name, info, part, data_start)
+        from .integrity import file_crcs, integrity_metadata
+
+        modules, units, checks, entries, crcs = {}, {}, {}, [], {}  # entries: (name, info, part, data_start)
         for p in parts:
             header, start = read_header(p)
             part_index = PackedIndex.from_dict(json.loads(header["__metadata__"][PART_KEY]))
+            recorded = header["__metadata__"].get(PART_CRCS_KEY)
+            crcs.update({k: int(v) for k, v in json.loads(recorded).items()} if recorded else file_crcs(p))
             modules.update(part_index.modules)
             units.update(part_index.units)
             checks.update(part_index.checksums)
@@ -109,7 +115,9 @@ class PackedLayerWriter:
             n = info["data_offsets"][1] - info["data_offsets"][0]
             out_header[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + n]}
             offset += n
-        out_header["__metadata__"] = {"format": "pt", INDEX_KEY: json.dumps(index.to_dict())}
+        index_json = json.dumps(index.to_dict())
+        out_header["__metadata__"] = {"format": "pt", INDEX_KEY: index_json,
+                                      **integrity_metadata(index_json, {n: crcs[n] for n, *_ in entries})}
         raw = json.dumps(out_header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
 

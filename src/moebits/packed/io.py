@@ -246,8 +246,13 @@ def save_packed(model, adapter: MoEAdapter, plan: Plan, qweights: dict[Unit, Qua
 
     from ..atomic import atomic_dir
 
+    from .integrity import integrity_metadata
+
+    index_json = json.dumps(index.to_dict())
+    crcs = {n: crc32(t) for n, t in tensors.items()}
     with atomic_dir(out_dir, "packed") as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", INDEX_KEY: json.dumps(index.to_dict())})
+        save_file(tensors, str(tmp / WEIGHTS_NAME),
+                  metadata={"format": "pt", INDEX_KEY: index_json, **integrity_metadata(index_json, crcs)})
         packed_config(model, adapter, plan, index, sizes, stored_dtype, rotation).save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -303,7 +308,13 @@ def read_index(path: str | Path) -> PackedIndex:
         raise
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise PackedFormatError(f"{f}: the moebits index in its metadata is damaged ({type(e).__name__}: {e})") from None
+    from .integrity import check_sizes, verify_metadata
+
+    check_sizes(index, shapes, f)  # first: every later check trusts the sizes it reads
     _check_index(index, shapes, f)
+    # every stored byte: the index digest, and the crc32 of every tensor that is not a unit (units are
+    # checked once resident, verify_checksums / read_units)
+    verify_metadata(f, meta, shapes, skip=index.checksums)
     return index
 
 

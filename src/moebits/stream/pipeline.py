@@ -120,6 +120,7 @@ class StreamPipeline(Pipeline):
             self.generation_config = GenerationConfig.from_pretrained(str(source.directory))
         self.units = self.adapter.units()
         self.shapes = self.adapter.shapes()
+        self.warn_seqlen()
         self.work = self.run.path("stream")
         self._note(f"streaming layer by layer ({self.reason}): {self.lazy.num_layers} decoder layers, one "
                    f"materialised at a time (largest {max(self.lazy.layer_bytes(l) for l in range(self.lazy.num_layers)) / 2**20:.1f} "
@@ -286,7 +287,7 @@ class StreamPipeline(Pipeline):
         return sizes
 
     def execute(self) -> dict:
-        if self.results.get("done"):
+        if self.finished():
             return self.results
         results = super().execute()
         self.writer.cleanup()
