@@ -439,3 +439,110 @@ def test_a_seqlen_beyond_the_models_positions_warns(tmp_path, text_file, caplog)
                             "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     assert f"beyond the model's {limit} positions" in said(r)
+
+
+# ---- 3. one-line answers instead of tracebacks ----------------------------------------------------------
+def refused(r, *words):
+    """A clean refusal: exit 2, one error naming `words`, no traceback."""
+    text = said(r)
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit), r.output
+    for w in words:
+        assert w in text, (w, r.output)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from moebits.models import load_model
+
+    d = tmp_path_factory.mktemp("rel") / "tiny_model"
+    model, tok, _ = load_model("tiny:qwen2_moe")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+def test_a_damaged_input_model_file_is_named(tmp_path, model_dir, text_file, damage):
+    d = tmp_path / "model"
+    shutil.copytree(model_dir, d)
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    replace_file(f, raw[: len(raw) // 2] if damage == "truncated" else b"\x13\x37" * 64 + raw[128:])
+    args = quantize_args(text_file, tmp_path / "run")
+    args[args.index("--model") + 1] = str(d)
+    refused(runner.invoke(app, args), "model.safetensors", "truncated or damaged")
+
+
+@pytest.mark.parametrize("option,value", [("--nsamples", "0"), ("--nsamples", "-1"), ("--eval-windows", "0"),
+                                          ("--group-size", "0"), ("--group-size", "-8"), ("--bits", "nan"),
+                                          ("--bits", "inf"), ("--bits", "-3")])
+def test_impossible_option_values_are_refused_before_any_work(tmp_path, text_file, option, value):
+    args = quantize_args(text_file, tmp_path / "run")
+    args[args.index(option) + 1] = value
+    refused(runner.invoke(app, args), option)
+    assert not (tmp_path / "run").exists()  # refused before the run directory is touched
+
+
+def test_cuda_without_cuda_is_one_line(tmp_path, text_file):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    refused(runner.invoke(app, quantize_args(text_file, tmp_path / "run", "--device", "cuda")), "CUDA is not available",
+            "--device cpu")
+
+
+def test_allocate_with_a_truncated_table_names_it(tmp_path):
+    import numpy as np
+
+    from moebits.models import load_model
+    from moebits.table import SensitivityTable
+    from moebits.units import Choice
+
+    _, _, ad = load_model("tiny:qwen3_moe")
+    choices = [Choice(b, 32) for b in (2, 4)]
+    t = SensitivityTable(ad.units(), choices)
+    rng = np.random.default_rng(0)
+    for u in ad.units():
+        for c in choices:
+            t.set(u, c, float(rng.uniform(1, 2) / c.bits))
+    t.frequency[:] = 0.5
+    p = tmp_path / "table.csv"
+    t.to_csv(p)
+    text = p.read_text()
+    for cut in (len(text) // 2, text.rindex("\n", 0, len(text) - 1) + 1):  # mid-row, and at a row boundary
+        p.write_text(text[:cut])
+        r = runner.invoke(app, ["allocate", "--table", str(p), "--model", "tiny:qwen3_moe", "--bits", "3.5",
+                                "--out", str(tmp_path / "plan.json")])
+        refused(r, "table.csv")
+        assert not (tmp_path / "plan.json").exists()
+
+
+@pytest.mark.parametrize("name", ["results.json", "calib_inputs.safetensors", "stats.json"])
+def test_a_truncated_run_file_is_named(tmp_path, mixed_run, text_file, name):
+    run = copy_run(mixed_run, tmp_path)
+    for later in ("table.csv", "plan.json"):
+        (run / later).unlink()
+    interrupt_before_quantizing(run)
+    f = run / name
+    replace_file(f, f.read_bytes()[: f.stat().st_size // 2])
+    refused(runner.invoke(app, mxmoe_args(text_file, run)), name)
+
+
+def test_a_truncated_results_json_of_an_old_run_is_named(tmp_path, run_dir, text_file):
+    """A run made before cache.json (nothing to compare the sha256 with): the JSON error still names the file."""
+    run = copy_run(run_dir, tmp_path)
+    (run / "cache.json").unlink()
+    f = run / "results.json"
+    replace_file(f, f.read_bytes()[:40])
+    refused(runner.invoke(app, quantize_args(text_file, run)), "results.json")
+    refused(runner.invoke(app, ["eval", "--run", str(run), "--tasks", "none"]), "results.json")
+
+
+def test_a_refused_run_does_not_block_its_directory(tmp_path, text_file):
+    out = tmp_path / "run"
+    r = runner.invoke(app, quantize_args(text_file, out, "--bits", "1.5"))  # infeasible: refused after loading
+    refused(r, "feasible")
+    r = runner.invoke(app, quantize_args(text_file, out))  # the corrected command, no --overwrite needed
+    assert r.exit_code == 0, r.output

@@ -109,8 +109,47 @@ def check_replaceable(out_dir: str | Path, what: str = "--out") -> None:
                           "moebits does not delete what it did not write: choose a new or empty directory")
 
 
-def _write_marker(directory: Path, kind: str) -> None:
-    (directory / MARKER).write_text(json.dumps({"writer": "moebits", "kind": kind}) + "\n")
+def _write_marker(directory: Path, kind: str, files: dict | None = None) -> None:
+    d = {"writer": "moebits", "kind": kind, **({"files": files} if files is not None else {})}
+    (directory / MARKER).write_text(json.dumps(d, indent=1) + "\n")
+
+
+_HASHED_MAX = 64 << 20  # small files (config, plan, tokenizer) are hashed into the marker; weights verify themselves
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def seal(directory: Path, kind: str) -> None:
+    """Write the marker with the sha256 of every small file of `directory` (not *.safetensors: a packed
+    checkpoint checksums its own tensors), so that `verify_sealed` can tell an edited config or plan."""
+    files = {p.name: _sha256(p) for p in sorted(directory.iterdir())
+             if p.is_file() and p.name != MARKER and not p.name.endswith(".safetensors")
+             and p.stat().st_size <= _HASHED_MAX}
+    _write_marker(directory, kind, files)
+
+
+def verify_sealed(directory: str | Path) -> None:
+    """Refuse (ValueError naming the file) a small file of a sealed directory that differs from what
+    moebits wrote, or is missing. Directories without a sealed marker (older ones) pass."""
+    directory = Path(directory)
+    try:
+        files = json.loads((directory / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(files, dict):
+        return
+    for name, want in files.items():
+        p = directory / name
+        if not p.is_file():
+            raise RefusedPath(f"{p} is missing (moebits wrote it with this directory); copy the directory again or "
+                              "re-create it")
+        if _sha256(p) != want:
+            raise RefusedPath(f"{p} was changed or damaged after moebits wrote it (its sha256 differs from the one "
+                              f"in {directory / MARKER}); copy the directory again or re-create it")
 
 
 def new_partial_dir(out_dir: str | Path, kind: str) -> Path:
@@ -168,6 +207,7 @@ def atomic_dir(out_dir: str | Path, kind: str):
     tmp = new_partial_dir(out_dir, kind)
     try:
         yield tmp
+        seal(tmp, kind)
         publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

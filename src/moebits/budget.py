@@ -36,9 +36,22 @@ LATENCY_MODELS = ("roofline", "latency-fri")
 ONE_BUDGET = "give exactly one budget: --bits (average storage bits per weight, e.g. 3.25), --memory-gb or --latency"
 
 
+def check_budget_value(name: str, value: float | None) -> None:
+    """A budget must be a positive finite number (nan / inf / <= 0 are refused by name)."""
+    import math
+
+    if value is None:
+        return
+    flag = {"bits": "--bits", "memory": "--memory-gb", "memory_gb": "--memory-gb", "latency": "--latency"}.get(name, name)
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{flag} must be a positive finite number, got {value!r}")
+
+
 def budget_request(bits: float | None = None, memory_gb: float | None = None,
                    latency: float | None = None) -> tuple[str, float]:
     """`(kind, value)` of the single budget given; a clear error when none or several are."""
+    for name, v in zip(KINDS, (bits, memory_gb, latency)):
+        check_budget_value(name, v)
     given = [(k, v) for k, v in zip(KINDS, (bits, memory_gb, latency)) if v is not None]
     if len(given) != 1:
         raise ValueError(ONE_BUDGET)

@@ -497,7 +497,7 @@ def eval_cmd(
     from .apply import apply_plan
     from .models import load_model
     from .plan import Plan
-    from .run import atomic_write_json
+    from .run import atomic_write_json, read_json, record_file
 
     res: dict = {}
     try:
@@ -544,13 +544,18 @@ def eval_cmd(
     if out is not None:
         atomic_write_json(out, res)
     if run is not None and (run / "results.json").exists():
-        r = json.loads((run / "results.json").read_text())
+        try:
+            r = read_json(run / "results.json")
+        except _user_errors() as e:
+            _fail(str(e))
         if task_list:
             r["tasks"] = res["tasks"]
             r["tasks_average"] = res.get("average")
         if "perplexity" in res:
             r["ppl_loaded"] = res["perplexity"]
         atomic_write_json(run / "results.json", r)
+        if (run / "cache.json").exists():
+            record_file(run, "results.json")
     _check_reproduced(run, res.get("perplexity"))
 
 
@@ -577,6 +582,7 @@ def _load_run_model(run: Path, dtype: Optional[str]):
     from .models import load_model
     from .packed import is_packed
     from .pipeline import QuantizeConfig
+    from .run import read_json
 
     spec_p, model_dir = run / "run.json", run / "model"
     if not spec_p.exists():
@@ -584,7 +590,7 @@ def _load_run_model(run: Path, dtype: Optional[str]):
     if not (model_dir / "config.json").exists():
         _fail(f"{run} holds no saved model ({model_dir} is missing: the run was made with --no-save-model or did "
               "not finish); rerun `moebits quantize` with --save-model, or evaluate with --model and --plan")
-    cfg = QuantizeConfig.from_spec(json.loads(spec_p.read_text()))
+    cfg = QuantizeConfig.from_spec(read_json(spec_p))
     m, tok, _ = load_model(str(model_dir), dtype=dtype or cfg.dtype, device=cfg.device, allow_packed=True)
     kind = "moebits packed" if is_packed(model_dir) else "dequantized 16-bit"
     console.print(f"loaded {model_dir} ({kind}, {next(m.parameters()).dtype}); not re-quantized")
@@ -595,13 +601,14 @@ def _run_perplexity(run: Path, model, tok, cfg) -> dict:
     """Perplexity with the run's evaluation settings, next to the run's own ppl_q."""
     from .data import load_text, tokenize
     from .evaluate import perplexity
+    from .run import read_json
 
     cfg.resolve_seqlens()  # runs made before --eval-seqlen hold one `seqlen`
     r = perplexity(model, tokenize(tok, load_text(cfg.eval, "eval")), cfg.eval_seqlen, cfg.batch_size, cfg.eval_windows,
                    progress=False, desc="eval (loaded)")
     out = r.to_dict()
     rp = run / "results.json"
-    ppl_q = json.loads(rp.read_text()).get("ppl_q") if rp.exists() else None
+    ppl_q = read_json(rp).get("ppl_q") if rp.exists() else None
     msg = f"perplexity of the loaded model: {r.ppl:.6g} ({r.windows} windows of {r.seqlen} tokens of {cfg.eval})"
     if ppl_q is not None:
         out["ppl_q"] = ppl_q

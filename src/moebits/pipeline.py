@@ -146,6 +146,23 @@ class QuantizeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 2 tokens, got {getattr(self, name)}")
         self.seqlen = self.calib_seqlen if self.calib_seqlen == self.eval_seqlen else None
 
+    def check_values(self) -> None:
+        """Option values that no stage could use, refused before a run directory is touched (issue 22).
+        Raises ValueError naming the option and what it accepts. (Budgets: `budget_request`.)"""
+        for name, low in (("nsamples", 1), ("group_size", 1), ("batch_size", 1), ("batch_tokens", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+        if self.eval_windows is not None and self.eval_windows < 1:
+            raise ValueError(f"--eval-windows must be at least 1 (or left out: the whole text), got {self.eval_windows}")
+        for name in ("seqlen", "calib_seqlen", "eval_seqlen"):
+            v = getattr(self, name)
+            if v is not None and v < 2:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 2 tokens, got {v}")
+        if not self.candidate_bits:
+            raise ValueError("--candidate-bits is empty; give bit-widths such as 2,3,4,8")
+        check_device(self.device)
+
     def check_holdout(self) -> None:
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"--holdout is the fraction of each expert's routed tokens held out, in [0, 1); "
@@ -264,6 +281,20 @@ class QuantizeConfig:
             return None
         return Choice(self.attn_bits, self.group_size, self.quantizer, rank=self.attn_rank)
 
+def check_device(device: str) -> None:
+    """A device this machine has (a clear error instead of torch's traceback deep inside loading)."""
+    import torch
+
+    kind = str(device).split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+                         f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    if kind not in ("cpu", "cuda", "mps", "xpu", "meta"):
+        raise ValueError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N")
+
+
 TARGETS = ("none", "vllm", "llamacpp")
 
 
@@ -325,6 +356,7 @@ def structure_groups(granularity: str, tie: bool, units: list[Unit], target: str
 
 class Pipeline:
     def __init__(self, cfg: QuantizeConfig, out: str | Path, overwrite: bool = False, progress: bool = True):
+        cfg.check_values()
         self.method = get_method(cfg.method)
         cfg.check_fri_options()
         if cfg.save_format not in SAVE_FORMATS:
@@ -698,6 +730,7 @@ class Pipeline:
         """A done run whose saved model is still there (a deleted model/ is re-quantized on resume)."""
         if not self.results.get("done"):
             return False
+        self.run.verify_all()  # a done run's cached files: as written, or refused by name
         if self.results.get("model_format") and not (self.run.path("model") / "config.json").is_file():
             log.warning("%s: the run is done but its model/ is missing: quantizing again", self.run.root)
             self.results.pop("done")

@@ -103,7 +103,7 @@ class Run:
                 if not overwrite:
                     diff = _spec_diff(old, spec)
                     raise RunMismatchError(
-                        f"{self.root} already holds a different run ({diff}). "
+                        f"{self.root} already holds a different run (its run.json: {diff}). "
                         "Choose another --out, or pass --overwrite to replace it."
                     )
                 self.clear()
@@ -135,13 +135,22 @@ class Run:
         if changed and self.stage_artefacts():
             if not overwrite:
                 raise RunMismatchError(
-                    f"{self.root} was computed from a different {' and '.join(changed)} (its content changed since: "
-                    f"fingerprint {m['inputs'][changed[0]][:20]}... -> {inputs[changed[0]][:20]}...); restore it, "
+                    f"{self.root} was computed from a different {' and '.join(changed)} (its content changed since "
+                    f"{MANIFEST} recorded it: fingerprint {m['inputs'][changed[0]][:20]}... -> {inputs[changed[0]][:20]}...); restore it, "
                     "choose another --out, or pass --overwrite to recompute the run")
             self.clear()
             m = {"format": MANIFEST_FORMAT, "inputs": {}, "files": {}}
         m["inputs"] = {**m.get("inputs", {}), **inputs}
         atomic_write_json(self.root / MANIFEST, m)
+
+    def verify_all(self) -> None:
+        """Check every file cache.json records (CacheError naming the first that differs or is missing)."""
+        m = _read_manifest(self.root)
+        for name in (m or {}).get("files", {}):
+            if not (self.root / name).is_file():
+                raise CacheError(f"{self.root / name} is missing from this finished run; rerun with --overwrite to "
+                                 "recompute the run, or restore the file")
+            self.verified(name)
 
     def record(self, *names: str) -> None:
         record_file(self.root, *names)
@@ -188,18 +197,24 @@ class Run:
         return (self.root / name).exists()
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object file moebits wrote; a truncated or garbled one is a ValueError naming it."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CacheError(f"{path} is not valid JSON ({e}): it is truncated or damaged; delete it to recompute it "
+                         "(or restore it)") from None
+    if not isinstance(d, dict):
+        raise CacheError(f"{path} does not hold a JSON object: it is damaged; delete it to recompute it")
+    return d
+
+
 def read_cached_json(run: Run, name: str) -> dict | None:
     """A run's cached JSON file (None when absent or not recorded), verified; damage names the file."""
     if not run.verified(name):
         return None
-    p = run.path(name)
-    try:
-        d = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CacheError(f"{p} is not valid JSON ({e}); delete it to recompute it") from None
-    if not isinstance(d, dict):
-        raise CacheError(f"{p} is not a moebits {name}; delete it to recompute it")
-    return d
+    return read_json(run.path(name))
 
 
 def _spec_diff(old: dict | None, new: dict) -> str:

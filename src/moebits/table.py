@@ -111,8 +111,13 @@ class SensitivityTable:
                 err = float(r["error"]) if r["error"] != "" else math.nan
                 parsed.append((units.setdefault(u, len(units)), choices.setdefault(c, len(choices)), err,
                                float(r["frequency"]), float(r["seconds"]), bool(int(r["measured"]))))
-            except (ValueError, KeyError) as e:
-                raise ValueError(f"{path}, line {n}: cannot parse row {r}: {e}") from None
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}, line {n}: cannot parse row {dict(list(r.items())[:6])}... ({e}): the table "
+                                 "is truncated or damaged; profile again (`moebits profile`)") from None
+        if len(parsed) != len(units) * len(choices) or len(set((i, j) for i, j, *_ in parsed)) != len(parsed):
+            raise ValueError(f"{path} has {len(parsed)} rows, a table of {len(units)} units x {len(choices)} choices "
+                             f"has {len(units) * len(choices)} (one per pair): it is truncated or damaged; profile "
+                             "again (`moebits profile`)")
         t = cls(list(units), list(choices))
         for i, j, err, f, s, m in parsed:
             t.error[i, j], t.frequency[i], t.seconds[i, j], t.measured[i, j] = err, f, s, m

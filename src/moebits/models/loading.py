@@ -81,6 +81,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16") from None
 
 
+def check_weight_files(directory: str | Path) -> None:
+    """Every safetensors file of a model directory must have a readable header that covers the file
+    exactly (a truncated or garbled download is named here, not in a traceback from deep inside
+    transformers)."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                sf.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ModelLoadError(f"{f} is not a readable safetensors file ({str(e).splitlines()[0][:100]}): it is "
+                                 "truncated or damaged; download or copy it again") from None
+
+
 def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str = "cpu", trust_remote_code: bool = False,
                seed: int = 0, allow_packed: bool = False):
     """Returns (model, tokenizer, adapter). `spec`: "demo", "tiny:<arch>", a local path, or a hub name.
@@ -109,6 +124,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str = "cpu"
             if not (p / "config.json").exists():
                 raise ModelLoadError(f"{p} exists but holds no config.json: not a Hugging Face model directory")
             path = str(p)
+            check_weight_files(p)
             if is_packed(p):
                 if not allow_packed:
                     raise ModelLoadError(f"{p} is a moebits packed (already quantized) checkpoint: evaluate it "

@@ -34,6 +34,9 @@ def load_quantized(path: str | Path, dtype="auto", device: str = "cpu"):
     if not is_packed(path):
         raise PackedFormatError(f"{path} is not a moebits packed checkpoint (no quantization_config with "
                                 f"quant_method {QUANT_METHOD!r} in its config.json)")
+    from ..atomic import verify_sealed
+
+    verify_sealed(path)  # config.json, plan.json, tokenizer: as written (the weights verify themselves)
     register()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return model.to(device).eval()

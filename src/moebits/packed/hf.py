@@ -101,6 +101,9 @@ class MoebitsHfQuantizer(HfQuantizer):
         if not checkpoint_files or len(checkpoint_files) != 1:
             raise PackedFormatError(f"a moebits packed checkpoint is one safetensors file; got {checkpoint_files}")
         self._file = Path(checkpoint_files[0])
+        from ..atomic import verify_sealed
+
+        verify_sealed(self._file.parent)  # config.json and the other small files as written
         self._index = read_index(self._file)
         convert_model(model, self._index, device="meta")
         return model

@@ -135,6 +135,9 @@ class PackedLayerWriter:
         try:
             self._join(tmp, entries, raw, model, adapter, plan, index, sizes, stored_dtype, tokenizer,
                        generation_config)
+            from ..atomic import seal
+
+            seal(tmp, "packed")
             replace_dir(tmp, self.out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
