@@ -41,7 +41,7 @@ from .units import Choice, Unit
 CACHE_BYTES = 512 * 2 ** 20  # reference pieces kept across calls
 HESSIAN_BYTES = 256 * 2 ** 20  # prepared Hessians kept across calls
 CHUNK_BYTES = 64 * 2 ** 20  # float32 weights quantized before their errors are measured and they are dropped
-GPTQ_CALL_BYTES = 2 ** 20  # rows x column block x 4 bytes per batched GPTQ call (within the L2 cache)
+GPTQ_CALL_BYTES = 4 * 2 ** 20  # rows x column block x 4 bytes per batched GPTQ call (near the L2 cache)
 DAMP = 0.01  # quant.quantize_weight's default, which profiling has always used
 
 
@@ -60,6 +60,8 @@ class _Reference:
     up_out: torch.Tensor  # [n, I] xu @ up^T
     y: torch.Tensor  # [n, H] the expert's output
     g: torch.Tensor  # [n, 1] routing weights in float64 (the error is weighted in float64, as always)
+    down: torch.Tensor  # the expert's down weight (a view of the model's)
+    act_fn: object
     x_is_copy: bool  # False when `x` is the calibration's own tensor (same dtype): it costs nothing here
 
     @property
@@ -228,7 +230,7 @@ class ExpertProfiler:
         up_out = xu @ up_w.T.to(x.dtype)
         h = ad.block_input(layer, expert, "down", gate_act * up_out)
         ref = _Reference(x, xg, xu, gate_act, up_out, h @ down_w.T.to(h.dtype), inp.g.double()[:, None],
-                         x_is_copy=x is not inp.x)
+                         down_w, ad.act_fn(layer, expert), x_is_copy=x is not inp.x)
         self.refs.put((layer, expert), ref)
         return ref, time.perf_counter() - t0
 
@@ -245,14 +247,14 @@ class ExpertProfiler:
         x = ref.x
         if kind == "gate":
             xg = ad.block_input(layer, expert, "gate", x, act) if act else ref.xg
-            h = ad.act_fn(layer, expert)(xg @ q.T.to(x.dtype)) * ref.up_out
+            h = ref.act_fn(xg @ q.T.to(x.dtype)) * ref.up_out
         elif kind == "up":
             xu = ad.block_input(layer, expert, "up", x, act) if act else ref.xu
             h = ref.gate_act * (xu @ q.T.to(x.dtype))
         else:
             h = ref.gate_act * ref.up_out
         h = ad.block_input(layer, expert, "down", h, act)
-        down = q if kind == "down" else ad.weight(Unit(layer, expert, "down"))
+        down = q if kind == "down" else ref.down
         return h @ down.T.to(h.dtype)
 
     # -- the measurement ------------------------------------------------------------------------

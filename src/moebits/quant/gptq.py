@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .qweight import QuantizedWeight
-from .rtn import group_view, minmax_params, round_codes
+from .rtn import QmaxBits, group_view, minmax_params, round_codes
 
 
 def hessian_from_inputs(x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +119,7 @@ def quantize_gptq_prepared(w: torch.Tensor, prepared: PreparedHessian, bits: int
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
     block = g if group_size > 0 else 128
+    qmax_bits = QmaxBits(bits) if per_row else bits  # 2^bits - 1 once, not per column
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
         # the block column-major, [n, B, R]: column i and the columns after it are contiguous, so the
@@ -137,7 +138,7 @@ def quantize_gptq_prepared(w: torch.Tensor, prepared: PreparedHessian, bits: int
             if act_order:
                 gi = (perm[:, i1 + i] // g)[:, None, None].expand(B, R, 1)
                 scale, zero = group_scale.gather(2, gi)[..., 0], group_zero.gather(2, gi)[..., 0]
-            c = round_codes(col, scale, zero, bits)
+            c = round_codes(col, scale, zero, qmax_bits)
             q = (c - zero) * scale
             C1[i], Q1[i] = c, q
             err = (col - q) / H1[i, i][:, None]

@@ -11,14 +11,23 @@ import torch
 from .qweight import QuantizedWeight
 
 
-def _qmax(bits: int | torch.Tensor) -> int | torch.Tensor:
+class QmaxBits:
+    """Per-row bit-widths with their 2^bits - 1 computed once (GPTQ's column loop rounds K times)."""
+
+    def __init__(self, bits: torch.Tensor):
+        self.qmax = 2.0 ** bits - 1
+
+
+def _qmax(bits: int | torch.Tensor | QmaxBits) -> int | torch.Tensor:
     """2^bits - 1; `bits` an int, or a float tensor broadcastable to the values (one width per row: the
     batched profiler quantizes rows of several bit-widths in one call, with the same results)."""
+    if isinstance(bits, QmaxBits):
+        return bits.qmax
     return 2.0 ** bits - 1 if torch.is_tensor(bits) else 2 ** bits - 1
 
 
-def _clamp_grid(x: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
-    if torch.is_tensor(bits):
+def _clamp_grid(x: torch.Tensor, bits: int | torch.Tensor | QmaxBits) -> torch.Tensor:
+    if torch.is_tensor(bits) or isinstance(bits, QmaxBits):
         return torch.minimum(x.clamp(min=0), _qmax(bits))
     return x.clamp(0, 2 ** bits - 1)
 
