@@ -111,7 +111,14 @@ def add_vocab(writer, tokenizer, model_dir: str | Path | None, vocab_size: int) 
     writer.add_token_list(tokens)
     writer.add_token_types(types)
 
-    special = gguf.SpecialVocab(model_dir, load_merges=True) if model_dir else gguf.SpecialVocab(".", load_merges=False)
+    if model_dir:
+        special = gguf.SpecialVocab(model_dir, load_merges=True)
+    else:  # a tokenizer built in code (tiny:<arch>): read its files as transformers saves them
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            tokenizer.save_pretrained(d)
+            special = gguf.SpecialVocab(d, load_merges=True)
     if not special.merges:
         merges = tj["model"].get("merges") or []
         special.merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
