@@ -334,12 +334,19 @@ def file_budget(bpw: float | None, size_gb: float | None) -> FileBudget:
 
 
 def allocate_tensors(lay: GGUFLayout, table: TensorTable, budget: FileBudget, solver: str = "ilp",
-                     frequency: np.ndarray | None = None, base_type: str = "Q4_K", meta: dict | None = None) -> GGUFPlan:
+                     frequency: np.ndarray | None = None, base_type: str = "Q4_K", meta: dict | None = None,
+                     fixed_types: dict[str, str] | None = None) -> GGUFPlan:
     """The plan of least total loss whose whole file fits `budget` (exact MCKP over the allocated
-    tensors for `ilp`). Raises InfeasibleBudgetError with the feasible range, in the budget's unit."""
+    tensors for `ilp`). Raises InfeasibleBudgetError with the feasible range, in the budget's unit.
+    `fixed_types` overrides the stock rule for tensors not allocated (e.g. {"output.weight": "Q4_0"});
+    each is stored as llama.cpp would (fallback)."""
     from ..allocate import allocate
 
     fixed = lay.stock_types(base_type)
+    for name, ty in (fixed_types or {}).items():
+        if name not in fixed or lay.by_name[name].role == "fixed":
+            raise ValueError(f"{name} is not an embedding/output tensor of this model's GGUF")
+        fixed[name] = effective_type(ty, lay.by_name[name].cols)
     fixed_bytes = sum(lay.by_name[n].nbytes(ty) for n, ty in fixed.items())
     n = lay.n_elements
     allocatable = budget.total_bytes(n) - fixed_bytes
