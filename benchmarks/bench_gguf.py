@@ -100,15 +100,6 @@ class MoebitsPath:
         self.seconds["export"] = time.perf_counter() - t0
 
 
-def untie(model) -> None:
-    """The demo ties its output to the embeddings; llama.cpp's qwen2moe graph requires an `output.weight`
-    tensor (no tied fallback), so the benchmark gives the model its own copy (same function) and the export
-    writes both, as llama.cpp's converter does for untied models."""
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
-        model.config.tie_word_embeddings = False
-
-
 # -- decode speed -----------------------------------------------------------------------------------
 
 def llama_decode_seconds(path: Path, batch: int, new_tokens: int, vocab: int, prompt: int = 16) -> float:
@@ -184,7 +175,6 @@ def decode_table(gguf_path: Path, new_tokens: int, batches: list[int], work: Pat
     Pipeline(QuantizeConfig(method="freq", bits=4.25, nsamples=16, eval_windows=2), run, progress=False).execute()
     packed = load_quantized(run / "model", dtype=torch.float32)
     dense, _, _ = load_model("demo", "float32", "cpu", False, seed=0)
-    untie(dense)
     vocab = dense.config.vocab_size
     rows = []
     for b in batches:
@@ -215,7 +205,6 @@ def main():
     pures = [p for p in args.pure.split(",") if p]
     torch.set_num_threads(2)
     model, tok, ad = load_model("demo", "float32", "cpu", False, seed=0)
-    untie(model)
     gm = GGUFModel(model)
     eval_ids = tokenize(tok, load_text("demo", "eval"))
     work = Path(tempfile.mkdtemp(prefix="bench_gguf_"))
@@ -261,6 +250,8 @@ def main():
                 wall["moebits"].append(sum(mp.seconds.values()))
                 wall["stock"].append(mp.seconds["imatrix"] + t_quant)
                 stages = dict(mp.seconds)
+            (RESULTS / "gguf.partial.md").write_text("\n".join(_report(results, seeds[:seeds.index(seed) + 1], ppl_f16,
+                                                                         ppl_moebits_fp, args, quantized, wide)))
             print(f"seed {seed} {name}: stock {r['stock_ppl'][-1]:.3f} ({sbytes / 1e6:.3f} MB) vs moebits "
                   f"{r['ours_ppl'][-1]:.3f} ({obytes / 1e6:.3f} MB)", file=sys.stderr, flush=True)
     lines = _report(results, seeds, ppl_f16, ppl_moebits_fp, args, quantized, wide)

@@ -239,3 +239,32 @@ def test_quantize_then_export_writes_the_plan(tmp_path, text_file, method):
                             "--bpw", "4.0", "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
                             "--out", str(tmp_path / "r2"), *extra])
     assert r.exit_code != 0 and "feasible" in r.output and "bpw" in r.output
+
+
+def test_demo_run_perplexity_is_llama_cpps(tmp_path):
+    """The run's ppl_q (moebits' evaluation of the model with every tensor as ggml stores it; the tied demo's
+    output a separate copy at its own type, as in the file) = llama.cpp's perplexity of the exported GGUF."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from moebits.cli import app
+    from moebits.data import load_text, tokenize
+    from moebits.gguf.llamacpp import perplexity as llama_perplexity
+    from moebits.models import load_model
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["quantize", "--method", "uniform", "--target", "llamacpp", "--bpw", "5.0",
+                            "--nsamples", "2", "--seqlen", "64", "--eval-windows", "6", "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((run / "results.json").read_text())
+    plan = json.loads((run / "gguf_plan.json").read_text())
+    assert plan["types"]["output.weight"] == "Q8_0" and plan["types"]["token_embd.weight"] == "Q5_0"
+    r = runner.invoke(app, ["export", str(run), "--format", "gguf", "--out", str(tmp_path / "d.gguf")])
+    assert r.exit_code == 0, r.output
+    _, tok, _ = load_model("demo", "auto", "cpu", False)
+    ids = tokenize(tok, load_text("demo", "eval"))
+    got = llama_perplexity(tmp_path / "d.gguf", ids, 64, 6, kv_cache="F32")["ppl"]
+    assert abs(got / res["ppl_q"] - 1) < 0.005, (got, res["ppl_q"])
+    assert res["ppl_q"] > res["ppl_fp"]

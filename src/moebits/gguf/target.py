@@ -383,7 +383,15 @@ def apply_types(adapter, lay: GGUFLayout, types: dict[str, str], imatrix: dict[s
     quantize + dequantize), so moebits' own evaluation sees the GGUF's weights. The embeddings and output
     are quantized without importance matrix (an untied output's is not collected here)."""
     mods = dict(adapter.model.named_modules())
-    params = dict(adapter.model.named_parameters())
+    params = dict(adapter.model.named_parameters(remove_duplicate=False))
+    out_t = lay.by_name.get("output.weight")
+    if out_t is not None and out_t.source == lay.by_name["token_embd.weight"].source:
+        # tied in the model, two tensors in the GGUF (llama.cpp's qwen2moe/olmoe need an output matrix):
+        # the output gets its own copy, quantized at its own type, as llama.cpp computes with it
+        model = adapter.model
+        model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        params = {**params, "output.weight": model.get_output_embeddings().weight}
     for t in lay.tensors:
         ty = types[t.name]
         if t.role == "fixed" or ty in ("F32",):
@@ -399,5 +407,5 @@ def apply_types(adapter, lay: GGUFLayout, types: dict[str, str], imatrix: dict[s
             w = mods[t.source].weight.data
             w.copy_(ggml.quantize_dequantize(w, ty, im))
         else:  # token_embd / output
-            w = params[t.source].data
+            w = (params["output.weight"] if t.role == "output" and "output.weight" in params else params[t.source]).data
             w.copy_(ggml.quantize_dequantize(w, ty, None))
