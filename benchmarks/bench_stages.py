@@ -261,9 +261,13 @@ def main() -> None:
         sw = sweep([int(e) for e in args.experts.split(",")], args.rules, root, text, args.eval_windows)
         write_table(args.name + "_experts", ["experts", "units", "rules", "FRI profile s", "pairs s", "proxy s",
                                              "fit s", "calibration s"], sw,
-                    notes + [f"experts sweep: OLMoE shape (hidden 128, width 64, 6 layers, top-8), E experts, "
-                             f"--rules {args.rules}, one repetition each; profile = pairs + proxy; the fit is not "
-                             "in profile"])
+                    [f"OLMoE shape (hidden 128, width 64, 6 layers, top-8), E experts, calibration 32 x 256 tokens, "
+                     f"default FRI at --rules {args.rules}, one repetition per E (not medians); FRI profile = pairs "
+                     "measured + RTN proxy; the fit (predictor, bootstraps, allocations between rounds) is not in it",
+                     "why the proxy grows: it is RTN of every unit at every bit-width (a feature every prediction "
+                     "needs), O(weights) = O(E); its forward part (every expert on its routed tokens) is constant "
+                     "in E at fixed tokens x top-k",
+                     *notes_for(args, load, t_start)[1:]])
     if rows:
         write_table(args.name, list(sections[0]), sections[1], notes)
 
