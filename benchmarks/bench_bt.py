@@ -33,7 +33,7 @@ from moebits import cost as costs
 from moebits.allocate import allocate, expert_level, to_plan
 from moebits.apply import apply_plan
 from moebits.attention import attention_hessians, attention_size, quantize_attention
-from moebits.bt import DEFAULT_BITS, bt_choices, default_ranks, expert_width
+from moebits.methods.bt import DEFAULT_BITS, bt_choices, default_ranks, expert_width
 from moebits.calibrate import calibrate
 from moebits.data import calibration_windows, load_text, tokenize
 from moebits.evaluate import perplexity

@@ -141,7 +141,7 @@ def holdout_part(args) -> dict:
     import tempfile
     import time
 
-    from moebits.pipeline import Pipeline, QuantizeConfig
+    from moebits.job import Pipeline, QuantizeConfig
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="faithful_"))
     seeds = [int(x) for x in args.holdout_seeds.split(",")]

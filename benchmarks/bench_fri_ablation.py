@@ -36,7 +36,7 @@ from moebits.allocate.problem import totals
 from moebits.apply import apply_plan
 from moebits.data import load_text, tokenize
 from moebits.evaluate import perplexity
-from moebits.features import FeatureSpec
+from moebits.methods.fri.features import FeatureSpec
 from moebits.plan import Plan
 from moebits.units import Choice
 

@@ -12,7 +12,7 @@ table is profiled in-process.
 
 Held-out evaluation: the anchors are whole experts (gate, up, down at every bit-width); every metric
 is computed on the *non-anchor* units only, at the quantized bit-widths. Shared experts are always
-anchors (see sampling.py), so the held-out units are routed experts.
+anchors (see samplers.py), so the held-out units are routed experts.
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ from _common import RESULTS
 from moebits.calibrate import Calibration, calibrate
 from moebits.data import calibration_windows
 from moebits.models import load_model
-from moebits.predict import fit_table, predict_table
+from moebits.methods.fri.predictors import fit_table, predict_table
 from moebits.profile import new_table, profile
-from moebits.sampling import sample_anchors
+from moebits.methods.fri.samplers import sample_anchors
 from moebits.stats import CalibrationStats
 from moebits.table import SensitivityTable
 from moebits.units import Choice

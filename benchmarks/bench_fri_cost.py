@@ -32,9 +32,9 @@ from moebits.calibrate import calibrate
 from moebits.data import calibration_windows
 from moebits.models.adapter import MoEAdapter
 from moebits.models.loading import byte_tokenizer, tiny_model
-from moebits.predict import fit_table, predict_table
+from moebits.methods.fri.predictors import fit_table, predict_table
 from moebits.profile import new_table, profile
-from moebits.sampling import sample_anchors
+from moebits.methods.fri.samplers import sample_anchors
 
 
 def median_run(fn, repeats: int):

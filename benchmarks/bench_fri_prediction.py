@@ -24,7 +24,7 @@ import torch
 
 from _common import write_table
 from bench_fri_common import FRACTIONS, THREADS_NOTE, anchor_units, heldout_metrics, load_demo, mean_std, predict
-from moebits.fri import FRIRegressor
+from moebits.methods.fri.interpolation import FRIRegressor
 
 DEFAULT = FRIRegressor()  # the defaults under test
 
@@ -159,7 +159,7 @@ def main():
         f"selected by CV: target={best[0]!r}, K={best[1]}, epsilon={best[2]:g} (CV rho {score[best]:.3f}); "
         f"the defaults at the time of the run: target={default[0]!r}, K={default[1]}, epsilon={default[2]:g} "
         f"(CV rho {score.get(default, float('nan')):.3f}); before this benchmark the default K was 8 -- this "
-        "selection is why fri.py now defaults to K=4.",
+        "selection is why fri/interpolation.py now defaults to K=4.",
         f"best per target (by CV): " + "; ".join(f"{r[0]}: K={r[1]}, eps={r[2]}, CV {r[3]}, held-out rho {r[4]}"
                                                   for r in tgt_rows) + ".",
         f"per-bit held-out rho (FRI defaults, mean over seeds), columns {', '.join(bit_labels)}: "

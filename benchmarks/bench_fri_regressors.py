@@ -30,7 +30,7 @@ from sklearn.svm import SVR
 
 from _common import write_table
 from bench_fri_common import anchor_units, heldout_metrics, load_demo, mean_std, predict
-from moebits.fri import FRIRegressor
+from moebits.methods.fri.interpolation import FRIRegressor
 
 
 def baselines(seed: int) -> dict:

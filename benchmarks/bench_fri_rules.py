@@ -32,13 +32,13 @@ from _common import write_table
 from bench_fri_ablation import Evaluator
 from bench_fri_common import THREADS_NOTE, anchor_units, heldout_metrics, load_demo, sparse
 from moebits import cost as costs
-from moebits.adaptive import adaptive_fill
+from moebits.methods.fri.adaptive import adaptive_fill
 from moebits.allocate import allocate
 from moebits.allocate.problem import totals
-from moebits.features import PAPER_GROUPS, FeatureSpec, build_features
-from moebits.predict import _prepare, fit_table, make_estimator, predict_table
+from moebits.methods.fri.features import PAPER_GROUPS, FeatureSpec, build_features
+from moebits.methods.fri.predictors import _prepare, fit_table, make_estimator, predict_table
 from moebits.profile import new_table, profile
-from moebits.proxy import rtn_proxy
+from moebits.methods.fri.proxy import rtn_proxy
 from moebits.table import SensitivityTable
 
 PAPER = FeatureSpec(PAPER_GROUPS)
@@ -237,7 +237,7 @@ def main():
         "for the units they profile).",
         "FRI (paper) = FRIRegressor defaults on Table 7's features; Ridge = Ridge(alpha=1) on log error, same features; "
         "+ proxy = plus the RTN weight-space proxy (proxy.py); every table is hybrid with per-unit offsets "
-        "(predict.py; no effect on whole-expert anchors).",
+        "(predictors.py; no effect on whole-expert anchors).",
         f"{THREADS_NOTE}; total benchmark time {time.perf_counter() - t_start:.0f} s.",
     ]
     write_table("fri_rules", ["rule budget", "rules", "sampler", "predictor", "cost % of full profiling"]

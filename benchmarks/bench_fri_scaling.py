@@ -28,15 +28,15 @@ from _common import write_table
 from bench_fri_common import CHOICES, THREADS_NOTE
 from bench_fri_cost import scaling_model
 from moebits import cost as costs
-from moebits.adaptive import adaptive_fill
+from moebits.methods.fri.adaptive import adaptive_fill
 from moebits.calibrate import calibrate
 from moebits.data import calibration_windows
-from moebits.features import PAPER_GROUPS, FeatureSpec
+from moebits.methods.fri.features import PAPER_GROUPS, FeatureSpec
 from moebits.models.loading import byte_tokenizer
-from moebits.predict import fit_table, make_estimator, predict_table
+from moebits.methods.fri.predictors import fit_table, make_estimator, predict_table
 from moebits.profile import new_table, profile
-from moebits.proxy import rtn_proxy
-from moebits.sampling import sample_anchors
+from moebits.methods.fri.proxy import rtn_proxy
+from moebits.methods.fri.samplers import sample_anchors
 
 
 def timed(fn):

@@ -24,7 +24,7 @@ import torch
 from _common import write_table
 from moebits.models import load_model
 from moebits.packed import load_quantized, resident_bytes
-from moebits.pipeline import Pipeline, QuantizeConfig
+from moebits.job import Pipeline, QuantizeConfig
 
 
 def decode_seconds(model, batch: int, new_tokens: int, vocab: int) -> float:

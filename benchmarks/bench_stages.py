@@ -46,7 +46,7 @@ from _common import write_table
 from moebits.calibrate import calibrate  # noqa: F401  (the pipeline's own)
 from moebits.data import load_text
 from moebits.models.loading import byte_tokenizer, tiny_model
-from moebits.pipeline import Pipeline, QuantizeConfig, candidate_choices
+from moebits.job import Pipeline, QuantizeConfig, candidate_choices
 from moebits.quant import quantize_weight
 from moebits.units import Unit
 

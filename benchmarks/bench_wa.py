@@ -50,9 +50,9 @@ from moebits.evaluate import perplexity  # noqa: E402
 from moebits.models import load_model  # noqa: E402
 from moebits.models.act_quant import install_act_quant, remove_act_quant  # noqa: E402
 from moebits.plan import Plan  # noqa: E402
-from moebits.predict import fit_table, predict_table  # noqa: E402
+from moebits.methods.fri.predictors import fit_table, predict_table  # noqa: E402
 from moebits.profile import new_table, profile  # noqa: E402
-from moebits.sampling import sample_anchors  # noqa: E402
+from moebits.methods.fri.samplers import sample_anchors  # noqa: E402
 from moebits.units import Choice  # noqa: E402
 
 WBITS, ABITS = (2, 3, 4, 8), (4, 5, 8)

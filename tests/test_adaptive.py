@@ -3,15 +3,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from moebits.adaptive import adaptive_fill, initial_pairs
+from moebits.methods.fri.adaptive import adaptive_fill, initial_pairs
 from moebits.allocate import allocate
 from moebits.allocate.problem import totals
 from moebits.cli import app
-from moebits.features import PAPER_GROUPS, FeatureSpec
-from moebits.pipeline import Pipeline, QuantizeConfig
+from moebits.methods.fri.features import PAPER_GROUPS, FeatureSpec
+from moebits.job import Pipeline, QuantizeConfig
 from moebits.plan import Plan
-from moebits.predict import fit_table, make_estimator, predict_table
-from moebits.sampling import sample_anchors
+from moebits.methods.fri.predictors import fit_table, make_estimator, predict_table
+from moebits.methods.fri.samplers import sample_anchors
 from moebits.table import SensitivityTable
 from moebits.units import Choice
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from moebits.cli import app
 from moebits.models import load_model
-from moebits.pipeline import Pipeline, QuantizeConfig, candidate_choices
+from moebits.job import Pipeline, QuantizeConfig, candidate_choices
 from moebits.plan import Plan
 from moebits.quant import RankTooLargeError, quantize_lowrank
 from moebits.units import KINDS, Unit

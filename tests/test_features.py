@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-from moebits.features import ABLATIONS, FeatureSpec, build_features, sklearn_pipeline
+from moebits.methods.fri.features import ABLATIONS, FeatureSpec, build_features, sklearn_pipeline
 from moebits.stats import CalibrationStats, UnitStats
 from moebits.units import Choice, Unit
 

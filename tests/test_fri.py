@@ -4,8 +4,8 @@ from sklearn.base import clone
 from sklearn.compose import TransformedTargetRegressor
 from sklearn.linear_model import Ridge
 
-from moebits.fri import FRIRegressor
-from moebits.predict import explain_entry, fit_predict_table, fit_table
+from moebits.methods.fri.interpolation import FRIRegressor
+from moebits.methods.fri.predictors import explain_entry, fit_predict_table, fit_table
 from moebits.table import SensitivityTable
 from moebits.units import Choice
 

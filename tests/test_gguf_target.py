@@ -109,7 +109,7 @@ def test_size_budget_and_infeasible_refused_with_range(demo):
 
 def test_pipeline_refuses_infeasible_budget_before_calibrating(tmp_path):
     from moebits.allocate import InfeasibleBudgetError
-    from moebits.pipeline import Pipeline, QuantizeConfig
+    from moebits.job import Pipeline, QuantizeConfig
 
     cfg = QuantizeConfig(method="mxmoe", target="llamacpp", bpw=2.5, nsamples=2)
     with pytest.raises(InfeasibleBudgetError, match="feasible"):

@@ -5,9 +5,9 @@ import torch
 
 from moebits.evaluate import perplexity
 from moebits.models import load_model
-from moebits.pipeline import Pipeline, QuantizeConfig, candidate_choices
+from moebits.job import Pipeline, QuantizeConfig, candidate_choices
 from moebits.plan import Plan, PlanError
-from moebits.run import RunMismatchError
+from moebits.job.rundir import RunMismatchError
 
 
 def test_perplexity_matches_a_direct_computation():
@@ -121,7 +121,7 @@ def test_latency_budget_with_measured_latency_fri(tmp_path, text_file, monkeypat
     import numpy as np
 
     from moebits import latency as latency_module
-    from moebits.pipeline import make_budget
+    from moebits.job import make_budget
 
     measure, measured = latency_module.latency_fri_matrix, []
 

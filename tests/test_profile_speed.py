@@ -237,7 +237,7 @@ def proxy_reference(adapter, units, choices, inputs):
 
 
 def test_proxy_through_the_profiler_equals_the_old_proxy():
-    from moebits.proxy import rtn_proxy
+    from moebits.methods.fri.proxy import rtn_proxy
 
     ad, cal = _calibrated("qwen2_moe")
     units, choices = ad.units(), [Choice(b, 32, "gptq") for b in (2, 3, 8)] + [Choice(16, 32, "gptq")]

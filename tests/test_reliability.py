@@ -182,7 +182,7 @@ def mixed_run(tmp_path_factory, text_file):
 
 def interrupt_before_quantizing(run):
     """What a run killed after allocating leaves: no model, results without ppl_q/done."""
-    from moebits.run import record_file
+    from moebits.job.rundir import record_file
 
     shutil.rmtree(run / "model")
     res = json.loads((run / "results.json").read_text())
@@ -192,7 +192,7 @@ def interrupt_before_quantizing(run):
 
 def edit_plan(run, fn):
     """Change plan.json as a person would (and re-record it, so that only the plan check can object)."""
-    from moebits.run import record_file
+    from moebits.job.rundir import record_file
 
     d = json.loads((run / "plan.json").read_text())
     fn(d["units"])

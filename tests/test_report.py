@@ -5,7 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moebits.cli import app
-from moebits.pipeline import Pipeline, QuantizeConfig
+from moebits.job import Pipeline, QuantizeConfig
 from moebits.plan import Plan
 from moebits.plots import pareto_front, unit_grid
 from moebits.report import heldout_comparison, read_run, write_report

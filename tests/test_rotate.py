@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from conftest import ARCHS
 from moebits.cli import app
 from moebits.models import MoEAdapter, UnsupportedModelError, load_model, tiny_model
-from moebits.pipeline import Pipeline, QuantizeConfig
+from moebits.job import Pipeline, QuantizeConfig
 from moebits.rotate import (OnlineHadamard, hadamard_split, hadamard_transform, incoherence, online_hadamard_of,
                             paley_hadamard, random_hadamard, rotate_model)
 from moebits.units import Unit

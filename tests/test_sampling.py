@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from moebits.sampling import anchor_unit_budget, layer_thirds, sample_anchors, stratified_quotas
+from moebits.methods.fri.samplers import anchor_unit_budget, layer_thirds, sample_anchors, stratified_quotas
 from moebits.units import KINDS, Unit
 
 

@@ -1,4 +1,4 @@
-"""The streaming path (moebits.stream): a lazily opened model, layer-by-layer passes, the per-layer packed writer.
+"""The streaming path (moebits.job.streaming): a lazily opened model, layer-by-layer passes, the per-layer packed writer.
 
 Checked against the in-memory path as the independent reference: identical calibration statistics,
 tables, plans and perplexities on tiny models (pass 1 uses fp inputs in both); the streamed packed
@@ -22,10 +22,11 @@ from moebits.models.lazy import LazyModel, SafetensorsSource
 from moebits.models.loading import byte_tokenizer, tiny_model
 from moebits.packed import load_quantized, read_index, save_packed
 from moebits.packed.incremental import PackedLayerWriter
-from moebits.pipeline import Pipeline, QuantizeConfig
+from moebits.job import Pipeline, QuantizeConfig
 from moebits.plan import Plan
-from moebits.stream import StreamingUnsupported, StreamPipeline, decide_stream
-from moebits.stream import decide as decide_mod
+from moebits.job.decide import decide_stream
+from moebits.job.streaming import StreamingUnsupported, StreamPipeline
+from moebits.job import decide as decide_mod
 from moebits.table import SensitivityTable
 from moebits.units import Choice
 

@@ -1,4 +1,4 @@
-"""`moebits quantize --workers N`: pass 1 of the streaming path as Ray tasks (moebits.stream.ray_pass).
+"""`moebits quantize --workers N`: pass 1 of the streaming path as Ray tasks (moebits.job.ray_streaming).
 
 The reference is the single-process streaming run (itself checked against the in-memory path in
 test_stream.py): with 2 Ray workers the statistics, the table (every entry, bit for bit), the plan,
@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from moebits.models.loading import byte_tokenizer, tiny_model
-from moebits.pipeline import QuantizeConfig
+from moebits.job import QuantizeConfig
 from moebits.plan import Plan
-from moebits.stream import RayStreamPipeline, RayUnavailable, StreamPipeline
-from moebits.stream import ray_pass
+from moebits.job.ray_streaming import RayStreamPipeline, RayUnavailable
+from moebits.job.streaming import StreamPipeline
+from moebits.job import ray_streaming as ray_pass
 from moebits.table import SensitivityTable
 
 

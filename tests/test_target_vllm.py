@@ -3,7 +3,7 @@ import pytest
 
 from moebits.allocate.groups import vllm_servable
 from moebits.export.vllm_rules import tied_sets, vllm_problems
-from moebits.pipeline import Pipeline, QuantizeConfig, candidate_choices
+from moebits.job import Pipeline, QuantizeConfig, candidate_choices
 from moebits.units import Unit
 
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moebits.cli import app
-from moebits.pipeline import Pipeline, QuantizeConfig
+from moebits.job import Pipeline, QuantizeConfig
 from moebits.plan import Plan
 
 runner = CliRunner()

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .models.adapter import MoEAdapter, RoutedBatch
-from .run import atomic_path
+from .atomic import atomic_path
 from .stats import CalibrationStats, UnitStats
 from .units import SHARED, Unit
 

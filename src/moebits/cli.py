@@ -30,7 +30,7 @@ def _user_errors():
     from .data import DataError
     from .models import ModelLoadError, UnsupportedModelError
     from .plan import PlanError
-    from .run import RunMismatchError
+    from .job.rundir import RunMismatchError
 
     return (InfeasibleBudgetError, DataError, ModelLoadError, UnsupportedModelError, PlanError, RunMismatchError,
             FileNotFoundError, ValueError)
@@ -250,7 +250,7 @@ def quantize(
     verbose: bool = False,
 ):
     """Calibrate, profile, allocate, quantize and evaluate: the whole job, resumable."""
-    from .pipeline import Pipeline, QuantizeConfig
+    from .job import QuantizeConfig, start
 
     _setup_logging(verbose)
     cfg = QuantizeConfig(model=model, method=method, quantizer=quantizer, bits=bits, memory_gb=memory_gb,
@@ -276,77 +276,14 @@ def quantize(
         cfg.check_act_options()
         cfg.budget_request()  # exactly one budget (or --wbits), before any work
         cfg.check_fri_options()  # one rule budget (--rules or --anchors), known sampler / predictor
-        from .dmpq import parse_reward
+        from .methods.dmpq import parse_reward
 
         cfg.reward = parse_reward(reward)
-        results = _quantize_pipeline(cfg, out, overwrite, stream, fri_defaults=(sampler is None, proxy is None),
-                                     workers=workers, ray_address=ray_address,
-                                     worker_threads=worker_threads).execute()
+        results = start(cfg, out, overwrite, stream, fri_defaults=(sampler is None, proxy is None), workers=workers,
+                        ray_address=ray_address, worker_threads=worker_threads).execute()
     except _user_errors() as e:
         _fail(str(e))
     _print_results(results, out)
-
-
-def _quantize_pipeline(cfg, out: Path, overwrite: bool, stream: Optional[bool],
-                       fri_defaults: tuple[bool, bool] = (False, False), workers: int = 1,
-                       ray_address: Optional[str] = None, worker_threads: int = 1):
-    """The in-memory pipeline, or the streaming one when asked or when the model does not fit (logged);
-    with --workers N > 1 or --ray-address, the streaming one with pass 1 on Ray.
-
-    `fri_defaults`: whether --sampler / --proxy were left to their defaults. FRI's in-memory defaults
-    (adaptive rounds across all layers, the RTN proxy) cannot stream; when the run streams, unset ones
-    fall back to the streamable paper configuration (stratified, no proxy) instead of refusing the
-    default command on exactly the models that need streaming. Set explicitly, they are refused."""
-    from .data import default_seqlen
-    from .models.loading import resolve_dtype
-    from .pipeline import Pipeline
-    from .stream import RayStreamPipeline, StreamingUnsupported, StreamPipeline, decide_stream
-
-    if workers < 1:
-        _fail(f"--workers must be at least 1, got {workers}")
-    if cfg.target == "llamacpp" and (workers > 1 or ray_address or stream):
-        _fail("--target llamacpp runs in memory; drop --stream / --workers / --ray-address")
-    if workers > 1 or ray_address:
-        flag = f"--workers {workers}" + (f" --ray-address {ray_address}" if ray_address else "")
-        if stream is False:
-            _fail(f"{flag} runs pass 1 of the streaming path on Ray, layer by layer; drop --no-stream (or run "
-                  "without --workers/--ray-address for the in-memory path)")
-        typer.echo(f"quantizing streaming layer by layer, pass 1 on Ray: {flag}", err=True)
-        _fri_streaming_defaults(cfg, fri_defaults)
-        try:
-            return RayStreamPipeline(cfg, out, workers=workers, ray_address=ray_address,
-                                     worker_threads=worker_threads, overwrite=overwrite, reason=flag)
-        except StreamingUnsupported as e:
-            _fail(f"{e} (--workers/--ray-address run on the streaming path)")
-
-    decision = decide_stream(cfg.model, resolve_dtype(cfg.dtype, cfg.device), cfg.device, stream,
-                             calib_tokens=cfg.nsamples * (cfg.calib_seqlen or cfg.seqlen or
-                                                          default_seqlen(cfg.model, cfg.trust_remote_code)),
-                             max_tokens_per_expert=cfg.max_tokens_per_expert)
-    path = "streaming layer by layer" if decision.stream else "in memory"
-    typer.echo(f"quantizing {path}: {decision.reason}", err=True)
-    if decision.stream and cfg.target == "llamacpp":
-        _fail(f"--target llamacpp runs in memory, and this model would stream ({decision.reason})")
-    if decision.stream:
-        _fri_streaming_defaults(cfg, fri_defaults)
-        return StreamPipeline(cfg, out, overwrite=overwrite, reason=decision.reason)
-    return Pipeline(cfg, out, overwrite=overwrite)
-
-
-def _fri_streaming_defaults(cfg, fri_defaults: tuple[bool, bool]) -> None:
-    """FRI's unset --sampler / --proxy fall back to what streams (see `_quantize_pipeline`), said on stderr."""
-    if cfg.method != "fri":
-        return
-    changed = []
-    if fri_defaults[0] and cfg.sampler == "adaptive":
-        cfg.sampler = "stratified"
-        changed.append("--sampler stratified")
-    if fri_defaults[1] and cfg.proxy:
-        cfg.proxy = False
-        changed.append("--no-proxy")
-    if changed:
-        typer.echo(f"streaming FRI uses {' '.join(changed)} (the adaptive sampler's rounds and the RTN proxy "
-                   "need the whole model in memory)", err=True)
 
 
 def _print_results(r: dict, out: Path) -> None:
@@ -399,7 +336,7 @@ def profile(
     overwrite: bool = False, verbose: bool = False,
 ):
     """Measure the error of every unit x bit-width (full profiling) into OUT/table.csv."""
-    from .pipeline import Pipeline, QuantizeConfig, candidate_choices
+    from .job import Pipeline, QuantizeConfig, candidate_choices
 
     _setup_logging(verbose)
     cfg = QuantizeConfig(model=model, method="mxmoe", quantizer=quantizer, bits=0.0, group_size=group_size,
@@ -436,7 +373,7 @@ def allocate_cmd(
     from .allocate import plan_under_budget
     from .budget import Budget
     from .models import load_model
-    from .pipeline import structure_groups
+    from .job import structure_groups
     from .table import SensitivityTable
 
     kind, value = _budget_opts(bits, memory_gb, latency)
@@ -497,7 +434,8 @@ def eval_cmd(
     from .apply import apply_plan
     from .models import load_model
     from .plan import Plan
-    from .run import atomic_write_json, read_json, record_file
+    from .atomic import atomic_write_json
+    from .job.rundir import read_json, record_file
 
     res: dict = {}
     try:
@@ -581,8 +519,8 @@ def _load_run_model(run: Path, dtype: Optional[str]):
     """The quantized model a run saved, in the run's dtype unless one is given."""
     from .models import load_model
     from .packed import is_packed
-    from .pipeline import QuantizeConfig
-    from .run import read_json
+    from .job import QuantizeConfig
+    from .job.rundir import read_json
 
     spec_p, model_dir = run / "run.json", run / "model"
     if not spec_p.exists():
@@ -601,7 +539,7 @@ def _run_perplexity(run: Path, model, tok, cfg) -> dict:
     """Perplexity with the run's evaluation settings, next to the run's own ppl_q."""
     from .data import load_text, tokenize
     from .evaluate import perplexity
-    from .run import read_json
+    from .job.rundir import read_json
 
     cfg.resolve_seqlens()  # runs made before --eval-seqlen hold one `seqlen`
     r = perplexity(model, tokenize(tok, load_text(cfg.eval, "eval")), cfg.eval_seqlen, cfg.batch_size, cfg.eval_windows,

@@ -52,7 +52,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .fri import FRIRegressor
+from .methods.fri.interpolation import FRIRegressor
 from .units import FP_BITS, Choice
 
 LAYOUTS = ("bitplane", "byte")

@@ -63,7 +63,7 @@ class Plan:
         }
 
     def save(self, path: str | Path) -> None:
-        from .run import atomic_write_text
+        from .atomic import atomic_write_text
 
         d = self.to_dict()
         # one unit per line: readable and diffable

@@ -428,7 +428,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, truth: str | Path 
         slugs.add(slug)
         images += _run_section(doc, run, img, out, slug, truth_table)
     md, page = out / "report.md", out / "report.html"
-    from .run import atomic_write_text
+    from .atomic import atomic_write_text
 
     atomic_write_text(md, doc.markdown())
     atomic_write_text(page, doc.html("moebits report"))

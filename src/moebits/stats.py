@@ -153,7 +153,7 @@ class CalibrationStats:
 
     # -- io: {"meta": {...}, "units": [one object per unit]} ----------------------------------------
     def save(self, path: str | Path, meta: dict | None = None) -> None:
-        from .run import atomic_write_text
+        from .atomic import atomic_write_text
 
         payload = {"meta": {"total_tokens": self.total_tokens, **(meta or {})},
                    "units": [r.to_dict() for r in self]}

@@ -76,7 +76,7 @@ class SensitivityTable:
         return float(self.seconds[self.measured].sum())
 
     def to_csv(self, path: str | Path) -> None:
-        from .run import atomic_write_text
+        from .atomic import atomic_write_text
         import io
 
         buf = io.StringIO()

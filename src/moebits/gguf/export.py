@@ -117,7 +117,7 @@ def run_imatrix(pipe, run_dir: Path, progress: bool = False) -> tuple[Imatrix, s
 def export_gguf(run_dir: str | Path, out: str | Path, pure: str | None = None, reference: str = "F16",
                 progress: bool = False) -> dict:
     """Write RUN as FILE.gguf (+ side files); returns the report written to FILE.moebits.json."""
-    from ..pipeline import Pipeline
+    from ..job import Pipeline
     from ..plan import Plan
     from ..atomic import atomic_write_json, atomic_write_text
     from .convert import GGUFModel

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from ..run import atomic_write_json
+from ..atomic import atomic_write_json
 from . import ggml
 from .target import (METHODS, PLAN_FILE, TABLE_FILE, GGUFPlan, TensorTable, allocate_tensors, apply_types,
                      cost_matrix, file_budget, layer_tensor_errors, parse_types, predict_unit_errors,
@@ -144,7 +144,7 @@ def _fill(p, tensors, types, effective, cost, imatrix) -> TensorTable:
     if cfg.method == "mxmoe":
         units_table = unit_error_table(p.adapter, tensors, effective, inputs, imatrix, frequency=freq)
     else:  # fri: anchor experts within the rule budget, the rest predicted
-        from ..sampling import sample_anchors
+        from ..methods.fri.samplers import sample_anchors
 
         n_types = len({e for t, eff in zip(tensors, effective) if t.role in ("experts", "shared") for e in eff})
         rules = cfg.rule_budget(len(block_units), n_types)

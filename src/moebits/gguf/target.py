@@ -243,8 +243,8 @@ def predict_unit_errors(table, stats, predictor: str = "ridge", seed: int = 0):
     """Fill a partly measured unit table (GGMLChoice columns) with the project's predictors: features of
     the unit (Table 7's type, scale, activation and weight groups) plus the type's bits per weight and a
     categorical type code; per-unit offsets as for the fri method (predict.predict_table)."""
-    from ..features import FeatureMatrix, FeatureSpec, build_features
-    from ..predict import fit_table, make_estimator, predict_table
+    from ..methods.fri.features import FeatureMatrix, FeatureSpec, build_features
+    from ..methods.fri.predictors import fit_table, make_estimator, predict_table
     from ..units import Choice
 
     aligned = stats.aligned(table.units)
@@ -291,7 +291,7 @@ class GGUFPlan:
                 "loss": self.loss, "types": self.types}
 
     def save(self, path: str | Path) -> None:
-        from ..run import atomic_write_text
+        from ..atomic import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 

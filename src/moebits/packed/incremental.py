@@ -1,4 +1,4 @@
-"""Writing a packed checkpoint one decoder layer at a time (the streaming path, moebits.stream).
+"""Writing a packed checkpoint one decoder layer at a time (the streaming path, moebits.job.streaming).
 
 Each finished layer becomes a *part*: a safetensors file holding that layer's packed units and its
 other tensors (attention, norms, router), with the layer's share of the index (modules, unit entries,
@@ -25,7 +25,7 @@ import torch
 from ..models.adapter import MoEAdapter
 from ..plan import Plan
 from ..quant.qweight import QuantizedWeight
-from ..run import atomic_path
+from ..atomic import atomic_path
 from ..units import Unit
 from .io import (INDEX_KEY, WEIGHTS_NAME, _other_tensors, build_layer_units, crc32, packed_config, replace_dir)
 from .layout import PackedIndex

@@ -1,7 +1,2 @@
-"""Quantizing models larger than memory, one decoder layer at a time (see pipeline.py)."""
-from .decide import StreamDecision, decide_stream
-from .pipeline import StreamingUnsupported, StreamPipeline
-from .ray_pass import RayStreamPipeline, RayUnavailable
-
-__all__ = ["StreamPipeline", "StreamingUnsupported", "StreamDecision", "decide_stream", "RayStreamPipeline",
-           "RayUnavailable"]
+"""The layer-by-layer machinery of the streaming executors (moebits.job.streaming, moebits.job.ray_streaming):
+hidden states carried between decoder layers (forward.py) and the work of one layer in each pass (layer_pass.py)."""

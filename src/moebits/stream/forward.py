@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..run import atomic_path
+from ..atomic import atomic_path
 
 _NOT_KWARGS = ("past_key_values", "past_key_value")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..run import atomic_write_json
+from ..atomic import atomic_write_json
 from ..stats import UnitStats
 from ..table import SensitivityTable
 from ..units import Choice, Unit

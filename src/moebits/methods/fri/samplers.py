@@ -35,7 +35,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .units import Unit
+from ...units import Unit
 
 PROFILED_BITS = (2, 3, 4, 8)
 METHODS = ("stratified", "random")  # expert samplers of `sample_anchors`

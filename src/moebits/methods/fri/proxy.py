@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .quant.rtn import quantize_rtn
-from .units import Choice, Unit
+from ...quant.rtn import quantize_rtn
+from ...units import Choice, Unit
 
 @dataclass
 class Proxy:

@@ -4,12 +4,12 @@
 A *rule* is one profiled (unit, choice) measurement, the paper's unit of the rule base. The budget is
 `rules` pairs, never exceeded, and no pair is measured twice.
 
-Round 0: stratified anchor experts (sampling.py, the paper's sampler) at every quantized choice with a
+Round 0: stratified anchor experts (samplers.py, the paper's sampler) at every quantized choice with a
 share `initial` of the budget, so the predictor sees how error moves with bits and how units differ.
 Rounds 1..R, each with an equal share of what is left:
 
 1. fit the predictor on every measured pair and fill the table (hybrid, with per-unit offsets:
-   predict.py), giving the predicted loss L[u, c] = f_u * l_u(c);
+   predictors.py), giving the predicted loss L[u, c] = f_u * l_u(c);
 2. uncertainty: s[u, c], the sd of the log prediction -- over a cluster bootstrap of the measured units
    (refits on resampled units) for a unit with no measurement, and the leave-one-out sd of a unit's
    residual over its own measured choices (how well one measured pair pins the rest of its row) for a
@@ -36,12 +36,12 @@ from typing import Callable
 import numpy as np
 from sklearn.base import clone
 
-from .allocate import allocate
+from ...allocate import allocate
 from .features import FeatureMatrix, FeatureSpec, build_features
-from .predict import _prepare, fit_table, predict_table
-from .sampling import sample_anchors
-from .stats import CalibrationStats
-from .table import SensitivityTable
+from .predictors import _prepare, fit_table, predict_table
+from .samplers import sample_anchors
+from ...stats import CalibrationStats
+from ...table import SensitivityTable
 
 Measure = Callable[[list[tuple[int, int]]], None]  # measure (unit index, choice index) pairs into the table
 
@@ -161,7 +161,7 @@ def adaptive_fill(table: SensitivityTable, stats: CalibrationStats, measure: Mea
         raise ValueError(f"the adaptive sampler needs a rule budget >= 1, got {rules}")
     if rounds < 1 or not 0.0 <= initial <= 1.0:
         raise ValueError(f"need rounds >= 1 and 0 <= initial <= 1, got rounds={rounds}, initial={initial}")
-    from .fri import FRIRegressor
+    from .interpolation import FRIRegressor
 
     estimator = FRIRegressor() if estimator is None else estimator
     features = build_features(stats.aligned(table.units), table.choices, spec, proxy)

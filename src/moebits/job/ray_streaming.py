@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from ..latency import cpu_threads
-from .forward import BatchedWindows, HiddenStore, forward_layer
-from .layer_pass import Pass1Job, pass1_layer
-from .pipeline import StreamPipeline
+from ..stream.forward import BatchedWindows, HiddenStore, forward_layer
+from ..stream.layer_pass import Pass1Job, pass1_layer
+from .streaming import StreamPipeline
 
 log = logging.getLogger(__name__)
 

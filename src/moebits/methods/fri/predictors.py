@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.base import clone
 
 from .features import FeatureMatrix, FeatureSpec, build_features, sklearn_pipeline
-from .fri import FRIRegressor
+from .interpolation import FRIRegressor
 
 PREDICTORS = ("fri", "ridge", "knn", "gbm", "mlp")
 
@@ -47,9 +47,9 @@ def make_estimator(name: str, seed: int = 0):
     if name not in regressors:
         raise ValueError(f"unknown predictor {name!r}; choose one of {PREDICTORS}")
     return TransformedTargetRegressor(regressors[name](), func=np.log, inverse_func=np.exp, check_inverse=False)
-from .stats import CalibrationStats
-from .table import SensitivityTable
-from .units import Choice, Unit
+from ...stats import CalibrationStats
+from ...table import SensitivityTable
+from ...units import Choice, Unit
 
 
 @dataclass

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .methods import Method, register_method
-from .quant.lowrank import RankTooLargeError
-from .units import Choice, Unit
+from . import Method, register_method
+from ..quant.lowrank import RankTooLargeError
+from ..units import Choice, Unit
 
 DEFAULT_BITS = (2, 3, 4)
 RANK_FRACTIONS = (0, 1 / 32, 1 / 16, 1 / 8, 1 / 4)

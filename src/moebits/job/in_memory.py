@@ -3,7 +3,7 @@
     calibrate -> evaluate fp -> fill the sensitivity table (by the method) -> allocate -> quantize -> evaluate
 
 Each stage's artefact is written atomically; a rerun with the same request resumes at the first
-missing artefact (see run.py). Methods (methods.py) differ only in how they fill the sensitivity table
+missing artefact (see rundir.py). Methods (moebits.methods) differ only in how they fill the sensitivity table
 and which solver reads it; from the table on, every method takes the same path: `Budget` (budget.py) ->
 `allocate.plan_under_budget` -> `Plan`.
 """
@@ -18,20 +18,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .allocate import combine_groups, expert_level, layer_uniform, plan_under_budget, tie_gate_up
-from .allocate.groups import vllm_servable
-from .apply import apply_plan, save_quantized
-from .attention import attention_hessians, attention_size, check_attention_choice, quantize_attention
-from .budget import Budget, budget_request
-from .calibrate import Calibration, calibrate
-from .data import calibration_windows, load_text, tokenize
-from .evaluate import perplexity
-from .methods import get_method
-from .models import load_model
-from .plan import Plan
-from .run import Run, atomic_write_json
-from .table import SensitivityTable
-from .units import Choice, Unit
+from ..allocate import combine_groups, expert_level, layer_uniform, plan_under_budget, tie_gate_up
+from ..allocate.groups import vllm_servable
+from ..apply import apply_plan, save_quantized
+from ..atomic import atomic_write_json
+from ..attention import attention_hessians, attention_size, check_attention_choice, quantize_attention
+from ..budget import Budget, budget_request
+from ..calibrate import Calibration, calibrate
+from ..data import calibration_windows, load_text, tokenize
+from ..evaluate import perplexity
+from ..methods import get_method
+from ..models import load_model
+from ..plan import Plan
+from ..table import SensitivityTable
+from ..units import Choice, Unit
+from .rundir import Run
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class QuantizeConfig:
     tie_gate_up: bool = False
     anchors: float | None = None  # fri: rule budget as a fraction of the units (x quantized choices); None: see rules
     rules: int | None = None  # fri: rule budget in profiled (unit, choice) pairs; exclusive with anchors
-    sampler: str = "adaptive"  # fri: adaptive | stratified | random (sampling.py, adaptive.py)
+    sampler: str = "adaptive"  # fri: adaptive | stratified | random (samplers.py, adaptive.py)
     predictor: str = "ridge"  # fri: fri | ridge | knn | gbm | mlp (predict.PREDICTORS)
     proxy: bool = True  # fri: the RTN weight-space proxy feature (proxy.py)
     fill: bool = True  # lagrangian solver: greedy fill after bisection (False: Algorithm 1 exactly)
@@ -136,7 +137,7 @@ class QuantizeConfig:
         """Fill `calib_seqlen` and `eval_seqlen`: each as given, else `seqlen`, else the model's default
         (min(2048, max positions); the demo 256). `seqlen` then holds the length when both are equal."""
         if self.calib_seqlen is None or self.eval_seqlen is None:
-            from .data import default_seqlen
+            from ..data import default_seqlen
 
             base = self.seqlen if self.seqlen is not None else default_seqlen(self.model, self.trust_remote_code)
             self.calib_seqlen = self.calib_seqlen if self.calib_seqlen is not None else base
@@ -185,7 +186,7 @@ class QuantizeConfig:
 
     def budget_request(self) -> tuple[str, float]:
         if self.target == "llamacpp":  # a budget over the whole GGUF file (gguf/target.py)
-            from .gguf.target import file_budget
+            from ..gguf.target import file_budget
 
             b = file_budget(self.bpw, self.size_gb)
             return b.kind, b.value
@@ -207,8 +208,8 @@ class QuantizeConfig:
     def check_fri_options(self) -> None:
         """One rule budget (`--rules` or `--anchors`), known sampler and predictor, `--no-fill` only with
         the lagrangian solver. Raises ValueError with what to change."""
-        from .predict import PREDICTORS
-        from .sampling import SAMPLERS
+        from ..methods.fri.predictors import PREDICTORS
+        from ..methods.fri.samplers import SAMPLERS
 
         if self.rules is not None and self.anchors is not None:
             raise ValueError(f"--rules {self.rules} and --anchors {self.anchors} both set the rule budget: give one "
@@ -250,7 +251,7 @@ class QuantizeConfig:
         return float(self.bits) if self.bits is not None else None
 
     def check_act_options(self) -> None:
-        from .quant.act import check_act_bits
+        from ..quant.act import check_act_bits
 
         if self.abits is not None and self.abits_set is not None:
             raise ValueError("--abits fixes every unit's activation bits, --abits-set lets the allocator choose: "
@@ -310,7 +311,7 @@ def candidate_choices(cfg: QuantizeConfig, shapes: dict | None = None) -> list[C
     if cfg.target not in TARGETS:
         raise ValueError(f"unknown --target {cfg.target!r}; choose one of {TARGETS}")
     if cfg.target == "vllm":
-        from .export.vllm_rules import vllm_choices
+        from ..export.vllm_rules import vllm_choices
 
         choices = vllm_choices(choices)
     return with_act_bits(cfg, choices)
@@ -362,7 +363,7 @@ class Pipeline:
         if cfg.save_format not in SAVE_FORMATS:
             raise ValueError(f"unknown save format {cfg.save_format!r}; choose one of {', '.join(SAVE_FORMATS)}")
         if cfg.rotate is not None:
-            from .rotate import ROTATIONS
+            from ..rotate import ROTATIONS
 
             if cfg.rotate not in ROTATIONS:
                 raise ValueError(f"unknown --rotate {cfg.rotate!r}; choose one of {', '.join(ROTATIONS)}")
@@ -370,8 +371,8 @@ class Pipeline:
         cfg.check_holdout()
         self.cfg, self.progress = cfg, progress
         self.rotation = None  # rotate.Rotation once load() rotated the model (--rotate)
-        from .fingerprint import run_inputs
-        from .run import read_cached_json
+        from ..fingerprint import run_inputs
+        from .rundir import read_cached_json
 
         self.run = Run(out, cfg.spec(), overwrite=overwrite, inputs=run_inputs(cfg.model, cfg.calib, cfg.eval))
         self.results: dict = read_cached_json(self.run, "results.json") or {}
@@ -404,7 +405,7 @@ class Pipeline:
         self.warn_seqlen()
         self.rotation = None
         if cfg.rotate:  # before calibration: statistics, Hessians and profiles are of the rotated model
-            from .rotate import rotate_model
+            from ..rotate import rotate_model
 
             self.rotation = self.timed("rotate_seconds", lambda: rotate_model(
                 self.model, self.adapter, cfg.rotate, cfg.seed))
@@ -444,7 +445,7 @@ class Pipeline:
 
     def new_table(self, choices: list[Choice]) -> SensitivityTable:
         """An empty table over the run's units x `choices`, with the calibration's frequencies."""
-        from .profile import new_table
+        from ..profile import new_table
 
         return new_table(self.adapter, choices, self.calib.stats)
 
@@ -456,7 +457,7 @@ class Pipeline:
         of all blocks of an expert (see profile.py). Seconds add up in `results["profile_seconds"]`
         over calls; with the expert metric, calls share one `ExpertProfiler` (its reference forwards and
         prepared Hessians), so an adaptive sampler's rounds do not redo them."""
-        from .profile import profile
+        from ..profile import profile
 
         cfg = self.cfg
         stats = self.calib.stats
@@ -493,7 +494,7 @@ class Pipeline:
     def expert_profiler(self):
         """The run's `ExpertProfiler` on the profiling inputs (one per calibration, shared by every
         measure() call of the expert metric)."""
-        from .expert_profiler import ExpertProfiler
+        from ..expert_profiler import ExpertProfiler
 
         inputs = self._profile_inputs()
         prof = getattr(self, "_profiler", None)
@@ -556,20 +557,20 @@ class Pipeline:
             budget = self.allocation_budget = self.budget(choices, table.frequency)
             options = {} if cfg.fill else {"fill": False}  # check_fri_options: only with lagrangian
             if cfg.solver_name == "rl":  # DMPQ's reward and state need more than the table and the budget
-                from .dmpq import rl_solver_options
+                from ..methods.dmpq import rl_solver_options
 
                 options = rl_solver_options(self, choices, table, budget)
             plan = self.timed("allocate_seconds", lambda: plan_under_budget(
                 table, budget, cfg.solver_name, groups=self.groups(), meta=meta, **options))
             if cfg.solver_name == "uniform":
-                from .allocate.uniform import explain
+                from ..allocate.uniform import explain
 
                 column = choices.index(plan.choice(self.units[0]))
                 plan.meta["note"] = explain(budget.cost, budget.total, choices, column,
                                             [self.shapes[u] for u in self.units], budget.describe)
                 self._note(plan.meta["note"])
         if cfg.target == "vllm":  # --- serving target (issue 9): the plan must be servable
-            from .export.vllm_rules import vllm_problems
+            from ..export.vllm_rules import vllm_problems
 
             problems = vllm_problems(plan, self.shapes)
             if problems:
@@ -581,7 +582,7 @@ class Pipeline:
 
     def load_plan(self, plan_p: Path, choices: list[Choice], table: SensitivityTable) -> Plan:
         """The plan of an interrupted run, checked against the run's units, candidates, structure and budget."""
-        from .plan import check_loaded_plan
+        from ..plan import check_loaded_plan
 
         plan = Plan.load(plan_p)
         if self.cfg.budget_request()[0] == "wbits":
@@ -594,7 +595,7 @@ class Pipeline:
         return plan
 
     def warn_seqlen(self) -> None:
-        from .data import seqlen_warnings
+        from ..data import seqlen_warnings
 
         for line in seqlen_warnings(self.model.config, calib_seqlen=self.cfg.calib_seqlen,
                                     eval_seqlen=self.cfg.eval_seqlen):
@@ -616,7 +617,7 @@ class Pipeline:
             hessians = attention_hessians(self.adapter, self.windows, self.cfg.batch_size)
         self.codes = {} if self.cfg.save_model and self.cfg.save_format == "packed" else None
         if self.cfg.qat_steps > 0:  # fine-tune under the plan; leaves the model quantized by it (RTN grid)
-            from .qat import quantization_aware_training
+            from ..qat import quantization_aware_training
 
             res = quantization_aware_training(self.adapter, plan, self.windows, self.cfg.qat_steps, self.cfg.qat_lr,
                                               seed=self.cfg.seed, progress=self.progress, codes=self.codes)
@@ -631,12 +632,12 @@ class Pipeline:
 
     def install_act_quant(self, plan: Plan) -> None:
         """Quantize the input activations of the plan's W-A units in every later forward (quant/act.py)."""
-        from .models.act_quant import install_act_quant
+        from ..models.act_quant import install_act_quant
 
         clip = (plan.meta.get("act_quant") or {}).get("clip", self.cfg.act_clip)
         n = install_act_quant(self.model, {u: a.choice.act_bits for u, a in plan.assignments.items()}, clip)
         if n:
-            from .budget import act_bits_average
+            from ..budget import act_bits_average
 
             freq = self.calib.stats.aligned(self.units).frequency
             self.results["avg_act_bits"] = act_bits_average([plan.choice(u) for u in self.units],
@@ -646,7 +647,7 @@ class Pipeline:
     def save(self, plan: Plan) -> dict:
         """Save the quantized model under model/ (packed, or dequantized 16-bit); return the packed
         format's sizes (`model_bytes`, `expert_bytes`), also when it is not the format written."""
-        from .packed import packed_sizes, save_packed
+        from ..packed import packed_sizes, save_packed
 
         cfg, out = self.cfg, self.run.path("model")
         rotation = None if self.rotation is None else self.rotation.to_dict()
@@ -655,7 +656,7 @@ class Pipeline:
         sizes = packed_sizes(self.model, self.adapter, plan)  # before save_quantized rounds the model to 16 bits
         if cfg.save_model:
             if self.rotation is not None and self.rotation.online_down:  # a plain HF checkpoint runs nothing online
-                from .rotate import fold_online
+                from ..rotate import fold_online
 
                 fold_online(self.adapter)
             save_quantized(self.model, self.tokenizer, plan, out)
@@ -664,7 +665,7 @@ class Pipeline:
     def precheck_budget(self, choices: list[Choice]) -> None:
         """Fail before calibrating when a storage budget cannot be met (latency needs frequencies)."""
         if self.cfg.target == "vllm":  # --- serving target (issue 9): group size must divide every input width
-            from .export.vllm_rules import vllm_problems
+            from ..export.vllm_rules import vllm_problems
 
             q = next(c for c in choices if not c.is_fp)
             problems = vllm_problems(Plan.uniform(self.units, self.shapes, q), self.shapes)
@@ -678,7 +679,7 @@ class Pipeline:
     def execute(self) -> dict:
         cfg = self.cfg
         if cfg.target == "llamacpp":  # --- serving target (issue 21): a ggml type per GGUF tensor
-            from .gguf.quantize import execute
+            from ..gguf.quantize import execute
 
             return execute(self)
         if self.finished():

@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .atomic import (RefusedPath, atomic_path, atomic_write_bytes, atomic_write_json,  # noqa: F401 (re-exported)
+from ..atomic import (RefusedPath, atomic_path, atomic_write_bytes, atomic_write_json,  # noqa: F401 (re-exported)
                      atomic_write_text, check_replaceable)
 
 # what a run writes into its directory: clearing a run (--overwrite) removes these and nothing else

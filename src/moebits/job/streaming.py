@@ -1,4 +1,4 @@
-"""`StreamPipeline`: the quantize job of `pipeline.Pipeline`, layer by layer, for models beyond memory.
+"""`StreamPipeline`: the quantize job of `in_memory.Pipeline`, layer by layer, for models beyond memory.
 
 The stages and artefacts are the in-memory pipeline's (stats.json, table.csv, plan.json, model/,
 results.json), and from the table on the code is the same (`allocate.plan_under_budget` on the
@@ -38,12 +38,12 @@ from ..data import calibration_windows
 from ..models.lazy import LazyModel, open_source
 from ..models.loading import resolve_dtype
 from ..packed.incremental import PackedLayerWriter
-from ..pipeline import Pipeline, candidate_choices
 from ..plan import Plan
+from ..stream.forward import BatchedWindows, HiddenStore, batch_nll, forward_layer
+from ..stream.layer_pass import LayerPass1, Pass1Job, pass1_layer, pass2_layer
 from ..table import SensitivityTable
 from ..units import Choice, Unit
-from .forward import BatchedWindows, HiddenStore, batch_nll, forward_layer
-from .layer_pass import LayerPass1, Pass1Job, pass1_layer, pass2_layer
+from .in_memory import Pipeline, candidate_choices
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .stats import CalibrationStats
-from .units import KINDS, Choice
+from ...stats import CalibrationStats
+from ...units import KINDS, Choice
 
 GROUPS = ("bits", "type", "scale", "act", "weight", "wmax", "depth", "rank", "proxy")
 PAPER_GROUPS = ("bits", "type", "scale", "act", "weight")

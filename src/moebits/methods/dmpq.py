@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import cost as costs
-from .energy import energy_matrix
-from .methods import Method, register_method
-from .units import FP_BITS, Choice
+from .. import cost as costs
+from ..energy import energy_matrix
+from . import Method, register_method
+from ..units import FP_BITS, Choice
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .budget import Budget
-    from .pipeline import Pipeline, QuantizeConfig
-    from .table import SensitivityTable
+    from ..budget import Budget
+    from ..job.in_memory import Pipeline, QuantizeConfig
+    from ..table import SensitivityTable
 
 DMPQ_BITS = (2, 4, 8, FP_BITS)
 RL_ACCURACY = ("proxy", "measured")
@@ -54,7 +54,7 @@ def parse_reward(text: str) -> tuple[float, float, float, float]:
 
 
 def _held_out(run: "Pipeline"):
-    from .data import held_out_windows, load_text, tokenize
+    from ..data import held_out_windows, load_text, tokenize
 
     cfg = run.cfg
     ids = tokenize(run.tokenizer, load_text(cfg.calib, "calib"))
@@ -63,7 +63,7 @@ def _held_out(run: "Pipeline"):
 
 def rl_solver_options(run: "Pipeline", choices: list[Choice], table: "SensitivityTable", budget: "Budget") -> dict:
     """Reward terms, state statistics and search settings for the `rl` solver of a pipeline run."""
-    from .expert_stats import gradient_contribution, measured_sensitivity, table_sensitivity
+    from ..expert_stats import gradient_contribution, measured_sensitivity, table_sensitivity
 
     cfg = run.cfg
     if cfg.rl_accuracy not in RL_ACCURACY:
@@ -77,7 +77,7 @@ def rl_solver_options(run: "Pipeline", choices: list[Choice], table: "Sensitivit
     else:
         lat = costs.latency_matrix(shapes, freq, choices, cfg.gpu, cfg.batch_tokens)
         if cfg.cost == "latency-fri":
-            from .latency import latency_fri_matrix
+            from ..latency import latency_fri_matrix
 
             lat = latency_fri_matrix(shapes, freq, choices, cfg.batch_tokens, seed=cfg.seed, device=cfg.device)[0]
     objectives = {"lat": lat, "mem": costs.storage_matrix(shapes, choices) / costs.BITS_PER_BYTE,
@@ -86,7 +86,7 @@ def rl_solver_options(run: "Pipeline", choices: list[Choice], table: "Sensitivit
     scorer = None
     groups = run.groups()
     if cfg.rl_accuracy == "measured" or cfg.rl_sensitivity == "measured":
-        from .plan_scorer import MeasuredLoss
+        from ..plan_scorer import MeasuredLoss
 
         inverse = None if groups is None else np.unique(groups, return_inverse=True)[1].reshape(-1)
         scorer = MeasuredLoss(run.adapter, choices, _held_out(run), run.calib.inputs, cfg.act_order, cfg.batch_size)
