@@ -179,7 +179,7 @@ def test_fri_predicts_unmeasured_pairs(demo):
     from scipy.stats import spearmanr
 
     from moebits.gguf.target import cost_matrix, predict_unit_errors, unit_error_table
-    from moebits.sampling import sample_anchors
+    from moebits.methods.fri.samplers import sample_anchors
 
     model, ad, _, cal, lay, imatrix = demo
     tensors, effective, _ = cost_matrix(lay, TYPES)
