@@ -168,7 +168,7 @@ def hf_decode_seconds(model, batch: int, new_tokens: int, vocab: int) -> float:
 
 def decode_table(gguf_path: Path, new_tokens: int, batches: list[int], work: Path, repeats: int = 3) -> list[list]:
     from moebits.packed import load_quantized
-    from moebits.pipeline import Pipeline, QuantizeConfig
+    from moebits.job import Pipeline, QuantizeConfig
 
     torch.set_num_threads(1)
     run = work / "packed_run"
