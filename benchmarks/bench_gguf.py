@@ -227,9 +227,10 @@ def main():
             llama_quantize(f16, stock_p, ftype, mp.im, pure=pure, nthread=1)
             t_quant = time.perf_counter() - t0
             sbytes, stypes = tensor_bytes(stock_p)
-            # moebits' embeddings/output follow the stock rule; for a pure file they take its type, so that both
-            # spend the same bytes on them and the comparison is of the allocated tensors
-            fixed = {n: stypes[n] for n in ("token_embd.weight", "output.weight") if n in stypes} if pure else None
+            # moebits' embeddings and output take the stock file's types, so that both spend the same bytes on them
+            # and the comparison is of the allocated tensors (moebits' own stock rule, Q5_0/Q8_0 here, would not
+            # fit the Q2_K file: its token_embd is Q2_K -> Q4_0)
+            fixed = {n: stypes[n] for n in ("token_embd.weight", "output.weight") if n in stypes}
             plan = mp.plan(sbytes, fixed)
             ours_p = work / f"s{seed}_{name.replace(' ', '_')}_moebits.gguf"
             mp.export(plan, ours_p, gm)
