@@ -105,9 +105,8 @@ def test_initial_pairs_are_whole_routed_anchor_experts_within_budget():
 
 
 def test_rules_and_anchors_are_mutually_exclusive(tmp_path, text_file):
-    cfg = QuantizeConfig(method="fri", bits=3.0, rules=100, anchors=0.2)
     with pytest.raises(ValueError, match="--rules 100 and --anchors 0.2 both set the rule budget: give one"):
-        cfg.check_fri_options()
+        QuantizeConfig(method="fri", bits=3.0, rules=100, anchors=0.2)  # each part checks itself when built
     r = CliRunner().invoke(app, ["quantize", "--model", "tiny:mixtral", "--method", "fri", "--bits", "3",
                                  "--rules", "100", "--anchors", "0.2", "--calib", str(text_file),
                                  "--out", str(tmp_path / "x")])
@@ -116,9 +115,9 @@ def test_rules_and_anchors_are_mutually_exclusive(tmp_path, text_file):
     assert QuantizeConfig(rules=100).rule_budget(500, 4) == 100  # constant whatever the model's size
     assert QuantizeConfig(anchors=0.2).rule_budget(500, 4) == 400  # a fraction of the units x bit-widths
     with pytest.raises(ValueError, match="--no-fill"):
-        QuantizeConfig(method="fri", solver="ilp", fill=False).check_fri_options()
+        QuantizeConfig(method="fri", solver="ilp", fill=False)
     with pytest.raises(ValueError, match="--predictor"):
-        QuantizeConfig(predictor="svm").check_fri_options()
+        QuantizeConfig(predictor="svm")
 
 
 def algorithm1(loss, cost, budget, iters=300):

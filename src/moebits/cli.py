@@ -2,9 +2,13 @@
 can fix are printed as one clear line (exit code 2), not as a traceback."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
+import types
+import typing
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Optional
 
@@ -138,152 +142,82 @@ def _budget_opts(bits, memory_gb, latency) -> tuple[str, float]:
         _fail(str(e))
 
 
-@app.command()
-def quantize(
-    model: str = typer.Option("demo", help=MODEL_HELP),
-    method: str = typer.Option("uniform", help="uniform | freq | mxmoe | fri | rl | bt (see `moebits.methods`)"),
-    quantizer: str = typer.Option("rtn", help="rtn | gptq | hqq"),
-    bits: Optional[float] = typer.Option(None, help="budget: average storage bits per weight (3.25 = 3-bit g128)"),
-    memory_gb: Optional[float] = typer.Option(None, help="budget: GB of expert weights"),
-    latency: Optional[float] = typer.Option(None, help="budget: seconds per forward of the experts (roofline on --gpu)"),
-    gpu: str = typer.Option("h100", help="GPU of the roofline latency model: a100 | h100 | rtx4090"),
-    cost: str = typer.Option("roofline", help="latency model for --latency: roofline (analytic, --gpu) | "
-                                              "latency-fri (kernel latencies measured on this machine, FRI-interpolated)"),
-    batch_tokens: int = typer.Option(4096, help="tokens per forward for the latency model"),
-    group_size: int = typer.Option(128),
-    candidate_bits: str = typer.Option("2,3,4,8", help="bit-widths the allocator may choose"),
-    wbits: Optional[int] = typer.Option(None, help="uniform only, instead of a budget: N-bit codes for every "
-                                                   "unit whatever they cost to store (as GPTQ's --wbits)"),
-    bits_set: Optional[str] = typer.Option(None, help="bt: bit-widths of the (bits, rank) choices (default 2,3,4)"),
-    ranks: Optional[str] = typer.Option(None, help="bt: compensator ranks (default 0,w/32,w/16,w/8,w/4 of the "
-                                                   "expert width w)"),
-    attn_bits: Optional[int] = typer.Option(None, help="quantize attention projections to this many bits with "
-                                                       "--quantizer (default: attention untouched, 16-bit)"),
-    attn_rank: int = typer.Option(0, help="low-rank compensator rank for the attention projections"),
-    abits: Optional[int] = typer.Option(None, help="activation bits of every unit's input (per-token symmetric "
-                                                   "fake quant; e.g. --wbits 4 --abits 4 = W4A4); default 16 = none"),
-    abits_set: Optional[str] = typer.Option(None, help="mxmoe/fri: activation widths the allocator may choose per "
-                                                       "unit, jointly with the weight bits (e.g. 4,5,8; exact ILP)"),
-    abits_budget: Optional[float] = typer.Option(None, help="with --abits-set: average activation bits, weighted "
-                                                            "by each unit's MACs per token (default: = --bits)"),
-    act_clip: float = typer.Option(1.0, help="clipping ratio of activation quantization (QuaRot uses 0.9)"),
-    calib: str = typer.Option("demo", help="calibration text: demo, a text file, or hf:NAME[:CONFIG]"),
-    nsamples: int = typer.Option(128, help="calibration windows"),
-    seqlen: Optional[int] = typer.Option(None, help="tokens per window, calibration and evaluation (default: the "
-                                                    "model's, min(2048, max positions); the demo 256)"),
-    calib_seqlen: Optional[int] = typer.Option(None, help="tokens per calibration window (default: --seqlen)"),
-    eval_seqlen: Optional[int] = typer.Option(None, help="tokens per evaluation window (default: --seqlen)"),
-    max_tokens_per_expert: int = typer.Option(0, help="routed inputs kept per expert to measure errors on "
-                                                      "(0: all of them; GPTQ Hessians always use all)"),
-    holdout: float = typer.Option(0.0, help="measure each unit's error on this fraction of its routed tokens, "
-                                            "held out of the Hessian its GPTQ is fitted with (expert metric)"),
-    eval: str = typer.Option("demo", "--eval", help="evaluation text (held-out split for demo)"),
-    eval_windows: Optional[int] = typer.Option(None, help="evaluate at most this many windows"),
-    metric: str = typer.Option("expert", help="profiling metric: expert (exact, fast) | layer (MxMoE's rerun)"),
-    solver: Optional[str] = typer.Option(None, help="ilp | lagrangian | freq | uniform | rl (default: the method's)"),
-    granularity: Optional[str] = typer.Option(None, help="linear (per block) | expert | layer (default: the "
-                                                         "method's, linear for the built-in ones)"),
-    tie_gate_up: bool = typer.Option(False, help="gate and up of an expert share one choice"),
-    anchors: Optional[float] = typer.Option(None, help="fri: rule budget as a fraction of the units (x quantized "
-                                                       "bit-widths = profiled pairs); default 0.15; not with --rules"),
-    rules: Optional[int] = typer.Option(None, help="fri: rule budget in profiled (unit, bit-width) pairs, the "
-                                                   "paper's rule-base size: constant as experts grow; not with --anchors"),
-    sampler: Optional[str] = typer.Option(None, help="fri: adaptive (stratified start, then the pairs most uncertain "
-                                                     "and nearest the allocation's decision boundary; moebits; the "
-                                                     "default in memory) | stratified (the paper's depth-adaptive anchor "
-                                                     "experts; the default when streaming) | random"),
-    predictor: str = typer.Option("ridge", help="fri: ridge (log error; moebits' default) | fri (the paper's fuzzy "
-                                                "rule interpolation) | knn | gbm | mlp"),
-    proxy: Optional[bool] = typer.Option(None, "--proxy/--no-proxy",
-                                         help="fri: add the RTN weight-space error proxy as a feature (moebits; the "
-                                              "default in memory) | --no-proxy: Table 7's features only (the default "
-                                              "when streaming)"),
-    fill: bool = typer.Option(True, help="lagrangian solver: spend the budget bisection leaves unused on the best "
-                                         "loss-per-bit upgrades (moebits' improvement); --no-fill is Algorithm 1 "
-                                         "exactly. Paper-faithful FRI-MxMoE: --method fri --sampler stratified "
-                                         "--predictor fri --no-proxy --solver lagrangian --no-fill"),
-    act_order: bool = typer.Option(False, help="GPTQ: quantize columns by decreasing Hessian diagonal"),
-    seed: int = 0,
-    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
-    device: str = "cpu",
-    out: Path = typer.Option(..., help="run directory (stages are saved and resumed here)"),
-    overwrite: bool = typer.Option(False, help="replace a different run already in --out"),
-    save_model: bool = typer.Option(True, help="save the quantized model under OUT/model"),
-    save_format: str = typer.Option("packed", help="packed (real low-bit moebits format, loads with "
-                                                   "`import moebits` + from_pretrained) | dequantized (16-bit weights)"),
-    trust_remote_code: bool = False,
-    target: str = typer.Option("none", help="serving target the plan must fit: none | vllm (layer-uniform "
-                                            "routed-expert bits from {4, 8}, rtn/gptq, servable by construction) | "
-                                            "llamacpp (a ggml type per GGUF tensor, budget --bpw or --size-gb)"),
-    bpw: Optional[float] = typer.Option(None, help="--target llamacpp: bits per weight over the whole GGUF file "
-                                                   "(as llama.cpp reports it)"),
-    size_gb: Optional[float] = typer.Option(None, help="--target llamacpp: GGUF tensor data in GB (1e9 bytes)"),
-    gguf_types: Optional[str] = typer.Option(None, help="--target llamacpp: candidate ggml types (default "
-                                                        "Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0; i-quants e.g. IQ2_XS,IQ3_S "
-                                                        "use the importance matrix)"),
-    # -- DMPQ (rl) and quantization-aware training ---------------------------------------------
-    rl_steps: int = typer.Option(20_000, help="rl: PPO environment steps"),
-    reward: str = typer.Option("1,0,0,0", help="rl: w_acc,w_lat,w_mem,w_eng of R = w_acc·ΔAcc − w_lat·L − w_mem·M − "
-                                               "w_eng·E (L, M, E relative to the all-16-bit plan)"),
-    rl_accuracy: str = typer.Option("proxy", help="rl: ΔAcc from the profiled table (proxy, additive) or measured "
-                                                  "(NLL of the quantized model on held-out calibration windows)"),
-    rl_sensitivity: str = typer.Option("table", help="rl: expert sensitivity s_e in the state: table | measured"),
-    energy: str = typer.Option("horowitz45nm", help="rl: energy model of the reward: horowitz45nm | h100-tdp"),
-    qat_steps: int = typer.Option(0, help="quantization-aware fine-tuning steps of the experts after allocation "
-                                          "(STE, calibration text only; 0 = post-training quantization)"),
-    qat_lr: float = typer.Option(1e-4, help="QAT learning rate (Adam)"),
-    rotate: Optional[str] = typer.Option(None, help="rotate the model before calibrating, function unchanged "
-                                                    "(GPTQ* with --quantizer gptq): hadamard (random Hadamard on the "
-                                                    "residual stream + online Hadamard before every down projection, "
-                                                    "QuaRot) | hadamard-offline (residual stream only, nothing run "
-                                                    "online; exportable to compressed-tensors); seeded by --seed"),
-    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
-                                          help="layer by layer from the safetensors shards, one decoder layer in "
-                                               "memory at a time (default: when the model does not fit in memory)"),
-    workers: int = typer.Option(1, help="run pass 1 of the streaming path (calibration + profiling, per layer) as "
-                                        "Ray tasks, at most N at once; > 1 implies --stream (refused with "
-                                        "--no-stream); needs pip install 'moebits[ray]'"),
-    ray_address: Optional[str] = typer.Option(None, help="join an existing Ray cluster (HEAD:6379, ray://HEAD:10001, "
-                                                         "or auto) instead of starting a local one (local: start "
-                                                         "one even with --workers 1); implies --stream"),
-    worker_threads: int = typer.Option(1, help="torch threads (and Ray CPUs) per Ray task"),
-    verbose: bool = False,
-):
-    """Calibrate, profile, allocate, quantize and evaluate: the whole job, resumable."""
+def _cli_parameter(part: str, f, typ) -> inspect.Parameter:
+    """A `moebits quantize` option from its declaration in job/config.py."""
+    from .job.config import PARTS
+
+    meta = f.metadata
+    optional = typing.get_origin(typ) in (typing.Union, types.UnionType) and type(None) in typing.get_args(typ)
+    base = next((a for a in typing.get_args(typ) if a is not type(None)), typ) if optional else typ
+    if meta["parse"] is not None:  # comma lists: text on the command line
+        annotation, default = Optional[str], meta["cli_default"] if meta["cli_default"] is not MISSING else None
+    else:
+        default = meta["cli_default"] if meta["cli_default"] is not MISSING else f.default
+        annotation = Optional[base] if (optional or default is None) else base
+    flags = list(meta["flags"])
+    if base is bool and default is None:  # tri-state: given on or off, or left to the job
+        flags = [f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}"]
+    opt = typer.Option(default, *flags, help=meta["help"], rich_help_panel=PARTS[part][1])
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=annotation)
+
+
+def _quantize(ctx: typer.Context, out: Path, overwrite: bool, config: Optional[Path], verbose: bool, **given) -> None:
+    """Calibrate, profile, allocate, quantize and evaluate: the whole job, resumable.
+
+    Options come from the command line, else from --config/--recipe FILE (TOML or YAML, the same names),
+    else their defaults (job/config.py declares each once)."""
     from .job import QuantizeConfig, start
+    from .job.config import declared_options, read_recipe
 
     _setup_logging(verbose)
-    cfg = QuantizeConfig(model=model, method=method, quantizer=quantizer, bits=bits, memory_gb=memory_gb,
-                         latency=latency, gpu=gpu, cost=cost, batch_tokens=batch_tokens, group_size=group_size,
-                         candidate_bits=_parse_bits(candidate_bits), wbits=wbits,
-                         bits_set=_parse_bits(bits_set, "--bits-set") if bits_set else None,
-                         ranks=_parse_bits(ranks, "--ranks") if ranks else None, attn_bits=attn_bits,
-                         attn_rank=attn_rank, calib=calib, nsamples=nsamples, seqlen=seqlen, eval=eval,
-                         calib_seqlen=calib_seqlen, eval_seqlen=eval_seqlen,
-                         max_tokens_per_expert=max_tokens_per_expert or None, holdout=holdout,
-                         eval_windows=eval_windows, metric=metric, solver=solver, granularity=granularity,
-                         tie_gate_up=tie_gate_up, anchors=anchors, rules=rules, sampler=sampler or "adaptive", predictor=predictor,
-                         proxy=True if proxy is None else proxy,
-                         fill=fill, act_order=act_order, seed=seed,
-                         dtype=dtype, device=device, save_model=save_model, save_format=save_format,
-                         trust_remote_code=trust_remote_code, target=target, bpw=bpw, size_gb=size_gb,
-                         gguf_types=gguf_types, rl_steps=rl_steps,
-                         rl_accuracy=rl_accuracy, rl_sensitivity=rl_sensitivity, energy=energy, qat_steps=qat_steps,
-                         qat_lr=qat_lr, abits=abits,
-                         abits_set=_parse_bits(abits_set, "--abits-set") if abits_set else None,
-                         abits_budget=abits_budget, act_clip=act_clip, rotate=rotate)
     try:
-        cfg.check_act_options()
+        options = read_recipe(config) if config is not None else {}
+        for _, f, _ in declared_options():
+            if getattr(ctx.get_parameter_source(f.name), "name", None) != "COMMANDLINE":  # given, not defaulted
+                continue
+            v = given[f.name]
+            if f.metadata["parse"] is not None and v is not None:
+                v = f.metadata["parse"](v)
+            if f.metadata["from_cli"] is not None:
+                v = f.metadata["from_cli"](v)
+            options[f.name] = v
+        cfg = QuantizeConfig(**options)
         cfg.budget_request()  # exactly one budget (or --wbits), before any work
-        cfg.check_fri_options()  # one rule budget (--rules or --anchors), known sampler / predictor
-        from .methods.dmpq import parse_reward
-
-        cfg.reward = parse_reward(reward)
-        results = start(cfg, out, overwrite, stream, fri_defaults=(sampler is None, proxy is None), workers=workers,
-                        ray_address=ray_address, worker_threads=worker_threads).execute()
+        results = start(cfg, out, overwrite, explicit=set(options)).execute()
     except _user_errors() as e:
         _fail(str(e))
     _print_results(results, out)
+
+
+def _register_quantize() -> None:
+    from .job.config import declared_options
+
+    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+    params += [_cli_parameter(part, f, typ) for part, f, typ in declared_options()]
+    params += [
+        inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+                          default=typer.Option(..., help="run directory (stages are saved and resumed here)")),
+        inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, help="replace a different run already in --out")),
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                          default=typer.Option(None, "--config", "--recipe",
+                                               help="a recipe: TOML or YAML holding these options by name, flat or "
+                                                    "grouped by part (data, budget, allocation, fri, bt, rl, "
+                                                    "activations, output, execution); options given here win; a "
+                                                    "run's run.json is one too")),
+        inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(False)),
+    ]
+
+    def quantize(**kw):
+        return _quantize(**kw)
+
+    quantize.__doc__ = _quantize.__doc__
+    quantize.__signature__ = inspect.Signature(params)
+    quantize.__annotations__ = {p.name: p.annotation for p in params}
+    app.command("quantize")(quantize)
+
+
+_register_quantize()
 
 
 def _print_results(r: dict, out: Path) -> None:

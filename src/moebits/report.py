@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
+from .job.config import full_spec
 from .plan import Plan
 from .stats import CalibrationStats
 from .table import SensitivityTable
@@ -92,7 +93,7 @@ def read_run(path: str | Path, name: str | None = None) -> RunView:
     if not path.is_dir():
         run.problems.append("not a directory")
         return run
-    run.spec = _read(run, "run.json", lambda p: json.loads(p.read_text()))
+    run.spec = _read(run, "run.json", lambda p: full_spec(json.loads(p.read_text())))  # any version, defaults filled
     if run.spec is None:
         run.problems[-1] += " (not a moebits run directory)"
     run.results = _read(run, "results.json", lambda p: json.loads(p.read_text()))

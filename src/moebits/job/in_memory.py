@@ -12,18 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..allocate import combine_groups, expert_level, layer_uniform, plan_under_budget, tie_gate_up
-from ..allocate.groups import vllm_servable
+from ..allocate import plan_under_budget
 from ..apply import apply_plan, save_quantized
 from ..atomic import atomic_write_json
 from ..attention import attention_hessians, attention_size, check_attention_choice, quantize_attention
-from ..budget import Budget, budget_request
+from ..budget import Budget
 from ..calibrate import Calibration, calibrate
 from ..data import calibration_windows, load_text, tokenize
 from ..evaluate import perplexity
@@ -32,343 +30,17 @@ from ..models import load_model
 from ..plan import Plan
 from ..table import SensitivityTable
 from ..units import Choice, Unit
+from .config import QuantizeConfig, candidate_choices, make_budget, structure_groups
 from .rundir import Run
 
 log = logging.getLogger(__name__)
 
-GRANULARITIES = ("linear", "expert", "layer")
-
-
-SAVE_FORMATS = ("packed", "dequantized")
-
-
-@dataclass
-class QuantizeConfig:
-    model: str = "demo"
-    method: str = "uniform"
-    quantizer: str = "rtn"
-    bits: float | None = None  # budget: average storage bits per weight over the units
-    memory_gb: float | None = None  # budget: GB of unit weights
-    latency: float | None = None  # budget: seconds per forward of the units (roofline on `gpu`)
-    gpu: str = "h100"
-    cost: str = "roofline"  # latency model: roofline (analytic, --gpu) | latency-fri (measured here, FRI-interpolated)
-    batch_tokens: int = 4096
-    group_size: int = 128
-    candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
-    wbits: int | None = None  # uniform: N-bit codes for every unit, whatever the storage (instead of a budget)
-    bits_set: tuple[int, ...] | None = None  # bt: bit-widths of the (bits, rank) choices; None: 2, 3, 4
-    ranks: tuple[int, ...] | None = None  # bt: compensator ranks; None: 0, w/32, w/16, w/8, w/4 of the expert width
-    attn_bits: int | None = None  # every method: attention projections at this many bits (None: untouched)
-    attn_rank: int = 0  # ... with a low-rank compensator of this rank
-    calib: str = "demo"
-    nsamples: int = 128
-    seqlen: int | None = None  # sets calib_seqlen and eval_seqlen; None: the model's (data.default_seqlen)
-    calib_seqlen: int | None = None  # tokens per calibration window (None: seqlen)
-    eval_seqlen: int | None = None  # tokens per evaluation window (None: seqlen)
-    eval: str = "demo"
-    eval_windows: int | None = None
-    metric: str = "expert"
-    solver: str | None = None  # None: the method's default
-    granularity: str | None = None  # linear (per block) | expert (one choice per expert) | layer; None: the method's
-    tie_gate_up: bool = False
-    anchors: float | None = None  # fri: rule budget as a fraction of the units (x quantized choices); None: see rules
-    rules: int | None = None  # fri: rule budget in profiled (unit, choice) pairs; exclusive with anchors
-    sampler: str = "adaptive"  # fri: adaptive | stratified | random (samplers.py, adaptive.py)
-    predictor: str = "ridge"  # fri: fri | ridge | knn | gbm | mlp (predict.PREDICTORS)
-    proxy: bool = True  # fri: the RTN weight-space proxy feature (proxy.py)
-    fill: bool = True  # lagrangian solver: greedy fill after bisection (False: Algorithm 1 exactly)
-    act_order: bool = False
-    max_tokens_per_expert: int | None = None  # routed inputs kept per expert for profiling; None: all of them
-    holdout: float = 0.0  # fraction of each expert's routed tokens held out of its Hessian to measure its error
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "cpu"
-    batch_size: int = 8
-    save_model: bool = True
-    save_format: str = "packed"  # packed (real low-bit, moebits format) | dequantized (16-bit HF checkpoint)
-    trust_remote_code: bool = False
-    target: str = "none"  # serving target the plan must fit: none | vllm (export/vllm_rules.py) | llamacpp (gguf/)
-    bpw: float | None = None  # llamacpp: bits per weight over the whole GGUF file
-    size_gb: float | None = None  # llamacpp: GB (1e9 bytes) of the GGUF's tensor data
-    gguf_types: str | None = None  # llamacpp: candidate ggml types, comma-separated (None: gguf.target.DEFAULT_TYPES)
-    # DMPQ (rl solver) and quantization-aware training (any method); see dmpq.py and qat.py
-    rl_steps: int = 20_000
-    reward: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0)  # w_acc, w_lat, w_mem, w_eng
-    rl_accuracy: str = "proxy"  # proxy (additive table) | measured (held-out NLL of the quantized model)
-    rl_sensitivity: str = "table"  # s_e: table (f*l at 2 bits) | measured (held-out NLL, one expert at 2 bits)
-    energy: str = "horowitz45nm"  # energy model of the reward (energy.ENERGY_SPECS)
-    qat_steps: int = 0  # > 0: quantization-aware fine-tuning of the experts after allocation
-    qat_lr: float = 1e-4
-    # activation quantization (issue 16; quant/act.py): per-token symmetric fake quant of each unit's input
-    abits: int | None = None  # every candidate's activations at this width (uniform W4A4: --wbits 4 --abits 4)
-    abits_set: tuple[int, ...] | None = None  # joint W/A allocation: candidates = weight choices x these widths
-    abits_budget: float | None = None  # average activation bits (MAC-weighted); None: = --bits when abits_set
-    act_clip: float = 1.0  # per-token clipping ratio of activation quantization
-    rotate: str | None = None  # hadamard (residual + online down, QuaRot) | hadamard-offline (residual only); rotate.py
-
-    OUTPUT_OPTIONS = ("save_model", "save_format")  # do not make a run "different"
-    TUPLE_OPTIONS = ("candidate_bits", "reward", "bits_set", "ranks", "abits_set")  # lists in run.json
-
-    def spec(self) -> dict:
-        d = asdict(self)
-        for k in self.TUPLE_OPTIONS:
-            if d[k] is not None:
-                d[k] = list(d[k])
-        for k in self.OUTPUT_OPTIONS:
-            d.pop(k)
-        if d["target"] == "none":  # runs made before --target existed keep their spec
-            d.pop("target")
-        for k, default in (("bits_set", None), ("ranks", None), ("attn_bits", None), ("attn_rank", 0), ("abits", None),
-                           ("abits_set", None), ("abits_budget", None), ("act_clip", 1.0), ("rotate", None),
-                           ("rules", None), ("anchors", None), ("predictor", "ridge"), ("proxy", True), ("fill", True),
-                           ("holdout", 0.0), ("bpw", None), ("size_gb", None), ("gguf_types", None)):
-            if d[k] == default:  # likewise for runs made before bt, --attn-bits, ..., --rules, --holdout
-                d.pop(k)
-        # one length for both: the spec of runs made before --calib-seqlen / --eval-seqlen existed
-        if d["calib_seqlen"] is not None and d["calib_seqlen"] == d["eval_seqlen"]:
-            d["seqlen"] = d["calib_seqlen"]
-        if d["seqlen"] is not None and d["calib_seqlen"] in (None, d["seqlen"]) and d["eval_seqlen"] in (None, d["seqlen"]):
-            d.pop("calib_seqlen"), d.pop("eval_seqlen")
-        else:
-            d.pop("seqlen")
-        return d
-
-    def resolve_seqlens(self) -> None:
-        """Fill `calib_seqlen` and `eval_seqlen`: each as given, else `seqlen`, else the model's default
-        (min(2048, max positions); the demo 256). `seqlen` then holds the length when both are equal."""
-        if self.calib_seqlen is None or self.eval_seqlen is None:
-            from ..data import default_seqlen
-
-            base = self.seqlen if self.seqlen is not None else default_seqlen(self.model, self.trust_remote_code)
-            self.calib_seqlen = self.calib_seqlen if self.calib_seqlen is not None else base
-            self.eval_seqlen = self.eval_seqlen if self.eval_seqlen is not None else base
-        for name in ("calib_seqlen", "eval_seqlen"):
-            if getattr(self, name) < 2:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 2 tokens, got {getattr(self, name)}")
-        self.seqlen = self.calib_seqlen if self.calib_seqlen == self.eval_seqlen else None
-
-    def check_values(self) -> None:
-        """Option values that no stage could use, refused before a run directory is touched (issue 22).
-        Raises ValueError naming the option and what it accepts. (Budgets: `budget_request`.)"""
-        for name, low in (("nsamples", 1), ("group_size", 1), ("batch_size", 1), ("batch_tokens", 1)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
-        if self.eval_windows is not None and self.eval_windows < 1:
-            raise ValueError(f"--eval-windows must be at least 1 (or left out: the whole text), got {self.eval_windows}")
-        for name in ("seqlen", "calib_seqlen", "eval_seqlen"):
-            v = getattr(self, name)
-            if v is not None and v < 2:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 2 tokens, got {v}")
-        if not self.candidate_bits:
-            raise ValueError("--candidate-bits is empty; give bit-widths such as 2,3,4,8")
-        check_device(self.device)
-
-    def check_holdout(self) -> None:
-        if not 0.0 <= self.holdout < 1.0:
-            raise ValueError(f"--holdout is the fraction of each expert's routed tokens held out, in [0, 1); "
-                             f"got {self.holdout}")
-        if self.holdout > 0 and self.metric != "expert":
-            raise ValueError("--holdout measures a unit's error on its held-out routed tokens, which the expert "
-                             f"metric does; the {self.metric} metric re-runs every token: use --metric expert")
-
-    @classmethod
-    def from_spec(cls, spec: dict) -> "QuantizeConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ValueError(f"run spec has options this version does not know: {unknown}")
-        d = dict(spec)
-        for k in cls.TUPLE_OPTIONS:
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
-
-    def budget_request(self) -> tuple[str, float]:
-        if self.target == "llamacpp":  # a budget over the whole GGUF file (gguf/target.py)
-            from ..gguf.target import file_budget
-
-            b = file_budget(self.bpw, self.size_gb)
-            return b.kind, b.value
-        if self.bpw is not None or self.size_gb is not None:
-            raise ValueError("--bpw / --size-gb budget a GGUF file: use them with --target llamacpp")
-        if self.wbits is not None:
-            if self.method != "uniform":
-                raise ValueError(f"--wbits sets one code width for every unit (method uniform); method "
-                                 f"{self.method!r} needs a budget: --bits, --memory-gb or --latency")
-            if any(v is not None for v in (self.bits, self.memory_gb, self.latency)):
-                raise ValueError("--wbits fixes the code width of every unit; give no budget (--bits, --memory-gb, "
-                                 "--latency) with it")
-            Choice(self.wbits, self.group_size, self.quantizer)  # validates the width
-            return "wbits", float(self.wbits)
-        return budget_request(self.bits, self.memory_gb, self.latency)
-
-    DEFAULT_ANCHORS = 0.15  # fri: rule budget when neither --anchors nor --rules is given (results/fri_rules.md)
-
-    def check_fri_options(self) -> None:
-        """One rule budget (`--rules` or `--anchors`), known sampler and predictor, `--no-fill` only with
-        the lagrangian solver. Raises ValueError with what to change."""
-        from ..methods.fri.predictors import PREDICTORS
-        from ..methods.fri.samplers import SAMPLERS
-
-        if self.rules is not None and self.anchors is not None:
-            raise ValueError(f"--rules {self.rules} and --anchors {self.anchors} both set the rule budget: give one "
-                             "(--rules N profiled unit x choice pairs, or --anchors FRACTION of the units)")
-        if self.rules is not None and self.rules < 1:
-            raise ValueError(f"--rules must be >= 1 profiled (unit, choice) pairs, got {self.rules}")
-        if self.anchors is not None and not 0.0 < self.anchors <= 1.0:
-            raise ValueError(f"--anchors is a fraction of the units in (0, 1], got {self.anchors}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown --sampler {self.sampler!r}; choose one of {SAMPLERS}")
-        if self.predictor not in PREDICTORS:
-            raise ValueError(f"unknown --predictor {self.predictor!r}; choose one of {PREDICTORS}")
-        if not self.fill and self.solver_name != "lagrangian":
-            raise ValueError(f"--no-fill switches off the lagrangian solver's greedy fill; solver "
-                             f"{self.solver_name!r} has none (use --solver lagrangian)")
-
-    def rule_budget(self, n_units: int, n_quantized_choices: int) -> int:
-        """Profiled (unit, choice) pairs allowed: --rules, else --anchors (default 0.15) x units x choices."""
-        self.check_fri_options()
-        if self.rules is not None:
-            return int(self.rules)
-        fraction = self.DEFAULT_ANCHORS if self.anchors is None else self.anchors
-        return int(np.floor(fraction * n_units + 1e-9)) * int(n_quantized_choices)
-
-    @property
-    def solver_name(self) -> str:
-        if self.solver is None and self.act_budget() is not None:
-            return "ilp"  # the only solver with a second (activation-bits) constraint; see allocate/__init__.py
-        return self.solver or get_method(self.method).solver
-
-    def act_budget(self) -> float | None:
-        """The average-activation-bits budget of a joint W/A allocation (None: no such constraint)."""
-        if self.abits_set is None:
-            if self.abits_budget is not None:
-                raise ValueError("--abits-budget bounds a joint weight/activation allocation: give --abits-set too")
-            return None
-        if self.abits_budget is not None:
-            return float(self.abits_budget)
-        return float(self.bits) if self.bits is not None else None
-
-    def check_act_options(self) -> None:
-        from ..quant.act import check_act_bits
-
-        if self.abits is not None and self.abits_set is not None:
-            raise ValueError("--abits fixes every unit's activation bits, --abits-set lets the allocator choose: "
-                             "give one of them")
-        for a in ([self.abits] if self.abits is not None else []) + list(self.abits_set or ()):
-            check_act_bits(a)
-        if self.abits_set is not None and self.method in ("uniform", "freq"):
-            raise ValueError(f"method {self.method!r} does not profile, so it cannot choose activation bits; "
-                             "use --abits for one width, or --method mxmoe|fri with --abits-set")
-        if self.act_budget() is not None and self.solver not in (None, "ilp"):
-            raise ValueError(f"a joint weight/activation allocation (--abits-set) has two budgets; solver "
-                             f"{self.solver!r} takes one: use --solver ilp (the default then)")
-        if not 0.0 < self.act_clip <= 1.0:
-            raise ValueError(f"--act-clip must be in (0, 1], got {self.act_clip}")
-        if (self.abits is not None or self.abits_set) and self.save_model and self.save_format == "dequantized":
-            raise ValueError("a dequantized 16-bit checkpoint cannot carry activation quantization (transformers "
-                             "would load it without); save --save-format packed, which records it")
-
-    @property
-    def granularity_name(self) -> str:
-        return self.granularity or get_method(self.method).granularity or "linear"
-
-    def attention_choice(self) -> Choice | None:
-        """The fixed setting of the attention projections (`--attn-bits`, `--attn-rank`), None = untouched."""
-        if self.attn_bits is None:
-            if self.attn_rank:
-                raise ValueError("--attn-rank needs --attn-bits (a compensator corrects quantized attention)")
-            return None
-        return Choice(self.attn_bits, self.group_size, self.quantizer, rank=self.attn_rank)
-
-def check_device(device: str) -> None:
-    """A device this machine has (a clear error instead of torch's traceback deep inside loading)."""
-    import torch
-
-    kind = str(device).split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
-                         f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use --device cpu")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
-    if kind not in ("cpu", "cuda", "mps", "xpu", "meta"):
-        raise ValueError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N")
-
-
-TARGETS = ("none", "vllm", "llamacpp")
-
-
-def candidate_choices(cfg: QuantizeConfig, shapes: dict | None = None) -> list[Choice]:
-    method = get_method(cfg.method)
-    if method.choices_need_shapes:
-        if shapes is None:
-            raise ValueError(f"method {method.name!r} derives its choices from the model's weight shapes")
-        choices = method.choices(cfg, shapes)
-    else:
-        choices = method.choices(cfg)
-    # --- serving target (issue 9): vLLM serves 4/8-bit integer-zero group-wise schemes only
-    if cfg.target not in TARGETS:
-        raise ValueError(f"unknown --target {cfg.target!r}; choose one of {TARGETS}")
-    if cfg.target == "vllm":
-        from ..export.vllm_rules import vllm_choices
-
-        choices = vllm_choices(choices)
-    return with_act_bits(cfg, choices)
-
-
-def with_act_bits(cfg: QuantizeConfig, choices: list[Choice]) -> list[Choice]:
-    """`--abits A`: every candidate at A activation bits; `--abits-set`: every candidate x every width."""
-    cfg.check_act_options()
-    if cfg.abits is not None:
-        return [replace(c, act_bits=cfg.abits) for c in choices]
-    if cfg.abits_set:
-        return [replace(c, act_bits=a) for c in choices for a in sorted(set(cfg.abits_set))]
-    return choices
-
-
-def make_budget(cfg: QuantizeConfig, units: list[Unit], shapes: dict, choices: list[Choice],
-                freq: np.ndarray | None) -> Budget:
-    kind, value = cfg.budget_request()
-    budget = Budget.build(kind, value, units, shapes, choices, freq, gpu=cfg.gpu, batch_tokens=cfg.batch_tokens,
-                          latency_model=cfg.cost, seed=cfg.seed, device=cfg.device)
-    act = cfg.act_budget()
-    if act is not None and freq is not None:  # the MAC weights need routed frequencies (budget.ActBitsBudget)
-        budget.with_act_bits(act, choices, freq)
-    return budget
-
-
-def structure_groups(granularity: str, tie: bool, units: list[Unit], target: str = "none") -> np.ndarray | None:
-    """Unit ids that must share a choice: `granularity` linear | expert | layer, `tie` gate with up,
-    `target` vllm: one choice per MoE layer's routed experts and per shared expert's gate/up."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
-    parts = []
-    if granularity == "expert":
-        parts.append(expert_level(units))
-    elif granularity == "layer":
-        parts.append(layer_uniform(units))
-    if tie:
-        parts.append(tie_gate_up(units))
-    if target == "vllm":
-        parts.append(vllm_servable(units))
-    return combine_groups(*parts) if parts else None
-
 
 class Pipeline:
     def __init__(self, cfg: QuantizeConfig, out: str | Path, overwrite: bool = False, progress: bool = True):
-        cfg.check_values()
         self.method = get_method(cfg.method)
-        cfg.check_fri_options()
-        if cfg.save_format not in SAVE_FORMATS:
-            raise ValueError(f"unknown save format {cfg.save_format!r}; choose one of {', '.join(SAVE_FORMATS)}")
-        if cfg.rotate is not None:
-            from ..rotate import ROTATIONS
-
-            if cfg.rotate not in ROTATIONS:
-                raise ValueError(f"unknown --rotate {cfg.rotate!r}; choose one of {', '.join(ROTATIONS)}")
+        cfg.check()  # options set one by one since it was built
         cfg.resolve_seqlens()
-        cfg.check_holdout()
         self.cfg, self.progress = cfg, progress
         self.rotation = None  # rotate.Rotation once load() rotated the model (--rotate)
         from ..fingerprint import run_inputs
@@ -383,9 +55,7 @@ class Pipeline:
         spec_p = Path(directory) / "run.json"
         if not spec_p.exists():
             raise FileNotFoundError(f"{directory} is not a moebits run directory (no run.json)")
-        cfg = QuantizeConfig.from_spec(json.loads(spec_p.read_text()))
-        for k, v in output_options.items():
-            setattr(cfg, k, v)
+        cfg = QuantizeConfig.from_spec(json.loads(spec_p.read_text())).replace(**output_options)
         return cls(cfg, directory, progress=progress)
 
     # -- stages ------------------------------------------------------------------------------
@@ -555,7 +225,7 @@ class Pipeline:
                        "storage bits per weight (group metadata included)")
         else:
             budget = self.allocation_budget = self.budget(choices, table.frequency)
-            options = {} if cfg.fill else {"fill": False}  # check_fri_options: only with lagrangian
+            options = {} if cfg.fill else {"fill": False}  # QuantizeConfig.check: only with lagrangian
             if cfg.solver_name == "rl":  # DMPQ's reward and state need more than the table and the budget
                 from ..methods.dmpq import rl_solver_options
 
@@ -684,7 +354,6 @@ class Pipeline:
             return execute(self)
         if self.finished():
             return self.results
-        cfg.check_act_options()
         self.load()
         choices = candidate_choices(cfg, self.shapes)
         attn = cfg.attention_choice()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..atomic import (RefusedPath, atomic_path, atomic_write_bytes, atomic_write_json,  # noqa: F401 (re-exported)
                      atomic_write_text, check_replaceable)
+from .config import SpecVersionError, full_spec, same_request
 
 # what a run writes into its directory: clearing a run (--overwrite) removes these and nothing else
 RUN_ARTEFACTS = ("run.json", "cache.json", "stats.json", "calib_inputs.safetensors", "table.csv", "plan.json", "model",
@@ -99,7 +100,7 @@ class Run:
                 old = json.loads(spec_path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
                 old = None
-            if old != spec and self.stage_artefacts():
+            if not same_request(old, spec) and self.stage_artefacts():
                 if not overwrite:
                     diff = _spec_diff(old, spec)
                     raise RunMismatchError(
@@ -113,7 +114,7 @@ class Run:
                 "it did not write: choose a new or empty directory for --out"
             )
         self.root.mkdir(parents=True, exist_ok=True)
-        if not spec_path.exists() or old != spec:
+        if not spec_path.exists() or old != spec:  # an old version's request is rewritten at this version
             atomic_write_json(spec_path, spec)
         if inputs is not None:
             self.check_inputs(inputs, overwrite)
@@ -220,5 +221,9 @@ def read_cached_json(run: Run, name: str) -> dict | None:
 def _spec_diff(old: dict | None, new: dict) -> str:
     if not isinstance(old, dict):
         return "its run.json is unreadable"
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) or "different"
+    try:
+        a, b = full_spec(old), full_spec(new)
+    except SpecVersionError as e:
+        return str(e)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:4]) or "different"

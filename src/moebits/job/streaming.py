@@ -43,7 +43,8 @@ from ..stream.forward import BatchedWindows, HiddenStore, batch_nll, forward_lay
 from ..stream.layer_pass import LayerPass1, Pass1Job, pass1_layer, pass2_layer
 from ..table import SensitivityTable
 from ..units import Choice, Unit
-from .in_memory import Pipeline, candidate_choices
+from .config import candidate_choices
+from .in_memory import Pipeline
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ from ..table import SensitivityTable
 from ..units import Choice
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..job.in_memory import Pipeline, QuantizeConfig
+    from ..job.config import QuantizeConfig
+    from ..job.in_memory import Pipeline
 
 FillTable = Callable[["Pipeline", "list[Choice]"], SensitivityTable]
 

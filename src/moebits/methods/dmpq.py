@@ -25,12 +25,11 @@ from ..units import FP_BITS, Choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..budget import Budget
-    from ..job.in_memory import Pipeline, QuantizeConfig
+    from ..job.config import QuantizeConfig
+    from ..job.in_memory import Pipeline
     from ..table import SensitivityTable
 
 DMPQ_BITS = (2, 4, 8, FP_BITS)
-RL_ACCURACY = ("proxy", "measured")
-RL_SENSITIVITY = ("table", "measured")
 HELD_OUT_WINDOWS = 8  # validation windows for measured ΔAcc / sensitivity
 
 
@@ -41,16 +40,6 @@ def dmpq_choices(cfg: "QuantizeConfig") -> list[Choice]:
 def fill_rl(run: "Pipeline", choices: list[Choice]) -> "SensitivityTable":
     """Profile every unit x choice: the additive proxy the reward (and a knapsack) reads."""
     return run.measure(run.units, choices)
-
-
-def parse_reward(text: str) -> tuple[float, float, float, float]:
-    try:
-        w = tuple(float(x) for x in str(text).split(","))
-    except ValueError:
-        w = ()
-    if len(w) != 4 or not all(np.isfinite(w)):
-        raise ValueError(f"--reward takes four numbers w_acc,w_lat,w_mem,w_eng (e.g. 1,0,0,0), got {text!r}")
-    return w  # type: ignore[return-value]
 
 
 def _held_out(run: "Pipeline"):
@@ -66,10 +55,6 @@ def rl_solver_options(run: "Pipeline", choices: list[Choice], table: "Sensitivit
     from ..expert_stats import gradient_contribution, measured_sensitivity, table_sensitivity
 
     cfg = run.cfg
-    if cfg.rl_accuracy not in RL_ACCURACY:
-        raise ValueError(f"--rl-accuracy must be one of {RL_ACCURACY}, got {cfg.rl_accuracy!r}")
-    if cfg.rl_sensitivity not in RL_SENSITIVITY:
-        raise ValueError(f"--rl-sensitivity must be one of {RL_SENSITIVITY}, got {cfg.rl_sensitivity!r}")
     shapes = [run.shapes[u] for u in table.units]
     freq = table.frequency
     if budget.kind == "latency":

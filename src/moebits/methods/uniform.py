@@ -9,7 +9,8 @@ from ..units import FP_BITS, Choice
 from . import Method, register_method
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..job.in_memory import Pipeline, QuantizeConfig
+    from ..job.config import QuantizeConfig
+    from ..job.in_memory import Pipeline
 
 
 def uniform_choices(cfg: "QuantizeConfig") -> list[Choice]:
