@@ -233,14 +233,17 @@ def test_a_registered_method_runs_through_the_pipeline(tmp_path, text_file):
 
     calls = []
 
-    def fill_by_size(run, choices):  # a made-up sensitivity: error 2^-bits, larger for `down`
-        calls.append(len(choices))
-        bits = np.array([c.bits for c in choices], float)
-        scale = np.array([4.0 if u.kind == "down" else 1.0 for u in run.units])
-        return SensitivityTable(run.units, choices, error=scale[:, None] * 2.0 ** -bits[None, :],
-                                frequency=run.calib.frequency())
+    class Toy(methods.Method):  # a made-up sensitivity: error 2^-bits, larger for `down`; nothing measured
+        name, solver, granularity, profiles = "toy", "ilp", "expert", False
 
-    methods.register_method(methods.Method("toy", fill_by_size, "ilp", granularity="expert"))
+        def complete(self, ctx, measured):
+            calls.append(len(ctx.choices))
+            bits = np.array([c.bits for c in ctx.choices], float)
+            scale = np.array([4.0 if u.kind == "down" else 1.0 for u in ctx.units])
+            return SensitivityTable(ctx.units, ctx.choices, error=scale[:, None] * 2.0 ** -bits[None, :],
+                                    frequency=ctx.frequency)
+
+    methods.register_method(Toy())
     try:
         assert "toy" in methods.method_names()
         p = Pipeline(_cfg(text_file, method="toy", bits=3.5, save_model=False), tmp_path / "r", progress=False)
@@ -251,7 +254,7 @@ def test_a_registered_method_runs_through_the_pipeline(tmp_path, text_file):
         for u in p.units:  # expert granularity: gate, up and down of an expert share one choice
             assert plan.choice(u) == plan.choice(type(u)(u.layer, u.expert, "gate"))
         with pytest.raises(ValueError, match="already registered"):
-            methods.register_method(methods.Method("toy", fill_by_size, "ilp"))
+            methods.register_method(Toy())
     finally:
         methods._METHODS.pop("toy", None)
     with pytest.raises(ValueError, match="unknown method 'toy'.*fri"):

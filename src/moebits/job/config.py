@@ -628,13 +628,7 @@ def read_recipe(path: str | Path) -> dict:
 def candidate_choices(cfg: QuantizeConfig, shapes: dict | None = None) -> list[Choice]:
     from ..methods import get_method
 
-    method = get_method(cfg.method)
-    if method.choices_need_shapes:
-        if shapes is None:
-            raise ValueError(f"method {method.name!r} derives its choices from the model's weight shapes")
-        choices = method.choices(cfg, shapes)
-    else:
-        choices = method.choices(cfg)
+    choices = get_method(cfg.method).choices(cfg, shapes)
     if cfg.target == "vllm":  # vLLM serves 4/8-bit integer-zero group-wise schemes only
         from ..export.vllm_rules import vllm_choices
 

@@ -25,11 +25,11 @@ from ..budget import Budget
 from ..calibrate import Calibration, calibrate
 from ..data import calibration_windows, load_text, tokenize
 from ..evaluate import perplexity
-from ..methods import get_method
+from ..methods import Context, Request, get_method
 from ..models import load_model
 from ..plan import Plan
 from ..table import SensitivityTable
-from ..units import Choice, Unit
+from ..units import Choice
 from .config import QuantizeConfig, candidate_choices, make_budget, structure_groups
 from .rundir import Run
 
@@ -43,6 +43,7 @@ class Pipeline:
         cfg.resolve_seqlens()
         self.cfg, self.progress = cfg, progress
         self.rotation = None  # rotate.Rotation once load() rotated the model (--rotate)
+        self.allocation_budget = None  # built once, by context(), for the method and the allocation
         from ..fingerprint import run_inputs
         from .rundir import read_cached_json
 
@@ -115,44 +116,51 @@ class Pipeline:
 
     def new_table(self, choices: list[Choice]) -> SensitivityTable:
         """An empty table over the run's units x `choices`, with the calibration's frequencies."""
-        from ..profile import new_table
+        table = SensitivityTable(self.units, list(choices))
+        table.frequency[:] = self.calib.stats.aligned(self.units).frequency
+        return table
 
-        return new_table(self.adapter, choices, self.calib.stats)
+    # -- the method's three steps ----------------------------------------------------------------
+    def context(self, choices: list[Choice]) -> Context:
+        """The read-only view of this run a method sees (the budget is built once, here)."""
+        if self.cfg.budget_request()[0] != "wbits" and self.allocation_budget is None:
+            self.allocation_budget = self.budget(choices, self.calib.stats.aligned(self.units).frequency)
+        return Context(self.cfg, self.units, self.shapes, list(choices), stats=self.calib.stats,
+                       budget=self.allocation_budget, groups=self.groups(), adapter=self.adapter,
+                       calib=self.calib, windows=self.windows, tokenizer=self.tokenizer,
+                       expert_profiler=self.expert_profiler, results=self.results)
 
-    def measure(self, units: list[Unit], choices: list[Choice], whole_expert: bool = False,
-                table: SensitivityTable | None = None,
-                pairs: list[tuple[Unit, Choice]] | None = None) -> SensitivityTable:
-        """Profile `units` x `choices` (or exactly the (unit, choice) `pairs`) with the run's metric into
-        `table` (a new one if None: other entries unknown); `whole_expert`: BT-MoE's joint perturbation
-        of all blocks of an expert (see profile.py). Seconds add up in `results["profile_seconds"]`
-        over calls; with the expert metric, calls share one `ExpertProfiler` (its reference forwards and
-        prepared Hessians), so an adaptive sampler's rounds do not redo them."""
+    def requests(self, ctx: Context, table: SensitivityTable):
+        """The method's requests; each is measured into `table` before the next is asked for."""
+        return self.method.requests(ctx, table)
+
+    def measure(self, request: Request, table: SensitivityTable) -> None:
+        """Profile the request (its units x choices, or exactly its (unit, choice) pairs) with the run's metric
+        into `table`; `whole_expert`: BT-MoE's joint perturbation of all blocks of an expert (see profile.py).
+        Seconds add up in `results["profile_seconds"]` over requests; with the expert metric, requests share
+        one `ExpertProfiler` (its reference forwards and prepared Hessians), so adaptive rounds do not redo them."""
         from ..profile import profile
 
         cfg = self.cfg
-        stats = self.calib.stats
-        table = self.new_table(choices) if table is None else table
         before = self.results.get("profile_seconds", 0.0)
         inputs = self._profile_inputs()
         kw = {"act_clip": cfg.act_clip} if cfg.act_clip != 1.0 else {}
+        units, choices, pairs, whole_expert = list(request.units), list(request.choices), request.pairs, request.whole_expert
+        stats = self.calib.stats
         t0 = time.perf_counter()
         if cfg.metric == "expert" and not whole_expert:
-            profiler = self.expert_profiler()
-            todo = pairs if pairs is not None else [(u, c) for u in units for c in choices]
-            profiler.measure(todo, table, self.progress)
+            todo = list(pairs) if pairs is not None else [(u, c) for u in units for c in choices]
+            self.expert_profiler().measure(todo, table, self.progress)
         elif pairs is not None:
             for c in dict.fromkeys(c for _, c in pairs):
-                table = profile(self.adapter, cfg.metric, [u for u, pc in pairs if pc == c], [c], stats, inputs,
-                                windows=self.windows, act_order=cfg.act_order, table=table, progress=self.progress,
-                                whole_expert=whole_expert, **kw)
+                profile(self.adapter, cfg.metric, [u for u, pc in pairs if pc == c], [c], stats, inputs,
+                        windows=self.windows, act_order=cfg.act_order, table=table, progress=self.progress,
+                        whole_expert=whole_expert, **kw)
         else:
-            table = profile(self.adapter, cfg.metric, units, choices, stats, inputs, windows=self.windows,
-                            act_order=cfg.act_order, table=table, progress=self.progress, whole_expert=whole_expert,
-                            **kw)
+            profile(self.adapter, cfg.metric, units, choices, stats, inputs, windows=self.windows,
+                    act_order=cfg.act_order, table=table, progress=self.progress, whole_expert=whole_expert, **kw)
         self.results["profile_seconds"] = round(before + time.perf_counter() - t0, 4)
-        n = len({u for u, _ in pairs}) if pairs is not None else len(units)
-        self.results["profiled_units"] = self.results.get("profiled_units", 0) + n
-        return table
+        self.results["profiled_units"] = self.results.get("profiled_units", 0) + len(units)
 
     def _profile_inputs(self):
         """`calib.profile_inputs()`, made once per calibration (under --holdout it builds new tensors)."""
@@ -173,14 +181,18 @@ class Pipeline:
         return prof
 
     def fill_table(self, choices: list[Choice]) -> SensitivityTable:
-        """The method's sensitivity table, saved as table.csv when it holds measurements."""
+        """The method's sensitivity table (its requests measured, then completed), saved as table.csv when
+        it holds measurements."""
         table_p = self.run.path("table.csv")
         if self.run.verified("table.csv"):
             return SensitivityTable.from_csv(table_p)
         self.results["profile_seconds"] = 0.0  # measure() adds up; an interrupted attempt's seconds do not count
         self.results.pop("profiled_units", None)
+        ctx, table = self.context(choices), self.new_table(choices)
         try:
-            table = self.method.fill(self, choices)
+            for request in self.requests(ctx, table):
+                self.measure(request, table)
+            table = self.method.complete(ctx, table)
         finally:
             self._profiler = None  # its caches (reference forwards, Hessians) are of no use after this stage
         if not table.complete:
@@ -224,12 +236,9 @@ class Pipeline:
             self._note(f"--wbits {cfg.wbits}: {choice.label} for every unit, {plan.meta['avg_bits']:.4f} average "
                        "storage bits per weight (group metadata included)")
         else:
-            budget = self.allocation_budget = self.budget(choices, table.frequency)
-            options = {} if cfg.fill else {"fill": False}  # QuantizeConfig.check: only with lagrangian
-            if cfg.solver_name == "rl":  # DMPQ's reward and state need more than the table and the budget
-                from ..methods.dmpq import rl_solver_options
-
-                options = rl_solver_options(self, choices, table, budget)
+            ctx = self.context(choices)
+            budget = ctx.budget
+            options = self.method.solver_options(ctx, table, budget)
             plan = self.timed("allocate_seconds", lambda: plan_under_budget(
                 table, budget, cfg.solver_name, groups=self.groups(), meta=meta, **options))
             if cfg.solver_name == "uniform":

@@ -13,9 +13,10 @@ assembled table). What changes is how the model is touched:
              quantized layers below), write it as a part of the packed checkpoint, carry its outputs
              (calibration and evaluation windows) to the next layer, drop it.
 
-Which units pass 1 profiles is asked of the method itself: its `fill` is first run against a probe
-whose `measure` records the request and stops; after pass 1, `measure` answers that request from the
-per-layer results. So every method that profiles through `Pipeline.measure` (mxmoe, fri, bt) streams.
+Which units pass 1 profiles is the method's first request (`Method.requests`, asked before pass 1 with a
+context that has no statistics yet); after pass 1, `measure` answers it from the per-layer results and the
+method completes the table as in memory. A method that asks for a second round of measurements (FRI's
+adaptive sampler) is refused: each round would need another pass over the layers.
 
 Work files live in OUT/stream/: `pass1/L{i}.json` (one per finished layer), the hidden states entering
 the next unfinished layer (`*.L{i}.safetensors`), and OUT/model.layers/ (finished pass-2 layers).
@@ -43,6 +44,7 @@ from ..stream.forward import BatchedWindows, HiddenStore, batch_nll, forward_lay
 from ..stream.layer_pass import LayerPass1, Pass1Job, pass1_layer, pass2_layer
 from ..table import SensitivityTable
 from ..units import Choice, Unit
+from ..methods import Context
 from .config import candidate_choices
 from .in_memory import Pipeline
 
@@ -51,25 +53,6 @@ log = logging.getLogger(__name__)
 
 class StreamingUnsupported(ValueError):
     pass
-
-
-class _Requested(Exception):
-    def __init__(self, units, choices, whole_expert):
-        self.units, self.choices, self.whole_expert = list(units), list(choices), whole_expert
-
-
-class _Probe:
-    """The pipeline as a method's `fill` sees it, except that `measure` records what it is asked and stops."""
-
-    def __init__(self, pipe):
-        self.__dict__.update(pipe.__dict__)
-        self.results = {}
-
-    def timed(self, key, fn):
-        return fn()
-
-    def measure(self, units, choices, whole_expert: bool = False):
-        raise _Requested(units, choices, whole_expert)
 
 
 class StreamPipeline(Pipeline):
@@ -156,21 +139,14 @@ class StreamPipeline(Pipeline):
         return self._calib_b, self._eval_b
 
     # -- pass 1 ----------------------------------------------------------------------------------
-    def measure_request(self, choices: list[Choice]) -> _Requested | None:
-        """What the method will ask `measure` for (None: it profiles nothing)."""
-        if not self.method.profiles:
-            return None
-        try:
-            self.method.fill(_Probe(self), choices)
-        except _Requested as r:
-            return r
-        raise StreamingUnsupported(f"method {self.method.name!r} fills its table without Pipeline.measure; "
-                                   "the streaming path cannot run it")
-
     def _pass1_job(self, choices: list[Choice]) -> Pass1Job:
-        cfg, req = self.cfg, self.measure_request(choices)
-        all_choices = req.choices if req else choices
-        return Pass1Job(units=req.units if req else [], choices=all_choices, metric=cfg.metric,
+        """Pass 1 measures the method's first request (asked now, before any statistics exist)."""
+        cfg = self.cfg
+        ctx = Context(cfg, self.units, self.shapes, list(choices), results=self.results)
+        self._requests = iter(self.method.requests(ctx, SensitivityTable(self.units, list(choices))))
+        self.first_request = req = next(self._requests, None)
+        all_choices = list(req.choices) if req else choices
+        return Pass1Job(units=list(req.units) if req else [], choices=all_choices, metric=cfg.metric,
                         whole_expert=req.whole_expert if req else False, act_order=cfg.act_order,
                         max_tokens_per_expert=cfg.max_tokens_per_expert, seed=cfg.seed,
                         hessians=any(c.quantizer == "gptq" and not c.is_fp for c in all_choices),
@@ -236,20 +212,31 @@ class StreamPipeline(Pipeline):
             return
         raise RuntimeError(f"streaming evaluates {key} inside its passes")
 
-    def measure(self, units: list[Unit], choices: list[Choice], whole_expert: bool = False) -> SensitivityTable:
-        """The table of what pass 1 measured (the request must be the one the probe recorded)."""
-        job = self.job
-        if set(units) - set(job.units) or list(choices) != list(job.choices) or whole_expert != job.whole_expert:
-            raise RuntimeError("the method asked for measurements other than those pass 1 made")
-        from ..profile import new_table
+    def context(self, choices: list[Choice]) -> Context:
+        """As in memory, without what needs the whole model (adapter, captured inputs, windows)."""
+        ctx = super().context(choices)
+        return Context(ctx.cfg, ctx.units, ctx.shapes, ctx.choices, stats=ctx.stats, budget=ctx.budget,
+                       groups=ctx.groups, tokenizer=self.tokenizer, results=self.results)
 
-        table = new_table(self.adapter, choices, self.calib.stats)
+    def requests(self, ctx: Context, table: SensitivityTable):
+        """The first request (measured in pass 1); a further one is refused (it would need another pass)."""
+        if self.first_request is not None:
+            yield self.first_request
+        if next(self._requests, None) is not None:
+            raise StreamingUnsupported(f"method {self.method.name!r} asks for another round of measurements after "
+                                       "pass 1; the streaming path measures one request")
+
+    def measure(self, request, table: SensitivityTable) -> None:
+        """Fill `table` with what pass 1 measured (the request must be the one pass 1 was given)."""
+        job = self.job
+        if set(request.units) - set(job.units) or list(request.choices) != list(job.choices) or \
+                request.whole_expert != job.whole_expert:
+            raise RuntimeError("the method asked for measurements other than those pass 1 made")
         for r in self.layer_results:
             for name, c, err, sec in r.entries:
-                table.set(Unit.parse(name), choices[c], err, seconds=sec, measured=True)
-        self.results["profiled_units"] = len(units)
+                table.set(Unit.parse(name), job.choices[c], err, seconds=sec, measured=True)
+        self.results["profiled_units"] = len(request.units)
         self.results["profile_seconds"] = round(float(table.seconds.sum()), 4)
-        return table
 
     # -- pass 2 ----------------------------------------------------------------------------------
     def quantize(self, plan: Plan) -> None:

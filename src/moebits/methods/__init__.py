@@ -1,45 +1,111 @@
-"""Methods: a name, how it fills the sensitivity table, and which solver reads the table.
+"""Methods: how the sensitivity table is filled, and which solver reads it. One module per method:
 
-    uniform  one bit-width for every unit (the largest whose exact storage fits)   no profiling, `uniform`
-    freq     MPQ-Freq: more bits to more frequently routed experts               no profiling, `freq`
-    mxmoe    profile every unit x bit-width, exact ILP                           (MxMoE)       `ilp`
-    fri      profile a rule budget, predict the rest (FRI or a regressor)        (FRI-MxMoE)   `lagrangian`
-    bt       every unit x (bits, rank), whole-expert loss                          (BT-MoE)      `ilp`
-    rl       every unit x {2, 4, 8, 16}, a PPO policy allocates                    (DMPQ)        `rl`
+    uniform.py  one bit-width for every unit (the largest whose exact storage fits)   nothing measured  `uniform`
+    freq.py     MPQ-Freq: more bits to more frequently routed experts                nothing measured  `freq`
+    mxmoe.py    MxMoE: every unit x bit-width measured                                                `ilp`
+    fri/        FRI-MxMoE: a rule budget of pairs measured, the rest predicted                        `lagrangian`
+    bt.py       BT-MoE: every unit x (bits, rank), whole-expert loss                                  `ilp`
+    dmpq.py     DMPQ: every unit x {2, 4, 8, 16} measured, a PPO policy allocates                     `rl`
 
-One module per method in this package (uniform.py, freq.py, mxmoe.py, fri/, dmpq.py, bt.py). Adding a
-method is one entry. In its own module (say `moebits/methods/bt.py`):
+The contract, three steps, run the same way by every executor (in memory, streaming, Ray):
 
-    from . import Method, register_method
+    choices(cfg, shapes)            the candidate settings of every unit
+    requests(ctx, measured)         what to measure: yields `Request(units, choices)`; the executor measures
+                                    each into `measured` before asking for the next (FRI's adaptive rounds
+                                    are several requests, mxmoe one, uniform none)
+    complete(ctx, measured)         the whole table from what was measured (FRI predicts the rest)
+    solver_options(ctx, table, budget)   what the solver needs beyond loss and cost (DMPQ's reward terms)
 
-    def fill_bt(run, choices):          # run: the Pipeline (adapter, calib, windows, cfg, results, timed)
-        ...                             # -> SensitivityTable over run.units x choices, every error finite
-    def bt_choices(cfg):                # optional: the candidate choices (default: candidate_bits x cfg)
-        ...
-    register_method(Method("bt", fill=fill_bt, solver="ilp", choices=bt_choices, granularity="expert"))
+`ctx` (`Context`) is a read-only view of the run: the config, units, shapes, choices, calibration
+statistics, the allocation's budget (built once) and structure groups, and, in memory only, the model
+adapter and calibration inputs. A method never sees an executor. Adding one is one module:
 
-and add the module's name to `METHOD_MODULES` below, so that `get_method("bt")` imports it (the CLI and the
-pipeline only ever look methods up through `get_method` / `method_names`). A new solver is an entry of
-`allocate.SOLVERS` with the contract of `allocate.allocate`.
+    from . import Method, Request, register_method
+
+    class Toy(Method):
+        name, solver = "toy", "ilp"
+        def requests(self, ctx, measured):      # optional; default: every unit x choice (none if not profiles)
+            yield Request(tuple(ctx.units[::2]), tuple(ctx.choices))
+        def complete(self, ctx, measured):      # -> SensitivityTable over ctx.units x ctx.choices, all finite
+            ...
+
+    register_method(Toy())
+
+and its module name in `METHOD_MODULES` below (the CLI and the executors look methods up only through
+`get_method` / `method_names`). A new solver is an entry of `allocate.SOLVERS` with the contract of
+`allocate.allocate`.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
 
 from ..table import SensitivityTable
-from ..units import Choice
+from ..units import Choice, Unit
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..budget import Budget
+    from ..calibrate import Calibration
     from ..job.config import QuantizeConfig
-    from ..job.in_memory import Pipeline
-
-FillTable = Callable[["Pipeline", "list[Choice]"], SensitivityTable]
+    from ..models.adapter import MoEAdapter
+    from ..stats import CalibrationStats
 
 # the modules that register methods (imported on the first look-up, in this order)
 METHOD_MODULES: list[str] = ["moebits.methods.uniform", "moebits.methods.freq", "moebits.methods.mxmoe",
                              "moebits.methods.fri", "moebits.methods.dmpq", "moebits.methods.bt"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """Measure `units` x `choices` with the run's metric (`whole_expert`: BT-MoE's joint perturbation of
+    all blocks of an expert at one choice)."""
+    units: tuple[Unit, ...]
+    choices: tuple[Choice, ...]
+    whole_expert: bool = False
+    pairs: tuple[tuple[Unit, Choice], ...] | None = None  # exactly these (unit, choice) pairs, not units x choices
+
+    @classmethod
+    def of_pairs(cls, pairs) -> "Request":
+        pairs = tuple(pairs)
+        return cls(tuple(dict.fromkeys(u for u, _ in pairs)), tuple(dict.fromkeys(c for _, c in pairs)), pairs=pairs)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a method reads of the run (built by the executor). `stats` is None while the streaming executor
+    asks for the first request (before its pass 1 has calibrated); `adapter`, `calib` (with the captured
+    inputs), `windows` and `tokenizer` exist in memory only. `results` is where a method reports (rounds,
+    seconds: results.json); `memo` holds what it derives once per run (FRI's RTN proxy)."""
+    cfg: "QuantizeConfig"
+    units: list[Unit]
+    shapes: dict
+    choices: list[Choice]
+    stats: "CalibrationStats | None" = None
+    budget: "Budget | None" = None
+    groups: np.ndarray | None = None
+    adapter: "MoEAdapter | None" = None
+    calib: "Calibration | None" = None
+    windows: Any = None
+    tokenizer: Any = None
+    expert_profiler: Any = None  # () -> the run's ExpertProfiler (in memory: shares reference forwards)
+    results: dict = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)
+
+    @property
+    def frequency(self) -> np.ndarray:
+        """[U] routed-token frequency of `units`."""
+        return self.stats.aligned(self.units).frequency
+
+    def timed(self, key: str, fn):
+        """`fn()`, its wall seconds reported as `results[key]`."""
+        t0 = time.perf_counter()
+        out = fn()
+        self.results[key] = round(time.perf_counter() - t0, 4)
+        return out
 
 
 def candidate_bits_choices(cfg: "QuantizeConfig") -> list[Choice]:
@@ -47,16 +113,33 @@ def candidate_bits_choices(cfg: "QuantizeConfig") -> list[Choice]:
     return [Choice(b, cfg.group_size, cfg.quantizer) for b in sorted(cfg.candidate_bits)]
 
 
-@dataclass(frozen=True)
 class Method:
-    name: str
-    fill: FillTable  # (pipeline, choices) -> a complete SensitivityTable
-    solver: str  # default solver (an `allocate.SOLVERS` key); --solver overrides
-    choices: Callable[..., list[Choice]] = candidate_bits_choices
-    choices_need_shapes: bool = False  # True: `choices(cfg, shapes)` (e.g. bt's ranks scale with the expert width)
-    granularity: str | None = None  # default structure when the user leaves --granularity at "linear"
-    profiles: bool = True  # False: the table holds no measurement (not saved, no profiling stage)
+    """A method: subclass, set the class attributes, override the steps that differ from the defaults."""
+    name: str = ""
+    solver: str = "ilp"  # default solver (an `allocate.SOLVERS` key); --solver overrides
+    granularity: str | None = None  # default structure when the user leaves --granularity unset
+    profiles: bool = True  # False: nothing is measured (no profiling stage, no table.csv)
     description: str = ""
+
+    def choices(self, cfg: "QuantizeConfig", shapes: dict | None = None) -> list[Choice]:
+        return candidate_bits_choices(cfg)
+
+    def requests(self, ctx: Context, measured: SensitivityTable) -> Iterator[Request]:
+        if self.profiles:
+            yield Request(tuple(ctx.units), tuple(ctx.choices))
+
+    def complete(self, ctx: Context, measured: SensitivityTable) -> SensitivityTable:
+        if self.profiles:
+            return measured
+        return SensitivityTable.unprofiled(ctx.units, ctx.choices, ctx.stats.frequency)
+
+    def solver_options(self, ctx: Context, table: SensitivityTable, budget: "Budget") -> dict:
+        """Keyword options of `allocate.plan_under_budget` for the run's solver."""
+        if ctx.cfg.solver_name == "rl":  # DMPQ's reward and state need more than the table and the budget
+            from .dmpq import rl_solver_options
+
+            return rl_solver_options(ctx, table, budget)
+        return {} if ctx.cfg.fill else {"fill": False}  # QuantizeConfig.check: --no-fill only with lagrangian
 
 
 _METHODS: dict[str, Method] = {}
@@ -78,7 +161,7 @@ def method_names() -> tuple[str, ...]:
     """Every registered method: the built-ins in `METHOD_MODULES` order (whatever imported first), then others."""
     _load_plugins()
     order = {m: i for i, m in enumerate(METHOD_MODULES)}
-    return tuple(sorted(_METHODS, key=lambda n: order.get(_METHODS[n].fill.__module__, len(order))))
+    return tuple(sorted(_METHODS, key=lambda n: order.get(type(_METHODS[n]).__module__, len(order))))
 
 
 def get_method(name: str) -> Method:

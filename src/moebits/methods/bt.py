@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from . import Method, register_method
+from . import Method, Request, register_method
 from ..quant.lowrank import RankTooLargeError
 from ..units import Choice, Unit
 
@@ -43,20 +43,24 @@ def bt_choices(bits_set: Iterable[int], ranks: Iterable[int], group_size: int, q
     return [Choice(b, group_size, quantizer, rank=r) for b in sorted(set(bits_set)) for r in sorted(set(ranks))]
 
 
-# -- the `bt` method of the pipeline --------------------------------------------------------------------
+# -- the `bt` method ----------------------------------------------------------------------------------
 
-def method_choices(cfg, shapes: dict[Unit, tuple[int, int]]) -> list[Choice]:
-    """`--bits-set` x `--ranks` with the run's quantizer and group size; ranks default to the width's."""
-    ranks = cfg.ranks if cfg.ranks is not None else default_ranks(expert_width(shapes))
-    check_ranks(ranks, shapes)
-    return bt_choices(cfg.bits_set or DEFAULT_BITS, ranks, cfg.group_size, cfg.quantizer)
+class BT(Method):
+    name, solver, granularity = "bt", "ilp", "expert"
+    description = "BT-MoE: (bits, rank) per expert, whole-expert loss + exact ILP"
+
+    def choices(self, cfg, shapes=None) -> list[Choice]:
+        """`--bits-set` x `--ranks` with the run's quantizer and group size; ranks default to the width's."""
+        if shapes is None:
+            raise ValueError(f"method {self.name!r} derives its choices from the model's weight shapes")
+        ranks = cfg.ranks if cfg.ranks is not None else default_ranks(expert_width(shapes))
+        check_ranks(ranks, shapes)
+        return bt_choices(cfg.bits_set or DEFAULT_BITS, ranks, cfg.group_size, cfg.quantizer)
+
+    def requests(self, ctx, measured):
+        """Every unit x (bits, rank). At the expert granularity (the default, the paper's) the loss is the
+        whole expert perturbed at once; at `--granularity linear` (or layer) each block on its own."""
+        yield Request(tuple(ctx.units), tuple(ctx.choices), whole_expert=ctx.cfg.granularity_name == "expert")
 
 
-def fill_bt(run, choices: list[Choice]):
-    """Every unit x (bits, rank). At the expert granularity (the default, the paper's) the loss is the
-    whole expert perturbed at once; at `--granularity linear` (or layer) each block on its own."""
-    return run.measure(run.units, choices, whole_expert=run.cfg.granularity_name == "expert")
-
-
-register_method(Method("bt", fill_bt, "ilp", method_choices, granularity="expert", choices_need_shapes=True,
-                       description="BT-MoE: (bits, rank) per expert, whole-expert loss + exact ILP"))
+register_method(BT())

@@ -9,8 +9,8 @@ trades accuracy against latency, memory and energy (`allocate/rl.py`, `rl/`).
               (`--rl-accuracy measured`: NLL of the quantized model on held-out calibration windows)
     state     bits, f_u, c_u (gradient contribution), s_u (sensitivity: table or measured), costs, budget
 
-Registered through `methods.PLUGIN_MODULES`; `rl_solver_options` gives the solver what it needs beyond
-loss and cost whenever the solver is `rl` (also for another method's table with `--solver rl`).
+`rl_solver_options` gives the solver what it needs beyond loss and cost whenever the solver is `rl` (also
+for another method's table with `--solver rl`: `Method.solver_options` calls it).
 """
 from __future__ import annotations
 
@@ -20,42 +20,32 @@ import numpy as np
 
 from .. import cost as costs
 from ..energy import energy_matrix
-from . import Method, register_method
 from ..units import FP_BITS, Choice
+from . import Context, Method, register_method
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..budget import Budget
-    from ..job.config import QuantizeConfig
-    from ..job.in_memory import Pipeline
     from ..table import SensitivityTable
 
 DMPQ_BITS = (2, 4, 8, FP_BITS)
 HELD_OUT_WINDOWS = 8  # validation windows for measured ΔAcc / sensitivity
 
 
-def dmpq_choices(cfg: "QuantizeConfig") -> list[Choice]:
-    return [Choice(b, cfg.group_size, cfg.quantizer) for b in DMPQ_BITS]
-
-
-def fill_rl(run: "Pipeline", choices: list[Choice]) -> "SensitivityTable":
-    """Profile every unit x choice: the additive proxy the reward (and a knapsack) reads."""
-    return run.measure(run.units, choices)
-
-
-def _held_out(run: "Pipeline"):
+def _held_out(ctx: Context):
     from ..data import held_out_windows, load_text, tokenize
 
-    cfg = run.cfg
-    ids = tokenize(run.tokenizer, load_text(cfg.calib, "calib"))
+    cfg = ctx.cfg
+    ids = tokenize(ctx.tokenizer, load_text(cfg.calib, "calib"))
     return held_out_windows(ids, HELD_OUT_WINDOWS, cfg.calib_seqlen, cfg.nsamples, cfg.seed)
 
 
-def rl_solver_options(run: "Pipeline", choices: list[Choice], table: "SensitivityTable", budget: "Budget") -> dict:
-    """Reward terms, state statistics and search settings for the `rl` solver of a pipeline run."""
+def rl_solver_options(ctx: Context, table: "SensitivityTable", budget: "Budget") -> dict:
+    """Reward terms, state statistics and search settings for the `rl` solver of a run (in memory: the
+    gradient contribution and measured terms run the model)."""
     from ..expert_stats import gradient_contribution, measured_sensitivity, table_sensitivity
 
-    cfg = run.cfg
-    shapes = [run.shapes[u] for u in table.units]
+    cfg, choices = ctx.cfg, table.choices
+    shapes = [ctx.shapes[u] for u in table.units]
     freq = table.frequency
     if budget.kind == "latency":
         lat = budget.cost
@@ -67,17 +57,17 @@ def rl_solver_options(run: "Pipeline", choices: list[Choice], table: "Sensitivit
             lat = latency_fri_matrix(shapes, freq, choices, cfg.batch_tokens, seed=cfg.seed, device=cfg.device)[0]
     objectives = {"lat": lat, "mem": costs.storage_matrix(shapes, choices) / costs.BITS_PER_BYTE,
                   "eng": energy_matrix(shapes, freq, choices, cfg.batch_tokens, cfg.energy)}
-    contribution = run.timed("contribution_seconds", lambda: gradient_contribution(run.adapter, run.windows))
+    contribution = ctx.timed("contribution_seconds", lambda: gradient_contribution(ctx.adapter, ctx.windows))
     scorer = None
-    groups = run.groups()
+    groups = ctx.groups
     if cfg.rl_accuracy == "measured" or cfg.rl_sensitivity == "measured":
         from ..plan_scorer import MeasuredLoss
 
         inverse = None if groups is None else np.unique(groups, return_inverse=True)[1].reshape(-1)
-        scorer = MeasuredLoss(run.adapter, choices, _held_out(run), run.calib.inputs, cfg.act_order, cfg.batch_size)
+        scorer = MeasuredLoss(ctx.adapter, choices, _held_out(ctx), ctx.calib.inputs, cfg.act_order, cfg.batch_size)
     if cfg.rl_sensitivity == "measured":
         low = int(np.argmin([c.bits for c in choices]))
-        sens = run.timed("sensitivity_seconds", lambda: measured_sensitivity(
+        sens = ctx.timed("sensitivity_seconds", lambda: measured_sensitivity(
             scorer, low, groups if groups is not None else np.arange(len(table.units))))
     else:
         sens = table_sensitivity(table, min(c.bits for c in choices))
@@ -85,12 +75,20 @@ def rl_solver_options(run: "Pipeline", choices: list[Choice], table: "Sensitivit
     if cfg.rl_accuracy == "measured":
         scorer.inverse = inverse
         accuracy = scorer
-    run.results["rl_statistics"] = {"f": "calibration frequency", "c": "Fisher-diagonal gradient contribution",
+    ctx.results["rl_statistics"] = {"f": "calibration frequency", "c": "Fisher-diagonal gradient contribution",
                                     "s": f"{cfg.rl_sensitivity} sensitivity at {min(c.bits for c in choices)} bits",
                                     "accuracy": cfg.rl_accuracy}
     return {"objectives": objectives, "features": np.column_stack([freq, contribution, sens]),
             "weights": tuple(cfg.reward), "steps": cfg.rl_steps, "seed": cfg.seed, "accuracy": accuracy}
 
 
-register_method(Method("rl", fill_rl, "rl", dmpq_choices, granularity="expert",
-                       description="DMPQ: PPO over per-expert bits {2,4,8,16}, hardware-aware reward"))
+class DMPQ(Method):
+    """Every unit x {2, 4, 8, 16} measured (as mxmoe): the additive proxy the reward (and a knapsack) reads."""
+    name, solver, granularity = "rl", "rl", "expert"
+    description = "DMPQ: PPO over per-expert bits {2,4,8,16}, hardware-aware reward"
+
+    def choices(self, cfg, shapes=None) -> list[Choice]:
+        return [Choice(b, cfg.group_size, cfg.quantizer) for b in DMPQ_BITS]
+
+
+register_method(DMPQ())

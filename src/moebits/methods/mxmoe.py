@@ -1,19 +1,13 @@
-"""mxmoe (MxMoE, Duanmu et al. ICML 2025): profile every unit x bit-width, allocate with an exact ILP."""
+"""mxmoe (MxMoE, Duanmu et al. ICML 2025): every unit x bit-width measured, an exact ILP allocates.
+(The base `Method`'s steps: one request for everything, the table as measured.)"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from ..table import SensitivityTable
-from ..units import Choice
 from . import Method, register_method
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..job.in_memory import Pipeline
+
+class MxMoE(Method):
+    name, solver = "mxmoe", "ilp"
+    description = "MxMoE: full profiling + exact ILP"
 
 
-def fill_profiled(run: "Pipeline", choices: list[Choice]) -> SensitivityTable:
-    """MxMoE: measure every unit x choice."""
-    return run.measure(run.units, choices)
-
-
-register_method(Method("mxmoe", fill_profiled, "ilp", description="MxMoE: full profiling + exact ILP"))
+register_method(MxMoE())

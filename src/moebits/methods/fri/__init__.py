@@ -11,70 +11,97 @@ predict the rest of the table; the `lagrangian` solver allocates.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
 
 from ...table import SensitivityTable
-from ...units import Choice
-from .. import Method, register_method
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ...job.in_memory import Pipeline
+from .. import Context, Method, Request, register_method
 
 
-def fill_fri(run: "Pipeline", choices: list[Choice]) -> SensitivityTable:
+class FRI(Method):
     """FRI-MxMoE: measure a rule budget of (unit, choice) pairs, fit the predictor on them, predict the rest.
 
     moebits' default (`--sampler adaptive --predictor ridge --proxy`): a stratified start, then rounds of
-    the pairs most uncertain and nearest the allocation's decision boundary (adaptive.py), Ridge on log
-    error with the RTN proxy feature (proxy.py, its seconds counted in `profile_seconds`), per-unit
-    offsets. The paper: `--sampler stratified --predictor fri --no-proxy` (whole anchor experts, FRI
-    on Table 7's features), plus `--solver lagrangian --no-fill` for Algorithm 1's allocation.
+    the pairs most uncertain and nearest the allocation's decision boundary (adaptive.py; each round is
+    one more request), Ridge on log error with the RTN proxy feature (proxy.py, its seconds counted in
+    `profile_seconds`), per-unit offsets. The paper: `--sampler stratified --predictor fri --no-proxy`
+    (whole anchor experts, FRI on Table 7's features: one request), plus `--solver lagrangian --no-fill`
+    for Algorithm 1's allocation.
     """
-    from .adaptive import adaptive_fill
-    from .features import PAPER_GROUPS, FeatureSpec
-    from .predictors import fit_table, make_estimator, predict_table
-    from .samplers import sample_anchors
+    name, solver = "fri", "lagrangian"
+    description = "FRI-MxMoE: a rule budget + prediction"
 
-    cfg = run.cfg
-    n_quantized = sum(not c.is_fp for c in choices)
-    rules = cfg.rule_budget(len(run.units), n_quantized)
-    estimator = make_estimator(cfg.predictor, cfg.seed)
-    spec = FeatureSpec(PAPER_GROUPS + (("proxy",) if cfg.proxy else ()))
-    proxy = None
-    if cfg.proxy:
-        from .proxy import rtn_proxy
+    def requests(self, ctx: Context, measured: SensitivityTable):
+        from .samplers import sample_anchors
 
-        # the profiler keeps the reference forwards the proxy computes, for the pairs measured next
-        profiler = run.expert_profiler() if cfg.metric == "expert" else None
-        px = rtn_proxy(run.adapter, run.units, choices, run.calib.inputs, profiler=profiler)
-        proxy, run.results["proxy_seconds"] = px.values, round(px.seconds, 4)
-    if cfg.sampler == "adaptive":
-        table = run.new_table(choices)
+        cfg = ctx.cfg
+        n_quantized = sum(not c.is_fp for c in ctx.choices)
+        rules = ctx.memo["rule_budget"] = cfg.rule_budget(len(ctx.units), n_quantized)
+        if cfg.sampler != "adaptive":
+            anchors = sample_anchors(ctx.units, cfg.sampler, rules=rules, seed=cfg.seed, bits_per_unit=n_quantized)
+            yield Request(tuple(anchors), tuple(ctx.choices))
+            return
+        from .adaptive import adaptive_rounds
 
-        def measure(pairs):  # one call per round: its GPTQ is batched over all the round's pairs
-            run.measure([], choices, table=table,
-                        pairs=[(run.units[u], choices[j]) for j in sorted({c for _, c in pairs})
-                               for u, c in pairs if c == j])
+        t0 = time.perf_counter()
+        rounds = adaptive_rounds(measured, ctx.stats, rules, ctx.budget.cost, ctx.budget.total,
+                                 self._estimator(ctx), self._spec(ctx), self._proxy(ctx), seed=cfg.seed,
+                                 groups=ctx.groups)
+        while True:
+            try:
+                pairs = next(rounds)
+            except StopIteration as done:
+                ctx.memo["adaptive"] = done.value
+                break
+            # one request per round, so its GPTQ is batched over all the round's pairs
+            yield Request.of_pairs([(ctx.units[u], measured.choices[j]) for j in sorted({c for _, c in pairs})
+                                    for u, c in pairs if c == j])
+        ctx.results["adaptive_seconds"] = round(time.perf_counter() - t0, 4)
 
-        budget = run.budget(choices, table.frequency)
-        res = run.timed("adaptive_seconds", lambda: adaptive_fill(
-            table, run.calib.stats, measure, rules, budget.cost, budget.total, estimator, spec, proxy,
-            seed=cfg.seed, groups=run.groups()))
-        run.results["rounds"] = res.rounds
-        # fitting, bootstraps and scoring between rounds (the rest of adaptive_seconds is profiling)
-        run.results["fit_seconds"] = round(run.results["adaptive_seconds"] - run.results.get("profile_seconds", 0.0), 4)
-        filled = res.table
-    else:
-        anchors = sample_anchors(run.units, cfg.sampler, rules=rules, seed=cfg.seed, bits_per_unit=n_quantized)
-        table = run.measure(anchors, choices)
-        fitted = run.timed("fit_seconds", lambda: fit_table(table, run.calib.stats, estimator, spec, proxy))
-        filled = run.timed("predict_seconds", lambda: predict_table(table, fitted, unit_offset=True))
-    run.results["anchors"] = len({(u.layer, u.expert) for u, m in zip(table.units, table.measured.any(axis=1)) if m})
-    run.results["rules"] = int(table.measured.sum())
-    run.results["rule_budget"] = rules
-    run.results["profile_seconds"] = round(run.results.get("profile_seconds", 0.0)
-                                           + run.results.get("proxy_seconds", 0.0), 4)
-    return filled
+    def complete(self, ctx: Context, measured: SensitivityTable) -> SensitivityTable:
+        from .predictors import fit_table, predict_table
+
+        r = ctx.results
+        if "adaptive" in ctx.memo:  # the rounds' last fit
+            res = ctx.memo["adaptive"]
+            r["rounds"] = res.rounds
+            # fitting, bootstraps and scoring between rounds (the rest of adaptive_seconds is profiling)
+            r["fit_seconds"] = round(r["adaptive_seconds"] - r.get("profile_seconds", 0.0), 4)
+            filled = res.table
+        else:
+            fitted = ctx.timed("fit_seconds", lambda: fit_table(measured, ctx.stats, self._estimator(ctx),
+                                                                self._spec(ctx), self._proxy(ctx)))
+            filled = ctx.timed("predict_seconds", lambda: predict_table(measured, fitted, unit_offset=True))
+        r["anchors"] = len({(u.layer, u.expert) for u, m in zip(measured.units, measured.measured.any(axis=1)) if m})
+        r["rules"] = int(measured.measured.sum())
+        r["rule_budget"] = ctx.memo["rule_budget"]
+        r["profile_seconds"] = round(r.get("profile_seconds", 0.0) + r.get("proxy_seconds", 0.0), 4)
+        return filled
+
+    @staticmethod
+    def _estimator(ctx: Context):
+        from .predictors import make_estimator
+
+        return make_estimator(ctx.cfg.predictor, ctx.cfg.seed)
+
+    @staticmethod
+    def _spec(ctx: Context):
+        from .features import PAPER_GROUPS, FeatureSpec
+
+        return FeatureSpec(PAPER_GROUPS + (("proxy",) if ctx.cfg.proxy else ()))
+
+    @staticmethod
+    def _proxy(ctx: Context):
+        """The RTN weight-space error proxy [U, C] (computed once per run; needs the model in memory)."""
+        if not ctx.cfg.proxy:
+            return None
+        if "proxy" not in ctx.memo:
+            from .proxy import rtn_proxy
+
+            # the profiler keeps the reference forwards the proxy computes, for the pairs measured next
+            profiler = ctx.expert_profiler() if ctx.expert_profiler is not None and ctx.cfg.metric == "expert" else None
+            px = rtn_proxy(ctx.adapter, ctx.units, ctx.choices, ctx.calib.inputs, profiler=profiler)
+            ctx.memo["proxy"], ctx.results["proxy_seconds"] = px.values, round(px.seconds, 4)
+        return ctx.memo["proxy"]
 
 
-register_method(Method("fri", fill_fri, "lagrangian", description="FRI-MxMoE: a rule budget + prediction"))
+register_method(FRI())

@@ -24,14 +24,15 @@ Rounds 1..R, each with an equal share of what is left:
 5. measure the top-scoring pairs, at most one per unit per round (one measured pair already pins a
    unit's row through its offset, so the next pair of the same unit is worth less than another unit's).
 
-The loop is written against callables (`measure`, a fitted estimator's API), so the pipeline, the
-benchmarks (which read pairs from a cached full table) and the tests share it.
+The loop is a generator of rounds (`adaptive_rounds`: the caller measures each), or written against a
+`measure` callable (`adaptive_fill`), so the executors, the benchmarks (which read pairs from a cached full
+table) and the tests share it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from sklearn.base import clone
@@ -151,10 +152,25 @@ def pick_pairs(score: np.ndarray, available: np.ndarray, n: int, tiebreak: np.nd
 
 def adaptive_fill(table: SensitivityTable, stats: CalibrationStats, measure: Measure, rules: int, cost: np.ndarray,
                   budget: float, estimator=None, spec: FeatureSpec = FeatureSpec(), proxy: np.ndarray | None = None,
-                  rounds: int = 4, initial: float = 1 / 3, seed: int = 0, groups=None, n_boot: int = 8,
-                  middle_ratio: float = 2.0) -> AdaptiveResult:
+                  **kw) -> AdaptiveResult:
     """Measure at most `rules` pairs of `table` (through `measure`, which writes them into `table`), in
-    `rounds` adaptive rounds after a stratified start, and return the filled table.
+    adaptive rounds after a stratified start (`adaptive_rounds`), and return the filled table."""
+    rounds = adaptive_rounds(table, stats, rules, cost, budget, estimator, spec, proxy, **kw)
+    while True:
+        try:
+            measure(next(rounds))
+        except StopIteration as done:
+            return done.value
+
+
+def adaptive_rounds(table: SensitivityTable, stats: CalibrationStats, rules: int, cost: np.ndarray,
+                    budget: float, estimator=None, spec: FeatureSpec = FeatureSpec(), proxy: np.ndarray | None = None,
+                    rounds: int = 4, initial: float = 1 / 3, seed: int = 0, groups=None, n_boot: int = 8,
+                    middle_ratio: float = 2.0) -> Iterator[list[tuple[int, int]]]:
+    """The rounds as a generator: yields the (unit index, choice index) pairs of each round, which the
+    caller measures into `table` before resuming it (so an executor can measure a round in its own way);
+    returns the `AdaptiveResult` with the filled table. At most `rules` pairs, in `rounds` adaptive rounds
+    after a stratified start.
 
     `cost` [U, C] and `budget` are the allocation's (budget.py), `groups` its structure."""
     if rules < 1:
@@ -173,7 +189,7 @@ def adaptive_fill(table: SensitivityTable, stats: CalibrationStats, measure: Mea
         mid = quantized_columns(table)[len(quantized_columns(table)) // 2]
         order = np.argsort(-table.frequency, kind="stable")[:max(1, min(rules, int(rules * initial) or 1))]
         start = [(int(u), int(mid)) for u in order]
-    measure(start)
+    yield start
     result.rounds.append(len(start))
     per_round = math.ceil((rules - len(start)) / rounds)
     for _ in range(rounds):
@@ -190,7 +206,7 @@ def adaptive_fill(table: SensitivityTable, stats: CalibrationStats, measure: Mea
         picked = pick_pairs(score, available, n, tiebreak=loss * np.expm1(log_sd))
         if not picked:
             break
-        measure(picked)
+        yield picked
         result.rounds.append(len(picked))
     fitted = fit_table(table, stats, estimator, spec, proxy, features=features)
     result.table = predict_table(table, fitted, unit_offset=True)
