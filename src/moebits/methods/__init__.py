@@ -31,8 +31,9 @@ adapter and calibration inputs. A method never sees an executor. Adding one is o
 
     register_method(Toy())
 
-and its module name in `METHOD_MODULES` below (the CLI and the executors look methods up only through
-`get_method` / `method_names`). A new solver is an entry of `allocate.SOLVERS` with the contract of
+Every module of this package is imported on the first look-up (`METHOD_MODULES` only fixes the built-ins'
+order), so the file is all there is to add; the CLI and the executors look methods up only through
+`get_method` / `method_names`. A new solver is an entry of `allocate.SOLVERS` with the contract of
 `allocate.allocate`.
 """
 from __future__ import annotations
@@ -153,7 +154,10 @@ def register_method(method: Method, replace: bool = False) -> Method:
 
 
 def _load_plugins() -> None:
-    for name in METHOD_MODULES:
+    """Import the built-in methods in order, then any other module of this package (a new method is a file)."""
+    import pkgutil
+
+    for name in METHOD_MODULES + sorted(f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__)):
         importlib.import_module(name)
 
 
