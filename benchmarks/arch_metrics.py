@@ -111,31 +111,38 @@ def functions(mods: dict[str, Path]) -> list[tuple[int, str]]:
 
 
 def quantize_option_places(root: Path) -> list[tuple[str, int]]:
-    """Where `moebits quantize`'s options are written: CLI parameters, config fields, and the hand-kept
-    lists that must name an option again (spec's dropped keys, the CLI's config call)."""
+    """Where `moebits quantize`'s options are written by hand: CLI parameters, the CLI's config call,
+    config fields (or declarations), and the hand-kept lists that must name an option again (spec's
+    dropped keys). A CLI generated from the declarations writes none."""
     rows = []
     src = root / "src" / "moebits"
     cli = ast.parse((src / "cli.py").read_text())
-    for node in ast.walk(cli):
-        if isinstance(node, ast.FunctionDef) and node.name == "quantize":
-            rows.append(("cli.quantize parameters", len(node.args.args) + len(node.args.kwonlyargs)))
-            for call in ast.walk(node):
-                if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "QuantizeConfig":
-                    rows.append(("cli.quantize's QuantizeConfig(...) keywords", len(call.keywords)))
-    for p in src.rglob("*.py"):
+    quantize = [n for n in ast.walk(cli) if isinstance(n, ast.FunctionDef) and n.name == "quantize"
+                and any(isinstance(a.default, ast.Call) for a in n.args.kwonlyargs + n.args.args if hasattr(a, "default"))
+                or isinstance(n, ast.FunctionDef) and n.name == "quantize" and len(n.args.defaults) > 5]
+    params = sum(len(n.args.args) + len(n.args.kwonlyargs) for n in quantize)
+    rows.append(("cli.quantize parameters written by hand", params))
+    calls = [c for n in quantize for c in ast.walk(n) if isinstance(c, ast.Call) and getattr(c.func, "id", "") == "QuantizeConfig"]
+    rows.append(("cli.quantize's QuantizeConfig(...) keywords", sum(len(c.keywords) for c in calls)))
+    for p in sorted(src.rglob("*.py")):
         tree = ast.parse(p.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef) and node.name == "QuantizeConfig":
                 n = sum(isinstance(s, ast.AnnAssign) for s in node.body)
-                rows.append((f"{p.relative_to(src)} QuantizeConfig fields", n))
+                if n:
+                    rows.append((f"{p.relative_to(src)} QuantizeConfig fields", n))
+                keys = 0
                 for f in node.body:
                     if isinstance(f, ast.FunctionDef) and f.name == "spec":
-                        keys = 0
                         for t in ast.walk(f):
                             if isinstance(t, ast.Tuple) and len(t.elts) == 2 and isinstance(t.elts[0], ast.Constant) \
                                     and isinstance(t.elts[0].value, str):
                                 keys += 1
-                        rows.append(("spec()'s hand-kept (key, default) list for old runs", keys))
+                rows.append(("spec()'s hand-kept (key, default) list for old runs", keys))
+        declared = sum(1 for node in ast.walk(tree) if isinstance(node, ast.AnnAssign) and isinstance(node.value, ast.Call)
+                       and getattr(node.value.func, "id", "") == "option")
+        if declared:
+            rows.append((f"{p.relative_to(src)} option(...) declarations (the one place)", declared))
     return rows
 
 

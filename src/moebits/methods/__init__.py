@@ -51,7 +51,6 @@ from ..units import Choice, Unit
 if TYPE_CHECKING:  # pragma: no cover
     from ..budget import Budget
     from ..calibrate import Calibration
-    from ..job.config import QuantizeConfig
     from ..models.adapter import MoEAdapter
     from ..stats import CalibrationStats
 
@@ -81,7 +80,7 @@ class Context:
     asks for the first request (before its pass 1 has calibrated); `adapter`, `calib` (with the captured
     inputs), `windows` and `tokenizer` exist in memory only. `results` is where a method reports (rounds,
     seconds: results.json); `memo` holds what it derives once per run (FRI's RTN proxy)."""
-    cfg: "QuantizeConfig"
+    cfg: Any  # the job's QuantizeConfig (moebits.job.config); methods read it, never import the job
     units: list[Unit]
     shapes: dict
     choices: list[Choice]
@@ -109,7 +108,7 @@ class Context:
         return out
 
 
-def candidate_bits_choices(cfg: "QuantizeConfig") -> list[Choice]:
+def candidate_bits_choices(cfg) -> list[Choice]:
     """The default candidates: every `--candidate-bits` width with the run's group size and quantizer."""
     return [Choice(b, cfg.group_size, cfg.quantizer) for b in sorted(cfg.candidate_bits)]
 
@@ -122,7 +121,7 @@ class Method:
     profiles: bool = True  # False: nothing is measured (no profiling stage, no table.csv)
     description: str = ""
 
-    def choices(self, cfg: "QuantizeConfig", shapes: dict | None = None) -> list[Choice]:
+    def choices(self, cfg, shapes: dict | None = None) -> list[Choice]:
         return candidate_bits_choices(cfg)
 
     def requests(self, ctx: Context, measured: SensitivityTable) -> Iterator[Request]:
