@@ -35,7 +35,7 @@ class FRI(Method):
 
         cfg = ctx.cfg
         n_quantized = sum(not c.is_fp for c in ctx.choices)
-        rules = ctx.memo["rule_budget"] = cfg.rule_budget(len(ctx.units), n_quantized)
+        rules = cfg.rule_budget(len(ctx.units), n_quantized)
         if cfg.sampler != "adaptive":
             anchors = sample_anchors(ctx.units, cfg.sampler, rules=rules, seed=cfg.seed, bits_per_unit=n_quantized)
             yield Request(tuple(anchors), tuple(ctx.choices))
@@ -73,7 +73,7 @@ class FRI(Method):
             filled = ctx.timed("predict_seconds", lambda: predict_table(measured, fitted, unit_offset=True))
         r["anchors"] = len({(u.layer, u.expert) for u, m in zip(measured.units, measured.measured.any(axis=1)) if m})
         r["rules"] = int(measured.measured.sum())
-        r["rule_budget"] = ctx.memo["rule_budget"]
+        r["rule_budget"] = ctx.cfg.rule_budget(len(ctx.units), sum(not c.is_fp for c in ctx.choices))
         r["profile_seconds"] = round(r.get("profile_seconds", 0.0) + r.get("proxy_seconds", 0.0), 4)
         return filled
 
