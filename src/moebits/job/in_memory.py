@@ -122,11 +122,15 @@ class Pipeline:
 
     # -- the method's three steps ----------------------------------------------------------------
     def context(self, choices: list[Choice]) -> Context:
-        """The read-only view of this run a method sees (the budget is built once, here)."""
-        if self.cfg.budget_request()[0] != "wbits" and self.allocation_budget is None:
-            self.allocation_budget = self.budget(choices, self.calib.stats.aligned(self.units).frequency)
+        """The read-only view of this run a method sees (the budget is built once, when first asked for)."""
+        def allocation_budget():
+            if self.allocation_budget is None:
+                self.allocation_budget = self.budget(choices, self.calib.stats.aligned(self.units).frequency)
+            return self.allocation_budget
+
         return Context(self.cfg, self.units, self.shapes, list(choices), stats=self.calib.stats,
-                       budget=self.allocation_budget, groups=self.groups(), adapter=self.adapter,
+                       allocation_budget=None if self.cfg.wbits is not None else allocation_budget,
+                       groups=self.groups(), adapter=self.adapter,
                        calib=self.calib, windows=self.windows, tokenizer=self.tokenizer,
                        expert_profiler=self.expert_profiler, results=self.results)
 

@@ -85,7 +85,7 @@ class Context:
     shapes: dict
     choices: list[Choice]
     stats: "CalibrationStats | None" = None
-    budget: "Budget | None" = None
+    allocation_budget: Any = None  # () -> the allocation's Budget (built once, on first use; None: --wbits)
     groups: np.ndarray | None = None
     adapter: "MoEAdapter | None" = None
     calib: "Calibration | None" = None
@@ -94,6 +94,11 @@ class Context:
     expert_profiler: Any = None  # () -> the run's ExpertProfiler (in memory: shares reference forwards)
     results: dict = field(default_factory=dict)
     memo: dict = field(default_factory=dict)
+
+    @property
+    def budget(self) -> "Budget | None":
+        """The allocation's budget (the same object the allocation uses)."""
+        return None if self.allocation_budget is None else self.allocation_budget()
 
     @property
     def frequency(self) -> np.ndarray:
