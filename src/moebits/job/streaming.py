@@ -216,7 +216,8 @@ class StreamPipeline(Pipeline):
         """As in memory, without what needs the whole model (adapter, captured inputs, windows)."""
         ctx = super().context(choices)
         return Context(ctx.cfg, ctx.units, ctx.shapes, ctx.choices, stats=ctx.stats,
-                       allocation_budget=ctx.allocation_budget, groups=ctx.groups, tokenizer=self.tokenizer, results=self.results)
+                       allocation_budget=ctx.allocation_budget, groups=ctx.groups, tokenizer=self.tokenizer,
+                       results=self.results)
 
     def requests(self, ctx: Context, table: SensitivityTable):
         """The first request (measured in pass 1); a further one is refused (it would need another pass)."""
