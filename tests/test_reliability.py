@@ -16,8 +16,8 @@ def said(r) -> str:
     return r.output.replace("\n", "")
 
 
-def quantize_args(text_file, out, *extra):
-    return ["quantize", "--model", "tiny:qwen2_moe", "--method", "uniform", "--quantizer", "rtn", "--bits", "4.5",
+def quantize_args(text_file, out, *extra, method="uniform", bits="4.5"):
+    return ["quantize", "--model", "tiny:qwen2_moe", "--method", method, "--quantizer", "rtn", "--bits", bits,
             "--group-size", "32", "--calib", str(text_file), "--eval", str(text_file), "--nsamples", "2",
             "--seqlen", "32", "--eval-windows", "2", "--out", str(out), *extra]
 
@@ -167,9 +167,7 @@ def copy_run(run_dir, tmp_path, name="run"):
 
 def mxmoe_args(text_file, out, *extra):
     """A run whose plan mixes bit-widths (3.75 bits over candidates {2, 3, 4, 8})."""
-    return ["quantize", "--model", "tiny:qwen2_moe", "--method", "mxmoe", "--quantizer", "rtn", "--bits", "3.75",
-            "--group-size", "32", "--calib", str(text_file), "--eval", str(text_file), "--nsamples", "2",
-            "--seqlen", "32", "--eval-windows", "2", "--out", str(out), *extra]
+    return quantize_args(text_file, out, *extra, method="mxmoe", bits="3.75")
 
 
 @pytest.fixture(scope="module")

@@ -91,13 +91,8 @@ def execute(p) -> dict:
         "method": cfg.method, "solver": plan.meta.get("solver"), "model": cfg.model, "target": "llamacpp",
         "budget": plan.meta.get("budget"), "gguf_bpw": plan.bpw, "gguf_tensor_bytes": plan.file_bytes,
         "gguf_types": plan.histogram(), "gguf_plan": PLAN_FILE,
-        "eval_seconds": p.results.get("ppl_fp_eval_seconds", 0) + p.results.get("ppl_q_eval_seconds", 0),
-        "never_routed": len(p.calib.never_routed), "done": True,
     })
-    for k in ("calibrate_seconds", "profile_seconds", "allocate_seconds", "quantize_seconds"):
-        p.results.setdefault(k, 0.0)
-    p._save_results()
-    return p.results
+    return p.finish_results()
 
 
 def _imatrix(p, lay) -> dict:

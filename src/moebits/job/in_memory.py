@@ -397,6 +397,13 @@ class Pipeline:
             "attention": "fp16" if attn is None else attn.label, "attention_bytes": attn_size.storage_bits / 8,
             "model_counted_bytes": model_bits / 8, "model_avg_bits": model_bits / params,
             "bits_histogram": plan.bits_histogram(),
+        })
+        return self.finish_results()
+
+    def finish_results(self) -> dict:
+        """Close a finished run's results (every target writes them this way): evaluation seconds, experts never
+        routed, every stage's seconds (0 when skipped), done; saved atomically."""
+        self.results.update({
             "eval_seconds": self.results.get("ppl_fp_eval_seconds", 0) + self.results.get("ppl_q_eval_seconds", 0),
             "never_routed": len(self.calib.never_routed), "done": True,
         })
