@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from moebits.calibrate import calibrate
+from moebits.calibrate import _Moments, calibrate
 from moebits.data import random_windows
 from moebits.expert_profiler import ExpertProfiler, hessian_input
 from moebits.models import MoEAdapter, tiny_model
@@ -249,11 +249,72 @@ def test_proxy_through_the_profiler_equals_the_old_proxy():
     assert len(prof.refs.items) == len(cal.inputs)  # every expert's reference forward is kept for the pairs
 
 
-def test_calibration_equals_the_old_mask_per_expert_collection():
-    """The routed positions grouped by one sort give the rows, statistics and Hessians a mask per expert gave."""
+class _MomentsRef(_Moments):
+    """calibrate._Moments with its `add` as it was before the batched collection, verbatim."""
+
+    def add(self, a):
+        import math
+        from moebits.calibrate import OUTLIER_TAU
+
+        if a.numel() == 0:
+            return
+        a = a.detach().reshape(-1).float()
+        a_abs, a2 = a.abs(), a * a
+        f64 = torch.float64
+        s1, s2, s3, s4, abs1 = torch.stack([a.sum(dtype=f64), a2.sum(dtype=f64), (a2 * a).sum(dtype=f64),
+                                            (a2 * a2).sum(dtype=f64), a_abs.sum(dtype=f64)]).tolist()
+        rms = math.sqrt(s2 / a.numel())
+        self.n += a.numel()
+        self.s1, self.s2, self.s3, self.s4, self.abs1 = self.s1 + s1, self.s2 + s2, self.s3 + s3, self.s4 + s4, self.abs1 + abs1
+        self.outliers += int((a_abs > OUTLIER_TAU * rms).sum()) if rms > 0 else 0
+
+
+def test_segment_moments_equal_the_old_moments_per_segment():
+    from moebits.calibrate import _segment_moments
+
+    g = torch.Generator().manual_seed(0)
+    rows = [1, 7, 256, 3, 40, 1, 100]
+    a = torch.randn(sum(rows), 24, generator=g) * torch.rand(sum(rows), 1, generator=g) * 5
+    a[8:15] = 0.0  # an all-zero segment (rms 0: no outliers)
+    a[300:302, 3] = 1e3  # outliers
+    a[302, :] = 2.5  # a constant row
+    got = _segment_moments(a, rows)
+    start = 0
+    for n, (numel, sums, outliers) in zip(rows, got):
+        ref = _MomentsRef()
+        ref.add(a[start:start + n].clone())
+        start += n
+        assert (numel, sums, outliers) == (ref.n, [ref.s1, ref.s2, ref.s3, ref.s4, ref.abs1], ref.outliers)
+    assert sum(o for _, _, o in got) > 0
+
+
+@pytest.mark.parametrize("arch,holdout,cap", [("qwen2_moe", 0.3, None), ("mixtral", 0.0, None),
+                                              ("deepseek_v2", 0.0, 20), ("olmoe", 0.2, 30)])
+def test_calibration_equals_the_old_mask_per_expert_collection(arch, holdout, cap):
+    """The routed positions grouped by one sort, the rows of all experts gathered at once and their moments
+    taken together give the rows, statistics and Hessians a mask per expert and a `_Moments.add` per expert
+    gave (the old collection below, verbatim)."""
     from moebits import calibrate as C
 
     class MaskPerExpert(C.LayerCollector):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.moments = {e: {k: _MomentsRef() for k in ("in", "down")} for e in self.experts}
+
+        def _add_expert(self, e, x, g):  # verbatim
+            h = self.adapter.expert_intermediate(self.layer, e, x)
+            self.moments[e]["in"].add(x)
+            self.moments[e]["down"].add(h)
+            held = self._held(x.shape[0], x.device)
+            self.samples[e].add(x, g, held)
+            if self.with_hessians:
+                for k, a in (("in", x), ("down", h)):
+                    if self.holdout > 0:
+                        self.xtx[e][k].add(a[~held])
+                        self.xtx_held[e][k].add(a[held])
+                    else:
+                        self.xtx[e][k].add(a)
+
         def add(self, b):  # the old loop, verbatim
             x = b.hidden.float()
             flat_idx, flat_w = b.top_k_index.reshape(-1), b.top_k_weights.reshape(-1).float()
@@ -271,18 +332,20 @@ def test_calibration_equals_the_old_mask_per_expert_collection():
                 self.shared_mass += s.sum().item()
                 self._add_expert(C.SHARED, x, s)
 
-    ad = MoEAdapter(tiny_model("qwen2_moe"))
+    ad = MoEAdapter(tiny_model(arch))
     win = random_windows(torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2)), 6, 48)
-    new = calibrate(ad, win, progress=False, holdout=0.3)
+    new = calibrate(ad, win, progress=False, holdout=holdout, max_tokens_per_expert=cap)
     orig = C.LayerCollector
     C.LayerCollector = MaskPerExpert
     try:
-        old = calibrate(ad, win, progress=False, holdout=0.3)
+        old = calibrate(ad, win, progress=False, holdout=holdout, max_tokens_per_expert=cap)
     finally:
         C.LayerCollector = orig
+    assert old.inputs.keys() == new.inputs.keys()
     for k, a in old.inputs.items():
         b = new.inputs[k]
         for f in ("x", "g", "h_in", "h_down", "held_out", "h_in_fit", "h_down_fit"):
             assert (getattr(a, f) is None and getattr(b, f) is None) or torch.equal(getattr(a, f), getattr(b, f)), (k, f)
     for col in ("tokens", "frequency", "routing_mass", "act_var", "act_mean_abs", "act_outlier_ratio", "act_kurtosis"):
         assert np.array_equal(getattr(old.stats, col), getattr(new.stats, col)), col
+    assert (new.stats.act_outlier_ratio > 0).any()  # the outlier counts are compared, not all zero

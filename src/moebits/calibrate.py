@@ -64,6 +64,14 @@ class _Moments:
         self.s1, self.s2, self.s3, self.s4, self.abs1 = self.s1 + s1, self.s2 + s2, self.s3 + s3, self.s4 + s4, self.abs1 + abs1
         self.outliers += int((a_abs > OUTLIER_TAU * rms).sum()) if rms > 0 else 0
 
+    def add_sums(self, n: int, sums: list[float], outliers: int) -> None:
+        """What `add` adds for `n` elements whose float64 sums (s1, s2, s3, s4, abs1) and outlier count
+        were computed elsewhere (`_segment_moments`, several experts' rows at once)."""
+        self.n += n
+        s1, s2, s3, s4, abs1 = sums
+        self.s1, self.s2, self.s3, self.s4, self.abs1 = self.s1 + s1, self.s2 + s2, self.s3 + s3, self.s4 + s4, self.abs1 + abs1
+        self.outliers += outliers
+
     def summary(self) -> dict:
         if self.n == 0:
             return {"act_var": 0.0, "act_mean_abs": 0.0, "act_outlier_ratio": 0.0, "act_kurtosis": 0.0}
@@ -73,6 +81,33 @@ class _Moments:
         c4 = m4 - 4 * mu * m3 + 6 * mu * mu * m2 - 3 * mu ** 4
         return {"act_var": var, "act_mean_abs": self.abs1 / n, "act_outlier_ratio": self.outliers / n,
                 "act_kurtosis": c4 / (var * var) if var > 0 else 0.0}
+
+
+def _segment_moments(a: torch.Tensor, rows: list[int]) -> list[tuple[int, list[float], int]]:
+    """`_Moments.add`'s numbers for consecutive row segments of `a [N, D]` (float32; `rows[i]` rows in
+    segment i), bit for bit, in fewer torch calls: each segment's powers are written into one
+    reused buffer (elementwise, so the same values), its five float64 sums are one reduction of that
+    buffer (the same reduction as `add`'s five: tests/test_profile_speed.py checks it) and its outliers
+    are counted against its threshold as `add` counts them. Calibration calls this for the rows of every
+    expert of every batch. Returns [(elements, [s1, s2, s3, s4, abs1], outliers)] per segment."""
+    D = a.shape[1]
+    flat = a.reshape(-1)
+    buf = torch.empty(5, max(rows) * D, dtype=torch.float32, device=a.device)  # a, a^2, a^3, a^4, |a|
+    out, start = [], 0
+    for n in rows:
+        m = n * D
+        seg, p = flat[start:start + m], buf[:, :m]
+        start += m
+        p[0].copy_(seg)
+        torch.mul(seg, seg, out=p[1])
+        torch.mul(p[1], seg, out=p[2])
+        torch.mul(p[1], p[1], out=p[3])
+        torch.abs(seg, out=p[4])
+        sums = p.sum(dim=1, dtype=torch.float64).tolist()
+        rms = math.sqrt(sums[1] / m) if m else 0.0
+        outliers = int((p[4] > OUTLIER_TAU * rms).sum()) if rms > 0 else 0
+        out.append((m, sums, outliers))
+    return out
 
 
 class _Sample:
@@ -120,8 +155,9 @@ class _XtX:
         if x.shape[0] == 0:
             return
         x = x.float()
-        p = (x.T @ x).double()
-        self.sum = p if self.sum is None else self.sum.add_(p)
+        p = x.T @ x
+        # a float32 product added into the float64 sum is converted exactly first: the same sum as adding p.double()
+        self.sum = p.double() if self.sum is None else self.sum.add_(p)
         self.n += x.shape[0]
 
     def hessian(self, plus: "_XtX | None" = None) -> torch.Tensor | None:
@@ -328,6 +364,33 @@ class LayerCollector:
                 else:
                     self.xtx[e][k].add(a)
 
+    def _add_routed(self, routed: list[int], counts: torch.Tensor, order: torch.Tensor, x: torch.Tensor,
+                    tok_of: torch.Tensor, flat_w: torch.Tensor) -> None:
+        """`_add_expert` for every routed expert of a batch, with the same numbers: the rows of all of
+        them gathered once in expert order, each expert's down inputs computed on its own rows (as
+        before), and the activation moments of all of them by `_segment_moments`."""
+        rows = counts[routed].tolist()
+        n_routed = int(counts.sum())
+        pos = order[:n_routed].to(x.device)
+        xs, ws = x[tok_of[pos]], flat_w[pos]  # [N, H] routed rows, expert by expert, in token order within each
+        starts = np.concatenate([[0], np.cumsum(rows)]).tolist()
+        h_parts = [self.adapter.expert_intermediate(self.layer, e, xs[a:b]) for e, a, b in zip(routed, starts, starts[1:])]
+        hs = torch.cat(h_parts) if len(h_parts) > 1 else h_parts[0]
+        for k, a in (("in", xs), ("down", hs)):
+            for e, (n, sums, outliers) in zip(routed, _segment_moments(a.float(), rows)):
+                self.moments[e][k].add_sums(n, sums, outliers)
+        for e, a, b in zip(routed, starts, starts[1:]):
+            xe, he = xs[a:b], hs[a:b]
+            held = self._held(b - a, x.device)
+            self.samples[e].add(xe, ws[a:b], held)
+            if self.with_hessians:
+                for k, t in (("in", xe), ("down", he)):
+                    if self.holdout > 0:
+                        self.xtx[e][k].add(t[~held])
+                        self.xtx_held[e][k].add(t[held])
+                    else:
+                        self.xtx[e][k].add(t)
+
     @torch.no_grad()
     def add(self, b: RoutedBatch) -> None:
         if b.layer != self.layer:
@@ -344,10 +407,9 @@ class LayerCollector:
         # one stable sort groups the routed (token, slot) positions by expert, in token order within each
         # expert (what a mask per expert selected, without E passes over all positions)
         order = torch.argsort(flat_idx, stable=True)
-        ends = counts.cumsum(0).tolist()
-        for e in torch.nonzero(counts[:E]).flatten().tolist():
-            pos = order[ends[e] - int(counts[e]):ends[e]].to(flat_idx.device)
-            self._add_expert(e, x[tok_of[pos]], flat_w[pos])
+        routed = torch.nonzero(counts[:E]).flatten().tolist()
+        if routed:
+            self._add_routed(routed, counts[:E], order, x, tok_of, flat_w)
         if SHARED in self.samples:
             s = self.adapter.shared_scale(self.layer, x.to(b.hidden.dtype)).float()
             self.shared_mass += s.sum().item()
