@@ -349,3 +349,24 @@ def test_calibration_equals_the_old_mask_per_expert_collection(arch, holdout, ca
     for col in ("tokens", "frequency", "routing_mass", "act_var", "act_mean_abs", "act_outlier_ratio", "act_kurtosis"):
         assert np.array_equal(getattr(old.stats, col), getattr(new.stats, col)), col
     assert (new.stats.act_outlier_ratio > 0).any()  # the outlier counts are compared, not all zero
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 64), (2, 5, 70), (1, 4, 33)])
+def test_rtn_proxy_errors_equal_quantize_weight_bit_for_bit(shape):
+    """The proxy's fused RTN (min/max once per group size, in-place rounding) against `quantize_weight` with
+    RTN, on partial last groups, per-row groups, all-zero and constant groups and rows."""
+    from moebits.methods.fri.proxy import _rtn_squared_errors
+
+    g = torch.Generator().manual_seed(shape[2])
+    w = torch.randn(*shape, generator=g) * torch.rand(shape[0], shape[1], 1, generator=g) * 3
+    w[0, 0] = 0.0  # an all-zero row
+    w[0, 1, :16] = 0.75  # a constant group
+    w[-1, -1, 5] = 40.0  # an outlier
+    m = torch.rand(shape[0], shape[2], generator=g)
+    choices = [Choice(b, gs, "gptq") for gs in (16, 32, -1) for b in (2, 3, 4, 8)] + [Choice(16, 32, "gptq")]
+    got = _rtn_squared_errors(w, m, choices)
+    assert sorted(got) == [j for j, c in enumerate(choices) if not c.is_fp]
+    for j, err in got.items():
+        c = choices[j]
+        wq = quantize_weight(w, Choice(c.bits, c.group_size, "rtn"))
+        assert np.array_equal(err, torch.einsum("noi,ni->n", (wq - w) ** 2, m).double().numpy()), c.label

@@ -58,7 +58,8 @@ class _Reference:
     xu: torch.Tensor
     gate_act: torch.Tensor  # [n, I] act(xg @ gate^T)
     up_out: torch.Tensor  # [n, I] xu @ up^T
-    y: torch.Tensor  # [n, H] the expert's output
+    h: torch.Tensor  # [n, I] the down projection's input (gate_act * up_out through its transforms)
+    y: torch.Tensor | None  # [n, H] the expert's output; None until a pair needs it (the proxy needs only h)
     g: torch.Tensor  # [n, 1] routing weights in float64 (the error is weighted in float64, as always)
     down: torch.Tensor  # the expert's down weight (a view of the model's)
     act_fn: object
@@ -66,7 +67,8 @@ class _Reference:
 
     @property
     def nbytes(self) -> int:
-        own = [self.gate_act, self.up_out, self.y, self.g] + ([self.x] if self.x_is_copy else [])
+        own = [self.gate_act, self.up_out, self.h, self.g] + ([self.x] if self.x_is_copy else [])
+        own += [] if self.y is None else [self.y]
         own += [t for t in (self.xg, self.xu) if t is not self.x]
         return sum(t.numel() * t.element_size() for t in own)
 
@@ -216,29 +218,33 @@ class ExpertProfiler:
         return h
 
     # -- forwards --------------------------------------------------------------------------------
-    def _reference(self, layer: int, expert) -> tuple[_Reference, float]:
+    def _reference(self, layer: int, expert, with_output: bool = True) -> tuple[_Reference, float]:
+        """The expert's reference pieces (kept across calls) and the seconds computing them took now;
+        `with_output=False`: the output `y` (one more matmul) may be left for a later call to add."""
         ref = self.refs.get((layer, expert))
-        if ref is not None:
+        if ref is not None and (ref.y is not None or not with_output):
             return ref, 0.0
         t0 = time.perf_counter()
-        ad = self.adapter
-        gate_w, up_w, down_w = (ad.weight(Unit(layer, expert, k)) for k in ("gate", "up", "down"))
-        inp = self.inputs[(layer, expert)]
-        x = inp.x.to(gate_w.dtype)
-        xg, xu = ad.block_input(layer, expert, "gate", x), ad.block_input(layer, expert, "up", x)
-        gate_act = ad.act_fn(layer, expert)(xg @ gate_w.T.to(x.dtype))
-        up_out = xu @ up_w.T.to(x.dtype)
-        h = ad.block_input(layer, expert, "down", gate_act * up_out)
-        ref = _Reference(x, xg, xu, gate_act, up_out, h @ down_w.T.to(h.dtype), inp.g.double()[:, None],
-                         down_w, ad.act_fn(layer, expert), x_is_copy=x is not inp.x)
-        self.refs.put((layer, expert), ref)
+        if ref is None:
+            ad = self.adapter
+            gate_w, up_w, down_w = (ad.weight(Unit(layer, expert, k)) for k in ("gate", "up", "down"))
+            inp = self.inputs[(layer, expert)]
+            x = inp.x.to(gate_w.dtype)
+            xg, xu = ad.block_input(layer, expert, "gate", x), ad.block_input(layer, expert, "up", x)
+            gate_act = ad.act_fn(layer, expert)(xg @ gate_w.T.to(x.dtype))
+            up_out = xu @ up_w.T.to(x.dtype)
+            h = ad.block_input(layer, expert, "down", gate_act * up_out)
+            ref = _Reference(x, xg, xu, gate_act, up_out, h, None, inp.g.double()[:, None], down_w,
+                             ad.act_fn(layer, expert), x_is_copy=x is not inp.x)
+        if with_output:
+            ref.y = ref.h @ ref.down.T.to(ref.h.dtype)
+        self.refs.put((layer, expert), ref)  # (again: its size grew by y)
         return ref, time.perf_counter() - t0
 
     def intermediate(self, layer: int, expert) -> torch.Tensor:
         """The expert's unquantized down-projection input `[n, I]` on its inputs (`expert_intermediate`),
-        from its reference forward (computed and kept if it was not)."""
-        ref, _ = self._reference(layer, expert)
-        return self.adapter.block_input(layer, expert, "down", ref.gate_act * ref.up_out)
+        from its reference forward (computed and kept if it was not; its output is left for the pairs)."""
+        return self._reference(layer, expert, with_output=False)[0].h
 
     def _output(self, ref: _Reference, unit: Unit, q: torch.Tensor, act: dict | None) -> torch.Tensor:
         """The expert's output with `unit`'s block replaced by `q` (and its input fake-quantized by
@@ -251,6 +257,8 @@ class ExpertProfiler:
         elif kind == "up":
             xu = ad.block_input(layer, expert, "up", x, act) if act else ref.xu
             h = ref.gate_act * (xu @ q.T.to(x.dtype))
+        elif act is None:  # the reference's own down input
+            return ref.h @ q.T.to(ref.h.dtype)
         else:
             h = ref.gate_act * ref.up_out
         h = ad.block_input(layer, expert, "down", h, act)
@@ -306,8 +314,9 @@ class ExpertProfiler:
                         t1 = time.perf_counter()
                         act = {u.kind: act_quantizer(c.act_bits, self.act_clip)} if c.quantizes_acts else None
                         y_q = self._output(ref, u, j.weight, act)
-                        d = (y_q - ref.y).double() * ref.g
-                        err = (d * d).sum().item() / ref.x.shape[0]
+                        d = torch.sub(y_q, ref.y).double()  # a new tensor: the products below in place
+                        d.mul_(ref.g)
+                        err = d.mul_(d).sum().item() / ref.x.shape[0]  # (d * d).sum(), without two copies
                         seconds = j.seconds / len(j.pairs) + ref_seconds / n_pairs + time.perf_counter() - t1
                         table.set(u, c, err, seconds=seconds, measured=True)
                         bar.update()

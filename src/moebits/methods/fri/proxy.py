@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...quant.rtn import quantize_rtn
+from ...quant.rtn import group_view
 from ...units import Choice, Unit
 
 @dataclass
@@ -44,7 +44,47 @@ def _second_moments(adapter, layer: int, expert, inputs, profiler=None) -> tuple
     else:
         h = adapter.expert_intermediate(layer, expert, x.to(adapter.weight(Unit(layer, expert, "gate")).dtype)).float()
     n = max(1, x.shape[0])
-    return (g2 * x * x).sum(0) / n, (g2 * h * h).sum(0) / n
+    return _weighted_square_mean(g2, x, n), _weighted_square_mean(g2, h, n)
+
+
+def _weighted_square_mean(g2: torch.Tensor, a: torch.Tensor, n: int) -> torch.Tensor:
+    """`(g2 * a * a).sum(0) / n` (the same products in the same order), with one temporary instead of two."""
+    t = g2 * a
+    return t.mul_(a).sum(0) / n
+
+
+def _rtn_squared_errors(w: torch.Tensor, m: torch.Tensor, choices: list[Choice]) -> dict[int, np.ndarray]:
+    """{choice index: [n] sum_oi (W_q - W)_oi^2 m_i} for the weights `w [n, out, in]` (float32) at every
+    quantized choice's bits and group size, W_q = `quantize_rtn(w, bits, group)`, bit for bit: each group
+    size's grouped view, min and max are taken once for all bit-widths (they do not depend on the bits),
+    then `quant.rtn.minmax_params`' and `round_codes`' arithmetic per bit-width, in place (the same
+    operations on the same values; tests/test_profile_speed.py compares with `quantize_weight`)."""
+    out: dict[int, np.ndarray] = {}
+    k = w.shape[-1]
+    for group_size in sorted({c.group_size for c in choices if not c.is_fp}):
+        groups = group_view(w, group_size)  # [n, out, G, g]
+        lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+        constant = lo == hi
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        zero_group = (lo == 0) & (hi == 0)
+        lo, hi = torch.where(zero_group, -1.0, lo), torch.where(zero_group, 1.0, hi)
+        span, keep_span = hi - lo, constant & ~zero_group
+        for j, c in enumerate(choices):
+            if c.is_fp or c.group_size != group_size:
+                continue
+            qmax = 2 ** c.bits - 1
+            scale = torch.where(keep_span, span, span / qmax).clamp(min=2.0 ** -24).half().float()
+            if not bool(torch.isfinite(scale).all()):
+                bad = ~torch.isfinite(scale)
+                raise FloatingPointError(f"{int(bad.sum())} group(s) span a range fp16 scales cannot hold "
+                                         f"(e.g. [{lo[bad][0].item():.3g}, {hi[bad][0].item():.3g}])")
+            zero = torch.round(-lo / scale).clamp(0, qmax)[..., None]
+            scale = scale[..., None]
+            q = torch.div(groups, scale).round_().add_(zero).clamp_(0, qmax)  # round_codes
+            q.sub_(zero).mul_(scale)  # the dequantized weight
+            d = q.reshape(*w.shape[:-1], -1)[..., :k].sub(w).pow_(2)  # (wq - w) ** 2
+            out[j] = torch.einsum("noi,ni->n", d, m).double().numpy()
+    return out
 
 
 @torch.no_grad()
@@ -65,9 +105,7 @@ def rtn_proxy(adapter, units: list[Unit], choices: list[Choice], inputs, profile
         if not bool(torch.isfinite(w).all()):  # quantize_weight's check, once per group
             raise FloatingPointError(f"a {tuple(w.shape)} weight to quantize with RTN is not finite: check the checkpoint")
         m = torch.stack([moments[(units[i].layer, units[i].expert)][1 if kind == "down" else 0] for i in rows])
-        for j, c in enumerate(choices):
-            if c.is_fp:
-                continue
-            wq = quantize_rtn(w, c.bits, c.group_size)  # what quantize_weight(w, Choice(bits, group, "rtn")) runs
-            values[rows, j] = torch.einsum("noi,ni->n", (wq - w) ** 2, m).double().numpy()
+        # what quantize_weight(w, Choice(bits, group, "rtn")) gives, its squared error weighted by m
+        for j, err in _rtn_squared_errors(w, m, choices).items():
+            values[rows, j] = err
     return Proxy(np.maximum(values, 0.0), time.perf_counter() - t0)
