@@ -22,12 +22,14 @@ def _cfg(text, **kw):
     return QuantizeConfig(**base)
 
 
-def _independent_storage_bits(w: torch.Tensor, fit, bits: int, group: int) -> int:
-    """What is stored, counted from the fitted tensors: b-bit codes, an fp16 scale and zero per group
-    of each row (a partial group pays in full), and the fp16 factors as they came out of the fit."""
+def _independent_storage_bits(w: torch.Tensor, fit, bits: int, group: int, quantizer: str) -> int:
+    """What is stored, counted from the fitted tensors: b-bit codes, an fp16 scale per group of each row
+    (a partial group pays in full), a zero per group -- at the code width for rtn/gptq's integer zeros
+    (zero_points "packed", the default), fp16 for hqq's -- and the fp16 factors as they came out of the fit."""
     out, k = w.shape
     assert fit.U.dtype == fit.V.dtype == torch.float16
-    return bits * out * k + 2 * 16 * out * math.ceil(k / group) + 16 * (fit.U.numel() + fit.V.numel())
+    zero_bits = bits if quantizer in ("rtn", "gptq") else 16
+    return bits * out * k + (16 + zero_bits) * out * math.ceil(k / group) + 16 * (fit.U.numel() + fit.V.numel())
 
 
 def test_bt_end_to_end_plan_cost_weights_and_reload(tmp_path, text_file):
@@ -54,7 +56,7 @@ def test_bt_end_to_end_plan_cost_weights_and_reload(tmp_path, text_file):
         c = plan.choice(u)
         w0 = ref.weight(u)
         fit = quantize_lowrank(w0, c)
-        stored += _independent_storage_bits(w0, fit, c.bits, c.group_size)
+        stored += _independent_storage_bits(w0, fit, c.bits, c.group_size, c.quantizer)
         # the model holds Q + UV of this fit (RTN: independent of the batch it was quantized in; batched
         # and single SVDs agree to float rounding)
         torch.testing.assert_close(p.adapter.weight(u), fit.weight, rtol=0, atol=2e-6)
@@ -123,7 +125,8 @@ def test_attn_bits_changes_only_attention_and_the_whole_model_size(tmp_path, tex
             assert torch.equal(pb[n], pa[n]), f"{n} changed with --attn-bits"
     shapes = [tuple(m.weight.shape) for m in a.adapter.attention_linears().values()]
     n_attn = sum(o * i for o, i in shapes)
-    attn_bits = sum(4 * o * i + 32 * o * math.ceil(i / 32) + 16 * 2 * (o + i) for o, i in shapes)
+    # 4-bit codes, per group of 32 an fp16 scale and a 4-bit integer zero (rtn, zero_points "packed"), fp16 factors
+    attn_bits = sum(4 * o * i + (16 + 4) * o * math.ceil(i / 32) + 16 * 2 * (o + i) for o, i in shapes)
     assert ra["avg_bits"] == rb["avg_bits"] and ra["weight_bytes"] == rb["weight_bytes"]
     assert ra["attention"] == "fp16" and rb["attention"] == "w4g32-rtn-r2"
     assert ra["model_counted_bytes"] - rb["model_counted_bytes"] == (16 * n_attn - attn_bits) / 8

@@ -16,6 +16,8 @@ V1_RUN = Path(__file__).parent / "data" / "run_v1_0746e4f"
 V1_ARGS = ["quantize", "--model", "tiny:qwen2_moe", "--method", "mxmoe", "--quantizer", "rtn", "--bits", "3.5",
            "--group-size", "32", "--calib", "demo", "--eval", "demo", "--nsamples", "4", "--seqlen", "32",
            "--eval-windows", "2", "--no-save-model"]
+# what that command meant then: zero points stored (and charged) in fp16, the default before run.json version 3
+V1_MEANING = V1_ARGS + ["--zero-points", "fp16"]
 
 
 def test_a_run_directory_made_before_versioned_specs_resumes_and_finishes_as_it_would_have(tmp_path):
@@ -25,7 +27,10 @@ def test_a_run_directory_made_before_versioned_specs_resumes_and_finishes_as_it_
     run = tmp_path / "run"
     shutil.copytree(V1_RUN, run)
     table_before = (run / "table.csv").read_bytes()
+    # the old run read at version 3 stored fp16 zeros; today's default (packed) is another request
     r = runner.invoke(app, V1_ARGS + ["--out", str(run)])
+    assert r.exit_code == 2 and "zero_points: 'fp16' -> 'packed'" in " ".join(r.output.split())
+    r = runner.invoke(app, V1_MEANING + ["--out", str(run)])
     assert r.exit_code == 0, r.output
     assert (run / "table.csv").read_bytes() == table_before  # resumed: not profiled again
     results = json.loads((run / "results.json").read_text())
@@ -37,7 +42,8 @@ def test_a_run_directory_made_before_versioned_specs_resumes_and_finishes_as_it_
     assert results["avg_bits"] == old["avg_bits"] and results["ppl_q"] == pytest.approx(old["ppl_q"], rel=1e-6)
     assert json.loads((run / "run.json").read_text())["version"] == SPEC_VERSION
     # a different request is still refused, naming what differs
-    r = runner.invoke(app, [a if a != "3.5" else "3.0" for a in V1_ARGS] + ["--out", str(run)])
+    assert json.loads((run / "plan.json").read_text())["zero_points"] == "fp16"
+    r = runner.invoke(app, [a if a != "3.5" else "3.0" for a in V1_MEANING] + ["--out", str(run)])
     assert r.exit_code == 2 and "bits: 3.5 -> 3.0" in " ".join(r.output.split())
 
 

@@ -8,17 +8,53 @@ CHOICES = [Choice(b, 128) for b in (2, 3, 4, 8)] + [Choice(16)]
 
 
 def test_storage_exact_known_example():
-    s = cost.storage_matrix([(1024, 1024)], [Choice(3, 128)])
+    s = cost.storage_matrix([(1024, 1024)], [Choice(3, 128)], zero_points="fp16")
     assert s[0, 0] == 3 * 1024 * 1024 + 32 * 1024 * 8  # codes + one 16-bit scale and zero per 128 columns
     assert s[0, 0] / (1024 * 1024) == 3.25
+    # packed (the default): the integer zero at the code width, 3 + (16 + 3) / 128 bits per weight
+    p = cost.storage_matrix([(1024, 1024)], [Choice(3, 128)])
+    assert p[0, 0] == 3 * 1024 * 1024 + (16 + 3) * 1024 * 8
+    assert p[0, 0] / (1024 * 1024) == 3 + 19 / 128
+
+
+@pytest.mark.parametrize("zero_points", ["packed", "fp16"])
+def test_storage_bits_hand_count(zero_points):
+    """Codes + a 16-bit scale + one zero per (row, group); the zero at the code width only for rtn/gptq
+    under "packed" (HQQ's real-valued zeros stay 16-bit); a partial last group and per-channel counted."""
+    cases = [  # out, in, group size, groups per row
+        (64, 1024, 128, 8), (8, 200, 128, 2), (100, 300, 128, 3), (48, 64, 128, 1), (32, 256, 0, 1), (16, 130, 64, 3)]
+    for out, n_in, g, groups in cases:
+        for bits in (2, 3, 4, 8):
+            for q in ("rtn", "gptq", "hqq"):
+                c = Choice(bits, g, q)
+                zero = bits if zero_points == "packed" and q != "hqq" else 16
+                want = bits * out * n_in + (16 + zero) * out * groups
+                assert c.storage_bits(out, n_in, zero_points) == want, (out, n_in, g, bits, q)
+                assert c.zero_bits(zero_points) == zero
+                assert cost.storage_matrix([(out, n_in)], [c], zero_points)[0, 0] == want
+        assert Choice(16).storage_bits(out, n_in, zero_points) == 16 * out * n_in  # unquantized: no metadata
+        r = Choice(4, g, "gptq", rank=8)
+        assert r.storage_bits(out, n_in, zero_points) == Choice(4, g, "gptq").storage_bits(out, n_in, zero_points) \
+            + 16 * 8 * (out + n_in)
+    # the zero format is not part of a choice's identity (the sensitivity table does not depend on it)
+    assert Choice(3, 128, "gptq").label == "w3g128-gptq"
+    with pytest.raises(ValueError, match="zero_points"):
+        Choice(3, 128).storage_bits(8, 128, "int8")
+
+
+def test_nominal_bits_both_settings():
+    assert Choice(3, 128, "gptq").nominal_bits("fp16") == 3.25
+    assert Choice(3, 128, "gptq").nominal_bits() == 3 + 19 / 128
+    assert Choice(4, 128, "rtn").nominal_bits() == 4 + 20 / 128  # a peer's "4-bit" g128: 4.156
+    assert Choice(3, 128, "hqq").nominal_bits() == 3.25  # real-valued zeros stay fp16
 
 
 def test_storage_matches_choice_and_is_monotone_in_bits():
     shapes = [(1408, 2048), (2048, 1408), (100, 300), (1408, 2048)]
-    s = cost.storage_matrix(shapes, CHOICES)
+    s = cost.storage_matrix(shapes, CHOICES, zero_points="fp16")
     assert s.shape == (4, 5)
     for i, (o, n) in enumerate(shapes):
-        assert [int(x) for x in s[i]] == [c.storage_bits(o, n) for c in CHOICES]
+        assert [int(x) for x in s[i]] == [c.storage_bits(o, n, "fp16") for c in CHOICES]
     assert np.all(np.diff(s, axis=1) > 0)
     # a partial last group pays full metadata: 300 columns = 3 groups of 128
     assert s[2, 0] == 2 * 100 * 300 + 32 * 100 * 3

@@ -214,19 +214,19 @@ def test_unknown_version_and_missing_entry_are_refused(saved):
     with pytest.raises(PackedFormatError, match=r"model\.safetensors: moebits packed format_version 99"):
         read_index(saved)
     cfg = json.loads((saved / "config.json").read_text())
-    cfg["quantization_config"]["format_version"] = 2
+    cfg["quantization_config"]["format_version"] = 3
     (saved / "config.json").write_text(json.dumps(cfg))
     from moebits.atomic import seal
 
     seal(saved, "packed")  # as a (future) moebits would have written it: the marker's hashes agree
-    with pytest.raises(PackedFormatError, match="config.json.*format_version 2"):
+    with pytest.raises(PackedFormatError, match="config.json.*format_version 3"):
         load_quantized(saved)
 
 
 def test_config_and_files(saved):
     cfg = json.loads((saved / "config.json").read_text())
     q = cfg["quantization_config"]
-    assert q["quant_method"] == "moebits" and q["format_version"] == 1
+    assert q["quant_method"] == "moebits" and q["format_version"] == 2
     assert (saved / "plan.json").exists() and not saved.with_name("model.partial").exists()
     index = read_index(saved)
     assert sum(index.bits_histogram().values()) == len(index.units)

@@ -80,15 +80,16 @@ def test_partial_groups_and_storage_formula():
     w = _weight(out=8, k=200)
     for q in (quantize_rtn(w, 3, 128), quantize_hqq(w, 3, 128)):
         assert q.shape == w.shape and torch.isfinite(q).all()
-    # codes + 16-bit scale + 16-bit zero per group of each row
-    assert Choice(3, 128).storage_bits(64, 1024) == 64 * 1024 * 3 + 64 * 8 * 32
-    assert Choice(3, 128).bits_per_weight(64, 1024) == 3.25
-    assert Choice(2, 128).bits_per_weight(64, 1024) == 2.25
-    assert Choice(8, 128).bits_per_weight(10, 128) == 8.25
+    # zero_points="fp16": codes + 16-bit scale + 16-bit zero per group of each row (the papers' W3.25)
+    fp = "fp16"
+    assert Choice(3, 128).storage_bits(64, 1024, fp) == 64 * 1024 * 3 + 64 * 8 * 32
+    assert Choice(3, 128).bits_per_weight(64, 1024, fp) == 3.25
+    assert Choice(2, 128).bits_per_weight(64, 1024, fp) == 2.25
+    assert Choice(8, 128).bits_per_weight(10, 128, fp) == 8.25
     # a partial last group still pays full metadata: 200 columns = 2 groups
-    assert Choice(4, 128).storage_bits(8, 200) == 8 * 200 * 4 + 8 * 2 * 32
-    assert Choice(16).bits_per_weight(8, 200) == 16
-    assert Choice(4, 128, rank=16).storage_bits(64, 1024) == 64 * 1024 * 4 + 64 * 8 * 32 + 16 * 16 * (64 + 1024)
+    assert Choice(4, 128).storage_bits(8, 200, fp) == 8 * 200 * 4 + 8 * 2 * 32
+    assert Choice(16).bits_per_weight(8, 200, fp) == 16
+    assert Choice(4, 128, rank=16).storage_bits(64, 1024, fp) == 64 * 1024 * 4 + 64 * 8 * 32 + 16 * 16 * (64 + 1024)
 
 
 def test_quantize_weight_dispatch_and_errors():

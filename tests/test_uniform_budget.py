@@ -2,7 +2,8 @@
 
 tiny:qwen2_moe has gate/up `[32, 64]`, down `[64, 32]` routed blocks and `[64, 64]` shared blocks: at g64
 the 32-wide down rows pay a whole group of metadata, so 3-bit codes cost 3.5 bits per weight on gate/up
-and shared blocks but 4.0 on down -- the trap the note must explain.
+and shared blocks but 4.0 on down -- the trap the note must explain. These tests count zero points in
+fp16 (`zero_points="fp16"`, the papers' accounting) as their hand counts do.
 """
 import json
 
@@ -17,14 +18,15 @@ runner = CliRunner()
 
 
 def _avg_bits(shapes, bits: int, group: int) -> float:
-    """Exact average storage bits, written out independently of moebits.units: codes + 32 bits per group."""
+    """Exact average storage bits, written out independently of moebits.units: codes + 32 bits per group
+    (a 16-bit scale and a 16-bit zero: zero_points="fp16")."""
     total = sum(o * i * bits + 32 * o * -(-i // group) for o, i in shapes)
     return total / sum(o * i for o, i in shapes)
 
 
 def _cfg(text, **kw):
     base = dict(model="tiny:qwen2_moe", method="uniform", quantizer="rtn", group_size=64, calib=str(text),
-                eval=str(text), nsamples=2, seqlen=32, eval_windows=2, save_model=False)
+                eval=str(text), nsamples=2, seqlen=32, eval_windows=2, save_model=False, zero_points="fp16")
     base.update(kw)
     return QuantizeConfig(**base)
 

@@ -18,7 +18,7 @@ import torch
 from .models.adapter import MoEAdapter
 from .quant import quantize_weight
 from .quant.lowrank import check_rank
-from .units import FP_BITS, Choice
+from .units import DEFAULT_ZERO_POINTS, FP_BITS, Choice
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,10 @@ def attention_shapes(adapter: MoEAdapter) -> dict[str, tuple[int, int]]:
     return {name: tuple(mod.weight.shape) for name, mod in adapter.attention_linears().items()}
 
 
-def attention_size(adapter: MoEAdapter, choice: Choice | None) -> AttentionSize:
+def attention_size(adapter: MoEAdapter, choice: Choice | None, zero_points: str = DEFAULT_ZERO_POINTS) -> AttentionSize:
     shapes = attention_shapes(adapter)
     params = sum(o * i for o, i in shapes.values())
-    bits = FP_BITS * params if choice is None else sum(choice.storage_bits(o, i) for o, i in shapes.values())
+    bits = FP_BITS * params if choice is None else sum(choice.storage_bits(o, i, zero_points) for o, i in shapes.values())
     return AttentionSize(params, bits)
 
 

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import cost as costs
-from .units import Choice, Unit
+from .units import DEFAULT_ZERO_POINTS, Choice, Unit, check_zero_points
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class Budget:
     shapes: dict[Unit, tuple[int, int]]  # (out, in) of every unit, for average bits
     describe: Callable[[float], str] | None = field(default=None, repr=False)  # cost -> words, for errors
     act: ActBitsBudget | None = None  # optional second constraint: average activation bits
+    zero_points: str = DEFAULT_ZERO_POINTS  # how zero points are stored, hence charged (units.ZERO_POINTS)
 
     def with_act_bits(self, value: float, choices: Sequence[Choice], frequency: np.ndarray) -> "Budget":
         """This budget with the average-activation-bits row added (needs the routed frequencies)."""
@@ -117,18 +118,20 @@ class Budget:
     def build(cls, kind: str, value: float, units: Sequence[Unit], shapes: dict[Unit, tuple[int, int]],
               choices: Sequence[Choice], frequency: np.ndarray | None = None, *, gpu: str = "h100",
               batch_tokens: int = 4096, latency_model: str = "roofline", seed: int = 0,
-              device: str = "cpu") -> "Budget":
+              device: str = "cpu", zero_points: str = DEFAULT_ZERO_POINTS) -> "Budget":
         """The budget `kind` = `value` over `units` (rows) x `choices` (columns). `frequency` [U]
-        (routed-token frequency per unit) is needed by latency budgets only."""
+        (routed-token frequency per unit) is needed by latency budgets only. `zero_points` says how zero
+        points are stored ("packed" | "fp16"), so what a choice costs."""
         units = list(units)
         shape_list = [shapes[u] for u in units]
+        zp = check_zero_points(zero_points)
         if kind in ("bits", "memory"):
-            storage = costs.storage_matrix(shape_list, choices)
+            storage = costs.storage_matrix(shape_list, choices, zp)
             if kind == "bits":
                 return cls(kind, value, storage, costs.avg_bits_to_total_bits(value, shape_list), units, shapes,
-                           costs.avg_bits_formatter(shape_list))
+                           costs.avg_bits_formatter(shape_list), zero_points=zp)
             return cls(kind, value, storage, costs.gb_to_bits(value), units, shapes,
-                       lambda c: f"{costs.bits_to_gb(c):.6g} GB")
+                       lambda c: f"{costs.bits_to_gb(c):.6g} GB", zero_points=zp)
         if kind != "latency":
             raise ValueError(f"unknown budget kind {kind!r}; choose one of {KINDS}")
         if frequency is None:
@@ -139,10 +142,10 @@ class Budget:
             lat, info = latency_fri_matrix(shape_list, frequency, choices, batch_tokens, seed=seed, device=device)
             log.info("latency FRI: %s", {k: v for k, v in info.items() if not isinstance(v, (list, dict))})
         elif latency_model == "roofline":
-            lat = costs.latency_matrix(shape_list, frequency, choices, gpu, batch_tokens)
+            lat = costs.latency_matrix(shape_list, frequency, choices, gpu, batch_tokens, zero_points=zp)
         else:
             raise ValueError(f"unknown latency model {latency_model!r}; choose one of {LATENCY_MODELS}")
-        return cls(kind, value, lat, value, units, shapes, lambda c: f"{c * 1e3:.6g} ms")
+        return cls(kind, value, lat, value, units, shapes, lambda c: f"{c * 1e3:.6g} ms", zero_points=zp)
 
     def check_feasible(self, solver: str, groups: np.ndarray | None = None) -> None:
         """Raise InfeasibleBudgetError (with the feasible range) when `solver` can find no plan."""

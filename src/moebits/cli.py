@@ -301,6 +301,8 @@ def allocate_cmd(
     act_clip: float = typer.Option(1.0, help="the clip ratio the table's activation bits were profiled with"),
     fill: bool = typer.Option(True, help="lagrangian: greedy fill after bisection (moebits); --no-fill is the "
                                          "paper's Algorithm 1 exactly"),
+    zero_points: str = typer.Option("packed", help="how zero points are stored and charged: packed (integer zeros "
+                                                   "at the code width) | fp16 (the papers' W3.25 convention)"),
     out: Path = typer.Option(..., help="plan JSON to write"),
 ):
     """Choose one setting per unit from a sensitivity table under a budget; write a plan."""
@@ -319,7 +321,7 @@ def allocate_cmd(
         if set(t.units) != set(ad.units()):
             _fail(f"{table} does not describe the units of {model}")
         budget = Budget.build(kind, value, t.units, ad.shapes(), t.choices, t.frequency, gpu=gpu,
-                              batch_tokens=batch_tokens)
+                              batch_tokens=batch_tokens, zero_points=zero_points)
         meta = {"table": str(table), "granularity": granularity, "tie_gate_up": tie_gate_up}
         if len({c.act_bits for c in t.choices}) > 1:  # W-A table: the activation-bits budget, as in quantize
             a = abits_budget if abits_budget is not None else (bits if kind == "bits" else None)

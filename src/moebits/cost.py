@@ -4,7 +4,9 @@ conversions the CLI needs (`--bits 3.25`, `--memory-gb X`).
 Every function returns a `[U, C]` matrix (unit x choice) so that the allocators never see the model:
 they get `loss [U, C]`, `cost [U, C]` and a budget in the same unit as `cost`.
 
-Storage is exact (it calls `Choice.storage_bits`), so a plan that fits the budget here fits on disk.
+Storage is exact (it calls `Choice.storage_bits`, zero points stored as the run's `zero_points` says:
+"packed" integer zeros at the code width, or "fp16"), so a plan that fits the budget here fits on disk
+(up to the < 1 byte per stored set a packed zero bitstream is rounded up to).
 Latency is a *model*: a roofline per GEMM, good for ranking choices and for the budget's order of
 magnitude, not a measurement. Its assumptions are spelled out on `latency_matrix`.
 """
@@ -15,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .units import Choice
+from .units import DEFAULT_ZERO_POINTS, Choice
 
 BITS_PER_BYTE = 8
 BYTES_PER_GB = 1e9  # decimal gigabytes, as disk sizes and GPU datasheets count them
@@ -24,15 +26,17 @@ BYTES_PER_GB = 1e9  # decimal gigabytes, as disk sizes and GPU datasheets count 
 # --------------------------------------------------------------------------------------------- storage
 
 
-def storage_matrix(shapes: Sequence[tuple[int, int]], choices: Sequence[Choice]) -> np.ndarray:
-    """`[U, C]` exact storage in bits of unit u (shape `(out, in)`) under choice c.
+def storage_matrix(shapes: Sequence[tuple[int, int]], choices: Sequence[Choice],
+                   zero_points: str = DEFAULT_ZERO_POINTS) -> np.ndarray:
+    """`[U, C]` exact storage in bits of unit u (shape `(out, in)`) under choice c, zero points stored as
+    `zero_points` says ("packed" | "fp16", see units.py).
 
     Float64 holds these integers exactly (< 2**53 bits per entry and per model), and float is what the
     allocators want. Computed once per distinct shape: MoE units come in two or three shapes only.
     """
     shapes_arr = _shapes_array(shapes)
     uniq, inverse = np.unique(shapes_arr, axis=0, return_inverse=True)
-    per_shape = np.array([[c.storage_bits(int(o), int(i)) for c in choices] for o, i in uniq], dtype=np.float64)
+    per_shape = np.array([[c.storage_bits(int(o), int(i), zero_points) for c in choices] for o, i in uniq], dtype=np.float64)
     return per_shape.reshape(len(uniq), len(choices))[inverse.reshape(-1)]
 
 
@@ -139,6 +143,7 @@ def latency_matrix(
     gpu: str | GPUSpec,
     batch_tokens: int,
     launch_overhead_s: float = DEFAULT_LAUNCH_OVERHEAD_S,
+    zero_points: str = DEFAULT_ZERO_POINTS,
 ) -> np.ndarray:
     """`[U, C]` expected seconds one forward over `batch_tokens` tokens spends in unit u under choice c.
 
@@ -165,14 +170,14 @@ def latency_matrix(
     the other (a grouped MoE kernel overlaps them; the model then overestimates by the launch overheads).
     """
     gpu = get_gpu(gpu)
-    p, moved, flops = expected_traffic(shapes, frequencies, choices, batch_tokens)
+    p, moved, flops = expected_traffic(shapes, frequencies, choices, batch_tokens, zero_points)
     peak = np.array([compute_peak(gpu, c) for c in choices], dtype=np.float64)[None, :]  # [1, C]
     t = launch_overhead_s + np.maximum(moved / gpu.bandwidth, flops / peak)
     return p[:, None] * t
 
 
 def expected_traffic(shapes: Sequence[tuple[int, int]], frequencies: Sequence[float], choices: Sequence[Choice],
-                     batch_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     batch_tokens: int, zero_points: str = DEFAULT_ZERO_POINTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What one forward over `batch_tokens` tokens asks of each unit, *when it runs*: `p [U]` the
     probability it runs at all, `moved [U, C]` bytes moved (weights under each choice + activations
     in and out, activations at each choice's `act_bits`) and `flops [U, 1]`, both for its `m_u = f_u * B / p_u` tokens (see `latency_matrix`).
@@ -186,7 +191,7 @@ def expected_traffic(shapes: Sequence[tuple[int, int]], frequencies: Sequence[fl
     if not np.all(np.isfinite(f)) or np.any(f < 0) or np.any(f > 1):
         raise ValueError("frequencies must be in [0, 1] (fraction of tokens routed to the unit)")
     out_f, in_f = s[:, 0:1], s[:, 1:2]
-    weight_bytes = storage_matrix(shapes, choices) / BITS_PER_BYTE  # [U, C]
+    weight_bytes = storage_matrix(shapes, choices, zero_points) / BITS_PER_BYTE  # [U, C]
     p = 1.0 - (1.0 - f) ** batch_tokens  # [U] probability the unit runs at all
     m = np.divide(f * batch_tokens, p, out=np.zeros_like(f), where=p > 0)[:, None]  # tokens when it runs
     # input activations: 16-bit, or a-bit codes + a 16-bit scale per token; outputs 16-bit

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .cost import expected_traffic
-from .units import Choice
+from .units import DEFAULT_ZERO_POINTS, Choice
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,9 @@ def get_energy_spec(spec: str | EnergySpec) -> EnergySpec:
 
 
 def energy_matrix(shapes: Sequence[tuple[int, int]], frequencies: Sequence[float], choices: Sequence[Choice],
-                  batch_tokens: int, spec: str | EnergySpec = DEFAULT_ENERGY) -> np.ndarray:
+                  batch_tokens: int, spec: str | EnergySpec = DEFAULT_ENERGY,
+                  zero_points: str = DEFAULT_ZERO_POINTS) -> np.ndarray:
     """`[U, C]` expected joules of unit u under choice c for one forward over `batch_tokens` tokens."""
     spec = get_energy_spec(spec)
-    p, moved, flops = expected_traffic(shapes, frequencies, choices, batch_tokens)
+    p, moved, flops = expected_traffic(shapes, frequencies, choices, batch_tokens, zero_points)
     return p[:, None] * (spec.joules_per_byte * moved + spec.joules_per_flop * flops)

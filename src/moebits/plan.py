@@ -1,6 +1,10 @@
 """Plan: which choice each unit gets, why (its predicted loss and cost), and the totals.
 
 Saved as JSON a person can read and diff: one line per unit, sorted by layer, expert, kind.
+
+A plan records how its zero points are stored (`zero_points`, units.ZERO_POINTS), since that decides what
+each choice costs and how the packed writer stores it. Plans written before the setting existed have no
+such field and were costed with fp16 zeros: they load as "fp16".
 """
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .units import Choice, Unit
+from .units import DEFAULT_ZERO_POINTS, Choice, Unit, check_zero_points
+
+LEGACY_ZERO_POINTS = "fp16"  # what a plan.json without "zero_points" was costed with
 
 
 class PlanError(ValueError):
@@ -26,6 +32,10 @@ class Assignment:
 class Plan:
     assignments: dict[Unit, Assignment]
     meta: dict = field(default_factory=dict)  # method, budget, solver, totals, ...
+    zero_points: str = DEFAULT_ZERO_POINTS  # how zero points are stored and charged: "packed" | "fp16"
+
+    def __post_init__(self):
+        check_zero_points(self.zero_points)
 
     def choice(self, unit: Unit) -> Choice:
         return self.assignments[unit].choice
@@ -35,12 +45,14 @@ class Plan:
         return sorted(self.assignments, key=Unit.sort_key)
 
     @classmethod
-    def uniform(cls, units, shapes: dict[Unit, tuple[int, int]], choice: Choice, meta: dict | None = None) -> "Plan":
-        a = {u: Assignment(choice, None, float(choice.storage_bits(*shapes[u]))) for u in units}
-        return cls(a, dict(meta or {}))
+    def uniform(cls, units, shapes: dict[Unit, tuple[int, int]], choice: Choice, meta: dict | None = None,
+                zero_points: str = DEFAULT_ZERO_POINTS) -> "Plan":
+        a = {u: Assignment(choice, None, float(choice.storage_bits(*shapes[u], zero_points))) for u in units}
+        return cls(a, dict(meta or {}), zero_points)
 
     def storage_bits(self, shapes: dict[Unit, tuple[int, int]]) -> int:
-        return sum(a.choice.storage_bits(*shapes[u]) for u, a in self.assignments.items())
+        """Bits the units take, zero points stored as this plan's `zero_points` says."""
+        return sum(a.choice.storage_bits(*shapes[u], self.zero_points) for u, a in self.assignments.items())
 
     def avg_bits(self, shapes: dict[Unit, tuple[int, int]]) -> float:
         n = sum(shapes[u][0] * shapes[u][1] for u in self.assignments)
@@ -55,6 +67,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "format": "moebits.plan/1",
+            "zero_points": self.zero_points,
             "meta": self.meta,
             "units": {
                 u.name: {**self.assignments[u].choice.to_dict(), "loss": self.assignments[u].loss, "cost": self.assignments[u].cost}
@@ -68,7 +81,7 @@ class Plan:
         d = self.to_dict()
         # one unit per line: readable and diffable
         lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in d["units"].items())
-        text = f'{{\n"format": "moebits.plan/1",\n"meta": {json.dumps(d["meta"], indent=1)},\n"units": {{\n{lines}\n}}\n}}\n'
+        text = (f'{{\n"format": "moebits.plan/1",\n"zero_points": {json.dumps(self.zero_points)},\n"meta": {json.dumps(d["meta"], indent=1)},\n"units": {{\n{lines}\n}}\n}}\n')
         atomic_write_text(path, text)
 
     @classmethod
@@ -88,7 +101,12 @@ class Plan:
                 assignments[Unit.parse(name)] = Assignment(Choice.from_dict(v), v.get("loss"), v.get("cost"))
             except (ValueError, KeyError, TypeError) as e:
                 raise PlanError(f"{path}: bad entry for {name!r}: {e}") from None
-        return cls(assignments, d.get("meta", {}))
+        zp = d.get("zero_points", LEGACY_ZERO_POINTS)
+        try:
+            check_zero_points(zp)
+        except ValueError as e:
+            raise PlanError(f"{path}: {e}") from None
+        return cls(assignments, d.get("meta", {}), zp)
 
     def check_covers(self, units) -> None:
         """A plan must name every unit of the model, and no unit the model does not have."""

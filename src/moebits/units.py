@@ -6,10 +6,18 @@ size, quantizer, (BT-MoE) the rank of a low-rank compensator, and the bit-width 
 activations* are fake-quantized to at run time (`act_bits`, 16 = not quantized; see quant/act.py).
 Activation bits change what the unit computes and costs in time, never what it stores.
 
-Storage is counted exactly as it would be stored: `bits` per code, a 16-bit scale and a 16-bit zero
-per group of `group_size` input columns in every output row (a last, partial group still pays full
-metadata), and a rank-r compensator as two 16-bit factors `U [out, r]`, `V [r, in]`. So 3-bit g128
-on a 1024-wide matrix is exactly 3.25 bits per weight; 16 bits means "kept in 16-bit floats".
+Storage is counted as it is stored: `bits` per code, a 16-bit scale and one zero point per group of
+`group_size` input columns in every output row (a last, partial group still pays full metadata), and
+a rank-r compensator as two 16-bit factors `U [out, r]`, `V [r, in]`; 16 bits means "kept in 16-bit
+floats". How a zero point is stored is a run-wide setting, `zero_points` (ZERO_POINTS):
+
+    "packed" (default)  a quantizer whose zeros are integer codes (rtn, gptq: INTEGER_ZERO_QUANTIZERS)
+                        stores them at the code width, as GPTQ, AWQ and compressed-tensors do: 3-bit g128
+                        = 3 + 16/128 + 3/128 = 3.1484 bits per weight. HQQ's real-valued zeros stay fp16.
+    "fp16"              every zero in fp16, the papers' "W3.25" convention (3-bit g128 = 3.25 exactly).
+
+The packed format stores a set's zeros as one bitstream rounded up to whole bytes once (packed/layout.py),
+so these counts are exact up to less than one byte per stored set.
 """
 from __future__ import annotations
 
@@ -21,7 +29,18 @@ KINDS = ("gate", "up", "down")
 SHARED = "shared"
 QUANTIZERS = ("rtn", "gptq", "hqq")
 FP_BITS = 16
-META_BITS_PER_GROUP = 32  # 16-bit scale + 16-bit zero
+SCALE_BITS = 16  # one fp16 scale per group
+META_BITS_PER_GROUP = 32  # 16-bit scale + 16-bit zero: the "fp16" zero-point accounting
+ZERO_POINTS = ("packed", "fp16")  # how zero points are stored (and charged); "packed" is the default
+DEFAULT_ZERO_POINTS = "packed"
+INTEGER_ZERO_QUANTIZERS = ("rtn", "gptq")  # their zeros are codes of the grid 0 .. 2^bits - 1
+
+
+def check_zero_points(zero_points: str) -> str:
+    if zero_points not in ZERO_POINTS:
+        raise ValueError(f"zero_points must be one of {', '.join(ZERO_POINTS)} (packed: integer zeros at the code "
+                         f"width; fp16: every zero in 16 bits, the papers' W3.25 convention), got {zero_points!r}")
+    return zero_points
 
 
 @dataclass(frozen=True)
@@ -106,25 +125,40 @@ class Choice:
             return 1
         return math.ceil(in_features / self.group_size)
 
-    def storage_bits(self, out_features: int, in_features: int) -> int:
-        """Exact bits to store an `[out_features, in_features]` weight under this choice."""
+    @property
+    def integer_zeros(self) -> bool:
+        """Its zero points are integer codes of the grid (rtn, gptq), so they can be stored at the code width."""
+        return not self.is_fp and self.quantizer in INTEGER_ZERO_QUANTIZERS
+
+    def zero_bits(self, zero_points: str = DEFAULT_ZERO_POINTS) -> int:
+        """Bits one stored zero point takes: the code width when `zero_points` is "packed" and the zeros
+        are integers, else 16 (0 for an unquantized unit: it has none)."""
+        if self.is_fp:
+            return 0
+        return self.bits if check_zero_points(zero_points) == "packed" and self.integer_zeros else FP_BITS
+
+    def storage_bits(self, out_features: int, in_features: int, zero_points: str = DEFAULT_ZERO_POINTS) -> int:
+        """Bits to store an `[out_features, in_features]` weight under this choice, zero points stored as
+        `zero_points` says (exact up to the < 1 byte per stored set a packed zero bitstream is rounded up)."""
         n = out_features * in_features
         if self.is_fp:
             total = FP_BITS * n
         else:
-            total = self.bits * n + META_BITS_PER_GROUP * out_features * self.groups_per_row(in_features)
+            meta = SCALE_BITS + self.zero_bits(zero_points)
+            total = self.bits * n + meta * out_features * self.groups_per_row(in_features)
         return total + FP_BITS * self.rank * (out_features + in_features)
 
-    def bits_per_weight(self, out_features: int, in_features: int) -> float:
-        return self.storage_bits(out_features, in_features) / (out_features * in_features)
+    def bits_per_weight(self, out_features: int, in_features: int, zero_points: str = DEFAULT_ZERO_POINTS) -> float:
+        return self.storage_bits(out_features, in_features, zero_points) / (out_features * in_features)
 
-    def nominal_bits(self) -> float:
-        """Bits per weight when the group size divides the row (e.g. 3 bits g128 -> 3.25)."""
+    def nominal_bits(self, zero_points: str = DEFAULT_ZERO_POINTS) -> float:
+        """Bits per weight when the group size divides the row (3 bits g128: 3.25 with fp16 zeros,
+        3 + 19/128 with packed integer zeros)."""
         if self.is_fp:
             return float(FP_BITS)
         if self.group_size <= 0:
             return float(self.bits)  # metadata per row is negligible for wide rows; not exact
-        return self.bits + META_BITS_PER_GROUP / self.group_size
+        return self.bits + (SCALE_BITS + self.zero_bits(zero_points)) / self.group_size
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "quantizer": self.quantizer, "rank": self.rank,

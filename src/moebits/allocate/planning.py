@@ -53,6 +53,7 @@ def plan_under_budget(table, budget, solver: str, groups: np.ndarray | None = No
                    budget_format=budget.describe, extra=extra, **options)
     plan = to_plan(table.units, table.choices, res, loss, budget.cost,
                    {"solver": solver, "budget": budget.as_meta(), **(meta or {})})
+    plan.zero_points = getattr(budget, "zero_points", plan.zero_points)  # the costs it was allocated under
     plan.meta["avg_bits"] = plan.avg_bits(budget.shapes)
     if act is not None:  # MAC-weighted average activation bits (budget.ActBitsBudget)
         plan.meta["avg_act_bits"] = act.average(np.asarray(res.choice_index))

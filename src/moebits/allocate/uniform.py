@@ -29,13 +29,15 @@ def solve(loss: np.ndarray, cost: np.ndarray, budget: float) -> AllocationResult
     return AllocationResult(idx, float(col_loss[j]), float(col_cost[j]), budget, "uniform", info={"column": j})
 
 
-def explain(cost: np.ndarray, budget: float, choices, column: int, shapes, describe=None) -> str:
+def explain(cost: np.ndarray, budget: float, choices, column: int, shapes, describe=None,
+            zero_points: str = "packed") -> str:
     """One line saying which uniform setting a budget bought, why, and what the next one would cost.
 
     `cost [U, C]` in the budget's unit, `choices` the columns, `column` the chosen one, `shapes` the
     `(out, in)` of each unit (rows of `cost`). Users expect `--bits 3.25` to mean "3-bit g128"; when
-    rows are narrower than (or not a multiple of) the group, a group pays its full 32 bits of
-    metadata and the same codes cost more, which silently drops uniform to a narrower width.
+    rows are narrower than (or not a multiple of) the group, a group pays its full metadata (a 16-bit
+    scale and a zero stored as `zero_points` says) and the same codes cost more, which silently drops
+    uniform to a narrower width.
     """
     fmt = describe or (lambda c: f"{c:.6g}")
     col_cost = cost.sum(axis=0)
@@ -49,9 +51,10 @@ def explain(cost: np.ndarray, budget: float, choices, column: int, shapes, descr
     if not chosen.is_fp and chosen.group_size > 0:
         odd = [s for s in shapes if s[1] % chosen.group_size]
         if odd:
-            worst = max(odd, key=lambda s: chosen.bits_per_weight(*s))
+            worst = max(odd, key=lambda s: chosen.bits_per_weight(*s, zero_points))
             line += (f". {len(odd)} of {len(shapes)} units have rows not a multiple of the group size "
                      f"(e.g. {worst[1]} wide at g{chosen.group_size}), so there {chosen.bits}-bit codes cost "
-                     f"{chosen.bits_per_weight(*worst):.3f} bits per weight instead of {chosen.nominal_bits():g}; "
+                     f"{chosen.bits_per_weight(*worst, zero_points):.3f} bits per weight instead of "
+                     f"{chosen.nominal_bits(zero_points):g}; "
                      f"use --wbits {chosen.bits + 1} for {chosen.bits + 1}-bit codes whatever the storage")
     return line

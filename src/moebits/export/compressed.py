@@ -65,7 +65,7 @@ class UnitCodes(Protocol):  # what a quantizer stores for one unit (moebits.quan
 class ExportReport:
     out_dir: Path
     plan_avg_bits: float
-    export_avg_bits: float  # counted as moebits counts a plan (16-bit scale and zero per group)
+    export_avg_bits: float  # counted as moebits counts a plan (16-bit scale, zero as the plan stores it)
     promoted_units: int  # units stored wider than planned (--envelope)
     schemes: dict[str, dict] = field(default_factory=dict)  # config group -> {bits, group_size, targets}
     unit_bytes: int = 0  # bytes of the exported units' tensors as written

@@ -147,10 +147,11 @@ def envelope(plan: Plan) -> dict[Unit, Promotion]:
 
 def effective_bits(plan: Plan, promotions: dict[Unit, Promotion], shapes: dict[Unit, tuple[int, int]]) -> float:
     """Average storage bits per weight of the exported units, counted as moebits counts a plan (codes +
-    a 16-bit scale and a 16-bit zero per group; dense units 16), so it compares with `plan.avg_bits`."""
+    a 16-bit scale and a zero per group stored as the plan's `zero_points`; dense units 16), so it
+    compares with `plan.avg_bits`."""
     total = n = 0
     for u, p in promotions.items():
         out_f, in_f = shapes[u]
-        total += replace(plan.choice(u), bits=p.bits).storage_bits(out_f, in_f)
+        total += replace(plan.choice(u), bits=p.bits).storage_bits(out_f, in_f, plan.zero_points)
         n += out_f * in_f
     return total / n

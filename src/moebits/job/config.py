@@ -29,7 +29,7 @@ import numpy as np
 from ..allocate import combine_groups, expert_level, layer_uniform, tie_gate_up
 from ..allocate.groups import vllm_servable
 from ..budget import Budget, budget_request
-from ..units import Choice, Unit
+from ..units import ZERO_POINTS, Choice, Unit
 
 GRANULARITIES = ("linear", "expert", "layer")
 SAVE_FORMATS = ("packed", "dequantized")
@@ -150,6 +150,9 @@ class BudgetOptions:
                                    "latencies measured on this machine, FRI-interpolated)")
     batch_tokens: int = option(4096, "tokens per forward for the latency model")
     group_size: int = option(128, "weights per quantization group (one scale and zero each)")
+    zero_points: str = option("packed", "how zero points are stored and charged: packed (rtn/gptq integer zeros at "
+                                        "the code width, as GPTQ/AWQ/compressed-tensors store them; HQQ's real-valued "
+                                        "ones in fp16) | fp16 (every zero in 16 bits: the papers' W3.25 = 3-bit g128)")
     candidate_bits: tuple[int, ...] = option((2, 3, 4, 8), "bit-widths the allocator may choose",
                                              parse=int_list("--candidate-bits"), cli_default="2,3,4,8")
     act_order: bool = option(False, "GPTQ: quantize columns by decreasing Hessian diagonal")
@@ -164,6 +167,7 @@ class BudgetOptions:
 
     def __post_init__(self):
         _choose("--target", self.target, TARGETS)
+        _choose("--zero-points", self.zero_points, ZERO_POINTS)
         for name in ("group_size", "batch_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -529,11 +533,14 @@ def _default(name: str):
 
 
 # -- old run directories: the one place that knows earlier versions of run.json -----------------------
-SPEC_VERSION = 2
+SPEC_VERSION = 3
 # version 1 (run.json without "version", moebits up to issue 23): every option but the output ones, and
 # options added later omitted at their defaults -- i.e. a subset of version 2's options, with no option
 # whose meaning or default has changed since. So version 1 reads as version 2 as it is.
-_UPGRADES: dict[int, Callable[[dict], dict]] = {1: lambda spec: spec}
+# version 2 -> 3 (issue 25): `zero_points` appeared with the default "packed" (integer zeros stored and
+# charged at the code width); every earlier run stored and charged fp16 zeros, so it reads as "fp16".
+_UPGRADES: dict[int, Callable[[dict], dict]] = {1: lambda spec: spec,
+                                                2: lambda spec: {"zero_points": "fp16", **spec}}
 
 
 class SpecVersionError(ValueError):
@@ -651,7 +658,7 @@ def make_budget(cfg: QuantizeConfig, units: list[Unit], shapes: dict, choices: l
                 freq: np.ndarray | None) -> Budget:
     kind, value = cfg.budget_request()
     budget = Budget.build(kind, value, units, shapes, choices, freq, gpu=cfg.gpu, batch_tokens=cfg.batch_tokens,
-                          latency_model=cfg.cost, seed=cfg.seed, device=cfg.device)
+                          latency_model=cfg.cost, seed=cfg.seed, device=cfg.device, zero_points=cfg.zero_points)
     act = cfg.act_budget()
     if act is not None and freq is not None:  # the MAC weights need routed frequencies (budget.ActBitsBudget)
         budget.with_act_bits(act, choices, freq)

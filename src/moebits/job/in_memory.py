@@ -234,7 +234,8 @@ class Pipeline:
         if cfg.budget_request()[0] == "wbits":  # no budget: the user fixed the code width
             choice = Choice(cfg.wbits, cfg.group_size, cfg.quantizer, act_bits=cfg.abits or 16)
             plan = Plan.uniform(self.units, self.shapes, choice, {**meta, "solver": "wbits",
-                                                                  "budget": {"wbits": cfg.wbits}})
+                                                                  "budget": {"wbits": cfg.wbits}},
+                                zero_points=cfg.zero_points)
             plan.meta["avg_bits"] = plan.avg_bits(self.shapes)
             self.results["allocate_seconds"] = 0.0
             self._note(f"--wbits {cfg.wbits}: {choice.label} for every unit, {plan.meta['avg_bits']:.4f} average "
@@ -250,7 +251,7 @@ class Pipeline:
 
                 column = choices.index(plan.choice(self.units[0]))
                 plan.meta["note"] = explain(budget.cost, budget.total, choices, column,
-                                            [self.shapes[u] for u in self.units], budget.describe)
+                                            [self.shapes[u] for u in self.units], budget.describe, budget.zero_points)
                 self._note(plan.meta["note"])
         if cfg.target == "vllm":  # --- serving target (issue 9): the plan must be servable
             from ..export.vllm_rules import vllm_problems
@@ -268,6 +269,11 @@ class Pipeline:
         from ..plan import check_loaded_plan
 
         plan = Plan.load(plan_p)
+        if plan.zero_points != self.cfg.zero_points:
+            from ..plan import PlanError
+
+            raise PlanError(f"{plan_p}: the plan stores zero points as {plan.zero_points!r}, this run as "
+                            f"{self.cfg.zero_points!r}; delete {plan_p} to allocate again (or restore it)")
         if self.cfg.budget_request()[0] == "wbits":
             wb = Choice(self.cfg.wbits, self.cfg.group_size, self.cfg.quantizer, act_bits=self.cfg.abits or 16)
             check_loaded_plan(plan, plan_p, self.units, [wb])
@@ -382,14 +388,14 @@ class Pipeline:
         self.evaluate("ppl_q")
         sizes = self.save(plan)
         unit_bits = plan.storage_bits(self.shapes)
-        attn_size = attention_size(self.adapter, attn)
+        attn_size = attention_size(self.adapter, attn, plan.zero_points)
         params = sum(p.numel() for p in self.model.parameters())
         other = params - sum(a * b for a, b in self.shapes.values()) - attn_size.params
         model_bits = unit_bits + attn_size.storage_bits + 16 * other  # routers, norms, embeddings, biases: 16-bit
         self.results.update({
             "method": cfg.method, "quantizer": cfg.quantizer, "solver": plan.meta.get("solver"),
             "model": cfg.model, "budget": plan.meta.get("budget"),
-            "avg_bits": plan.avg_bits(self.shapes), "weight_bytes": unit_bits / 8,
+            "avg_bits": plan.avg_bits(self.shapes), "weight_bytes": unit_bits / 8, "zero_points": plan.zero_points,
             # bytes of the packed checkpoint: every tensor, and the units' codes/scales/zeros/fp16 rows
             "model_bytes": sizes["model_bytes"], "expert_bytes": sizes["expert_bytes"],
             "model_format": (cfg.save_format if cfg.save_model else None),

@@ -2,7 +2,8 @@
 experts module, sharing the stored tensors (no copy).
 
 The packed format already stores what the kernel reads: per fused tensor (`gate_up`, `down`) and per
-(bits, group size) set, one rectangular codes / scale / zero stack (or fp16 rows), a unit's rows
+(bits, group size, zero storage) set, one rectangular codes / scale stack with fp16 zeros or one packed
+zero bitstream (or fp16 rows), a unit's rows
 contiguous. A unit becomes a `Segment`: gate rows write output columns `[0, I)` of `gate_up`, up rows
 `[I, 2I)`; its compensator, if any, a `LowRank` over the same columns (views of the stored `r{rank}`
 stacks).
@@ -33,7 +34,7 @@ def module_grouped_weights(spec: ModuleSpec, units: dict[str, UnitEntry],
                 sets[name] = WeightSet(FP16_BITS, 0, get(f"{tname}.{name}.weight"))
             else:
                 sets[name] = WeightSet(s.bits, s.group_size, get(f"{tname}.{name}.codes"),
-                                       get(f"{tname}.{name}.scale"), get(f"{tname}.{name}.zero"))
+                                       get(f"{tname}.{name}.scale"), get(f"{tname}.{name}.zero"), s.zero_bits)
         segments, lowrank = [], []
         for uname, e in units.items():
             if e.tensor != tname:

@@ -3,9 +3,11 @@
 Layout (the moebits packed format): the codes of one output row of `K` input values at `b` bits are
 one little-endian bitstream, value `j` in bits `[j*b, (j+1)*b)` counted LSB-first within each byte,
 `ceil(K*b/8)` bytes per row. Rows of one fused tensor (e.g. `gate_up_proj [E, 2I, H]`) are grouped into
-*sets*, one per (bits, group size) as the packed format stores them: per set one rectangular
-`codes [rows, ceil(K*b/8)]` uint8 tensor and fp16 `scales`, `zeros` `[rows, G]` with
-`G = ceil(K / group_size)`; dequantized = `(q - zero) * scale`. A set at 16 bits holds fp16 rows
+*sets*, one per (bits, group size, zero storage) as the packed format stores them: per set one
+rectangular `codes [rows, ceil(K*b/8)]` uint8 tensor, fp16 `scales [rows, G]` with
+`G = ceil(K / group_size)`, and zeros either fp16 `[rows, G]` (`zero_bits` 16) or, for integer zeros
+stored at the code width (`zero_bits` = b, format 2), one uint8 bitstream `[ceil(rows*G*b/8)]` holding
+the zero of (row r, group g) at bit offset `(r*G + g)*b` (quant/pack.py); dequantized = `(q - zero) * scale`. A set at 16 bits holds fp16 rows
 `[rows, K]` in `codes` and no scales or zeros.
 
 A `Segment` says where a run of one expert's output rows lives: in set `set` at rows
@@ -33,11 +35,25 @@ class WeightSet:
     group_size: int  # <= 0: one group per row (unused at 16 bits)
     codes: torch.Tensor  # uint8 [rows, ceil(K*bits/8)], or fp16 [rows, K] at 16 bits
     scales: torch.Tensor | None = None  # fp16 [rows, G]
-    zeros: torch.Tensor | None = None  # fp16 [rows, G]
+    zeros: torch.Tensor | None = None  # fp16 [rows, G], or uint8 [ceil(rows*G*zero_bits/8)] when zero_bits < 16
+    zero_bits: int = FP16_BITS  # 16: fp16 zeros; = bits: integer zeros packed into one bitstream
 
     @property
     def rows(self) -> int:
         return self.codes.shape[0]
+
+    @property
+    def packed_zeros(self) -> bool:
+        return self.bits != FP16_BITS and self.zero_bits != FP16_BITS
+
+    def zero_values(self, in_features: int, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """float32 zeros `[len(rows), G]` of `rows` (all when None)."""
+        if not self.packed_zeros:
+            z = self.zeros if rows is None else self.zeros[rows]
+            return z.float()
+        from ..quant.pack import unpack_zero_stream
+
+        return unpack_zero_stream(self.zeros, self.zero_bits, self.groups(in_features), rows, total_rows=self.rows)
 
     def groups(self, in_features: int) -> int:
         return 1 if self.group_size <= 0 else math.ceil(in_features / self.group_size)
@@ -51,7 +67,7 @@ class WeightSet:
 
     def to(self, device) -> "WeightSet":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return WeightSet(self.bits, self.group_size, mv(self.codes), mv(self.scales), mv(self.zeros))
+        return WeightSet(self.bits, self.group_size, mv(self.codes), mv(self.scales), mv(self.zeros), self.zero_bits)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros) if t is not None)
@@ -113,9 +129,13 @@ class PackedGroupedWeight:
             if s.codes.dtype != torch.uint8 or s.codes.dim() != 2 or s.codes.shape[1] != s.row_stride(K):
                 raise ValueError(f"set {key!r}: codes at {s.bits} bits must be uint8 [rows, {s.row_stride(K)}] for "
                                  f"K={K}, got {s.codes.dtype} {tuple(s.codes.shape)}")
-            for name, t in (("scales", s.scales), ("zeros", s.zeros)):
-                if t is None or t.shape != (s.rows, s.groups(K)):
-                    raise ValueError(f"set {key!r}: {name} must have shape ({s.rows}, {s.groups(K)}), "
+            want_zeros = (-(-s.rows * s.groups(K) * s.zero_bits // 8),) if s.packed_zeros else (s.rows, s.groups(K))
+            if s.packed_zeros and (s.zero_bits != s.bits or s.zeros is None or s.zeros.dtype != torch.uint8):
+                raise ValueError(f"set {key!r}: packed zeros must be a uint8 bitstream at the code width {s.bits}, "
+                                 f"got zero_bits {s.zero_bits}, {None if s.zeros is None else s.zeros.dtype}")
+            for name, t, want in (("scales", s.scales, (s.rows, s.groups(K))), ("zeros", s.zeros, want_zeros)):
+                if t is None or tuple(t.shape) != want:
+                    raise ValueError(f"set {key!r}: {name} must have shape {want}, "
                                      f"got {None if t is None else tuple(t.shape)}")
         covered = torch.zeros(self.num_experts, self.out_features, dtype=torch.int32)
         for seg in self.segments:
@@ -187,7 +207,7 @@ def dequantize_expert(weight: PackedGroupedWeight, expert: int, dtype=torch.floa
             continue
         q = unpack_codes(s.codes[rows], s.bits, K).float()
         gi = torch.arange(K, device=q.device) // s.effective_group_size(K)
-        out[seg.col0:seg.col0 + seg.rows] = (q - s.zeros[rows].float()[:, gi]) * s.scales[rows].float()[:, gi]
+        out[seg.col0:seg.col0 + seg.rows] = (q - s.zero_values(K, rows)[:, gi]) * s.scales[rows].float()[:, gi]
     if lowrank:
         for c in weight.lowrank:
             if c.expert == expert:

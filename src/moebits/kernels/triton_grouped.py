@@ -3,8 +3,10 @@
     y[i, col0 + n] = sum_k x[i, k] * ((q[row0 + n, k] - zero) * scale)    for the tokens i routed to e
 
 Tokens are sorted by expert (`sort_by_expert`), so expert `e` owns rows `[start[e], start[e] + count[e])`
-of `x` and `y`. One launch per set (bits, group size) present in the weight (the bit-width is a
-compile-time constant, so the unpacking is specialised; 16 bits reads fp16 rows); its grid is (output
+of `x` and `y`. One launch per set (bits, group size, zero storage) present in the weight (the bit-width and the
+zero width are compile-time constants, so the unpacking is specialised; 16 bits reads fp16 rows; a set
+with packed integer zeros reads the zero of (row, group) from the set's bitstream at bit offset
+`(row*G + g)*ZERO_BITS` with the same 16-bit window as the codes); its grid is (output
 tiles of every segment in that set) x (token tiles). A program whose expert received fewer tokens than
 its tile's first row does nothing, so at decode only the routed experts' codes are read from memory.
 Codes are unpacked and dequantized in registers, in fp32, rounded to the activation dtype and fed to
@@ -30,9 +32,9 @@ from .packed_weight import FP16_BITS, PackedGroupedWeight
 @triton.jit
 def _packed_grouped_matmul(
     x_ptr, y_ptr, codes_ptr, scales_ptr, zeros_ptr, tile_seg_ptr, tile_n0_ptr, tok_start_ptr, tok_count_ptr,
-    K, row_stride, G, group_size, ldx, ldy, plane_stride, alt_col,
+    K, row_stride, G, group_size, ldx, ldy, plane_stride, alt_col, zero_nbytes,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, GROUP_ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GROUP_ALIGNED: tl.constexpr, ZERO_BITS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -74,12 +76,24 @@ def _packed_grouped_matmul(
                 q = (word >> shift[None, :]) & ((1 << BITS) - 1)
                 if GROUP_ALIGNED:  # the K block lies in one group: one scale and zero per row
                     meta = rows * G + k0 // group_size
-                    scale = tl.load(scales_ptr + meta, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-                    zero = tl.load(zeros_ptr + meta, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+                    meta_mask = mask_n
                 else:
                     meta = rows[:, None] * G + (offs_k // group_size)[None, :]
-                    scale = tl.load(scales_ptr + meta, mask=w_mask, other=0.0).to(tl.float32)
-                    zero = tl.load(zeros_ptr + meta, mask=w_mask, other=0.0).to(tl.float32)
+                    meta_mask = w_mask
+                scale = tl.load(scales_ptr + meta, mask=meta_mask, other=0.0).to(tl.float32)
+                if ZERO_BITS == 16:  # fp16 zeros [rows, G]
+                    zero = tl.load(zeros_ptr + meta, mask=meta_mask, other=0.0).to(tl.float32)
+                else:  # integer zeros: value (row*G + g) of the set's bitstream, read as the codes are
+                    zpos = meta * ZERO_BITS
+                    zbyte = zpos >> 3
+                    zword = tl.load(zeros_ptr + zbyte, mask=meta_mask, other=0).to(tl.int32)
+                    if 8 % ZERO_BITS != 0:
+                        zword = zword | (tl.load(zeros_ptr + zbyte + 1, mask=meta_mask & ((zbyte + 1) < zero_nbytes),
+                                                 other=0).to(tl.int32) << 8)
+                    zero = ((zword >> (zpos & 7).to(tl.int32)) & ((1 << ZERO_BITS) - 1)).to(tl.float32)
+                if GROUP_ALIGNED:
+                    scale = scale[:, None]
+                    zero = zero[:, None]
                 w = ((q.to(tl.float32) - zero) * scale).to(x.dtype)  # [BLOCK_N, BLOCK_K]
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
         y_ptrs = y_ptr + tok[:, None] * ldy + (col0 + offs_n)[None, :]
@@ -148,8 +162,8 @@ def packed_grouped_matmul(x_sorted: torch.Tensor, weight: PackedGroupedWeight, t
             x_sorted, y, s.codes, s.scales if quantized else s.codes, s.zeros if quantized else s.codes,
             tile_seg, tile_n0, tok_start, tok_count, weight.in_features, s.row_stride(weight.in_features),
             s.groups(weight.in_features), group, x_sorted.stride(-2), y.stride(0), plane_stride,
-            weight.out_features if alt_col is None else alt_col,
+            weight.out_features if alt_col is None else alt_col, s.zeros.numel() if quantized else 0,
             BITS=s.bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION=precision,
-            GROUP_ALIGNED=group % block_k == 0,
+            GROUP_ALIGNED=group % block_k == 0, ZERO_BITS=s.zero_bits if quantized else 16,
         )
     return y

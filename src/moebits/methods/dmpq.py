@@ -50,13 +50,13 @@ def rl_solver_options(ctx: Context, table: "SensitivityTable", budget: "Budget")
     if budget.kind == "latency":
         lat = budget.cost
     else:
-        lat = costs.latency_matrix(shapes, freq, choices, cfg.gpu, cfg.batch_tokens)
+        lat = costs.latency_matrix(shapes, freq, choices, cfg.gpu, cfg.batch_tokens, zero_points=cfg.zero_points)
         if cfg.cost == "latency-fri":
             from ..latency import latency_fri_matrix
 
             lat = latency_fri_matrix(shapes, freq, choices, cfg.batch_tokens, seed=cfg.seed, device=cfg.device)[0]
-    objectives = {"lat": lat, "mem": costs.storage_matrix(shapes, choices) / costs.BITS_PER_BYTE,
-                  "eng": energy_matrix(shapes, freq, choices, cfg.batch_tokens, cfg.energy)}
+    objectives = {"lat": lat, "mem": costs.storage_matrix(shapes, choices, cfg.zero_points) / costs.BITS_PER_BYTE,
+                  "eng": energy_matrix(shapes, freq, choices, cfg.batch_tokens, cfg.energy, cfg.zero_points)}
     contribution = ctx.timed("contribution_seconds", lambda: gradient_contribution(ctx.adapter, ctx.windows))
     scorer = None
     groups = ctx.groups

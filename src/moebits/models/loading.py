@@ -96,6 +96,18 @@ def check_weight_files(directory: str | Path) -> None:
                                  "truncated or damaged; download or copy it again") from None
 
 
+def _cast_as_loaded(model, dtype: torch.dtype):
+    """`model.to(dtype)` as `from_pretrained(dtype=...)` leaves it: non-persistent float buffers (rotary
+    `inv_freq`) stay float32, so a tiny model in bf16 computes what its saved checkpoint computes when loaded."""
+    keep = {n: b for n, b in model.named_buffers() if b.is_floating_point()
+            and n.rsplit(".", 1)[-1] in model.get_submodule(n.rpartition(".")[0])._non_persistent_buffers_set}
+    model = model.to(dtype)
+    for n, b in keep.items():
+        mod, _, attr = n.rpartition(".")
+        setattr(model.get_submodule(mod), attr, b)
+    return model
+
+
 def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str = "cpu", trust_remote_code: bool = False,
                seed: int = 0, allow_packed: bool = False):
     """Returns (model, tokenizer, adapter). `spec`: "demo", "tiny:<arch>", a local path, or a hub name.
@@ -108,7 +120,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str = "cpu"
 
     torch_dtype = resolve_dtype(dtype, device)
     if spec.startswith("tiny:"):
-        model, tok = tiny_model(spec.split(":", 1)[1], seed=seed).to(torch_dtype), byte_tokenizer()
+        model, tok = _cast_as_loaded(tiny_model(spec.split(":", 1)[1], seed=seed), torch_dtype), byte_tokenizer()
         return model.to(device), tok, MoEAdapter(model)
     if spec == "demo":
         from ..demo import CHECKPOINT_DIR

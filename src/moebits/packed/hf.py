@@ -7,7 +7,7 @@ then fills every parameter and buffer by name from the safetensors file. Before 
 quantizer reads the index from the file's metadata and swaps each fused experts module (and each
 shared-expert linear) for its packed module, whose buffers carry exactly the stored names, shapes
 and dtypes; the loader keeps a buffer's own dtype when it differs from the model's, so codes stay
-uint8 and scales/zeros fp16. After the fill, the unit tensors' checksums are verified.
+uint8, scales fp16, and zeros fp16 or (format 2, integer zeros) one uint8 bitstream per set. After the fill, the unit tensors' checksums are verified.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .io import QUANT_METHOD, PackedFormatError, read_index, verify_checksums
-from .layout import FORMAT_VERSION, PackedIndex
+from .layout import FORMAT_VERSION, READABLE_VERSIONS, PackedIndex
 from .modules import PackedExperts, PackedLinear
 
 
@@ -28,9 +28,10 @@ class MoebitsConfig(QuantizationConfigMixin):
     """`quantization_config` of a packed moebits checkpoint (config.json)."""
 
     def __init__(self, format_version: int = FORMAT_VERSION, **kwargs):
-        if format_version != FORMAT_VERSION:
+        if format_version not in READABLE_VERSIONS:
             raise PackedFormatError(f"config.json: quantization_config has moebits format_version {format_version!r}, "
-                                    f"which this moebits does not know (it reads {FORMAT_VERSION}); upgrade moebits")
+                                    f"which this moebits does not know (it reads versions "
+                                    f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade moebits")
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         kwargs.pop("quant_method", None)

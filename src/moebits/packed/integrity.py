@@ -108,6 +108,8 @@ def check_sizes(index, shapes: dict[str, tuple], f: Path) -> None:
             for s, ss in spec.sets.items():
                 if not all(isinstance(x, int) and x >= 0 for x in (ss.bits, ss.group_size, ss.rows)):
                     bad(f"{prefix}.{t}.{s} has a size that is not a non-negative integer")
+                if ss.zero_bits not in (16, ss.bits):
+                    bad(f"{prefix}.{t}.{s} stores zeros at {ss.zero_bits!r} bits (16, or its {ss.bits}-bit code width)")
         rows = {t: sum(ss.rows for ss in spec.sets.values()) for t, spec in m.tensors.items()}
         if m.type == "experts":
             gu, dn = m.tensors.get("gate_up"), m.tensors.get("down")

@@ -1,6 +1,6 @@
 """Write and read a moebits packed checkpoint directory:
 
-    DIR/config.json          the model's config + quantization_config {"quant_method": "moebits", "format_version": 1, ...}
+    DIR/config.json          the model's config + quantization_config {"quant_method": "moebits", "format_version": 2, ...}
     DIR/model.safetensors    packed units + every other tensor as in the original checkpoint;
                              its metadata holds the index (JSON under the key "moebits", see layout.py)
     DIR/plan.json            the plan the model was quantized by
@@ -14,7 +14,7 @@ that holds it exactly (a model trained and saved in fp16 but run in fp32 goes ba
 random fp32 model stays fp32), so loading reproduces the in-memory model bit for bit.
 
 Damage is refused with an error naming the file: a truncated or corrupted header (safetensors
-checks that the header covers the file exactly), an unknown format_version, an index entry or a
+checks that the header covers the file exactly), an unknown format_version (1 and 2 are read), an index entry or a
 tensor missing, a shape that disagrees with the index, or a unit tensor whose crc32 differs from
 the one recorded at write time (checked after loading, on the resident bytes).
 """
@@ -31,11 +31,11 @@ import torch
 
 from ..models.adapter import MoEAdapter
 from ..plan import Plan
-from ..quant.pack import pack_codes, packed_bytes
+from ..quant.pack import pack_codes, pack_zero_stream, packed_bytes
 from ..quant.qweight import QuantizedWeight
-from ..units import FP_BITS, KINDS, SHARED, Unit
-from .layout import (EXPERT_TENSORS, FORMAT_VERSION, LINEAR_TENSOR, ModuleSpec, PackedIndex, SetSpec, TensorSpec,
-                     UnitEntry, lowrank_name, set_name)
+from ..units import FP_BITS, KINDS, SHARED, Choice, Unit
+from .layout import (EXPERT_TENSORS, FORMAT_VERSION, LINEAR_TENSOR, READABLE_VERSIONS, ModuleSpec, PackedIndex,
+                     SetSpec, TensorSpec, UnitEntry, lowrank_name, set_name, zero_stream_bytes)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_KEY = "moebits"
@@ -59,12 +59,15 @@ class _TensorBuilder:
         self.parts: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         self.factors: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
 
-    def add(self, qw: QuantizedWeight, quantizer: str, module: str, tensor: str) -> UnitEntry:
+    def add(self, qw: QuantizedWeight, quantizer: str, module: str, tensor: str,
+            zero_points: str = "packed") -> UnitEntry:
         rows, k = qw.shape[-2:]
         if k != self.spec.in_features:
             raise ValueError(f"{module}.{tensor}: a unit has {k} input columns, expected {self.spec.in_features}")
-        name = set_name(qw.bits, qw.group_size)
-        spec = self.spec.sets.setdefault(name, SetSpec(qw.bits, max(qw.group_size, 0) if qw.bits != FP_BITS else 0, 0))
+        zero_bits = Choice(qw.bits, qw.group_size, quantizer).zero_bits(zero_points)
+        name = set_name(qw.bits, qw.group_size, zero_bits)
+        spec = self.spec.sets.setdefault(name, SetSpec(qw.bits, max(qw.group_size, 0) if qw.bits != FP_BITS else 0, 0,
+                                                       zero_bits if qw.bits != FP_BITS else FP_BITS))
         entry = UnitEntry(module, tensor, name, spec.rows, rows, quantizer)
         spec.rows += rows
         if qw.bits == FP_BITS:
@@ -72,7 +75,15 @@ class _TensorBuilder:
         else:
             self.parts[name]["codes"].append(pack_codes(qw.codes, qw.bits))
             self.parts[name]["scale"].append(qw.scale.to(torch.float16))
-            self.parts[name]["zero"].append(qw.zero.to(torch.float16))
+            if spec.packed_zeros:  # integer codes: checked here, packed into the set's one bitstream in tensors()
+                z = qw.zero.float()
+                if not torch.equal(z, z.round()) or float(z.min()) < 0 or float(z.max()) > 2 ** qw.bits - 1:
+                    raise ValueError(f"{module}.{tensor}: a {quantizer} unit has zero points that are not integers in "
+                                     f"0..{2 ** qw.bits - 1}, so they cannot be stored packed; save with "
+                                     "zero_points='fp16'")
+                self.parts[name]["zero"].append(z.to(torch.uint8))
+            else:
+                self.parts[name]["zero"].append(qw.zero.to(torch.float16))
         if qw.rank:
             lname = lowrank_name(qw.rank)
             lr = self.spec.lowrank.setdefault(lname, {"rank": qw.rank, "out": rows, "count": 0})
@@ -86,6 +97,9 @@ class _TensorBuilder:
 
     def tensors(self, base: str) -> dict[str, torch.Tensor]:
         out = {f"{base}.{s}.{what}": torch.cat(parts) for s, d in self.parts.items() for what, parts in d.items()}
+        for s, spec in self.spec.sets.items():
+            if spec.packed_zeros:
+                out[f"{base}.{s}.zero"] = pack_zero_stream(out[f"{base}.{s}.zero"], spec.zero_bits)
         out.update({f"{base}.{r}.{what}": torch.stack(parts) for r, d in self.factors.items() for what, parts in d.items()})
         return out
 
@@ -101,13 +115,34 @@ def _narrowest_exact(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def unit_bytes(choice, out_features: int, in_features: int) -> int:
-    """Bytes a unit takes in the packed format (rows padded to whole bytes, fp16 scale + zero per group)."""
+def unit_bytes(choice, out_features: int, in_features: int, zero_points: str = "packed") -> int:
+    """Bytes a unit takes in the packed format (rows padded to whole bytes, an fp16 scale per group, and
+    an fp16 zero per group where its zeros are stored in fp16). Packed integer zeros are not counted here:
+    they belong to their set's one bitstream (`packed_sizes` counts it)."""
     if choice.bits == FP_BITS:
         n = 2 * out_features * in_features
     else:
-        n = out_features * (packed_bytes(in_features, choice.bits) + 4 * choice.groups_per_row(in_features))
+        zero = 2 if choice.zero_bits(zero_points) == FP_BITS else 0
+        n = out_features * (packed_bytes(in_features, choice.bits) + (2 + zero) * choice.groups_per_row(in_features))
     return n + 2 * choice.rank * (out_features + in_features)
+
+
+def _zero_stream_bytes(adapter: MoEAdapter, plan: Plan) -> int:
+    """Bytes of every packed zero bitstream the writer makes for `plan`: per fused tensor (or shared
+    linear) and per set, the rows' zeros at the code width, rounded up to whole bytes once per set."""
+    shapes = adapter.shapes()
+    sets: dict[tuple, list] = defaultdict(lambda: [0, 0])  # (module key, tensor, set) -> [values, bits]
+    for u in adapter.units():
+        c = plan.choice(u)
+        zb = c.zero_bits(plan.zero_points)
+        if c.is_fp or zb == FP_BITS:
+            continue
+        out_f, in_f = shapes[u]
+        tensor = (u.layer, "shared", u.kind) if u.is_shared else (u.layer, "gate_up" if u.kind != "down" else "down")
+        key = (tensor, set_name(c.bits, c.group_size, zb))
+        sets[key][0] += out_f * c.groups_per_row(in_f)
+        sets[key][1] = zb
+    return sum(zero_stream_bytes(n, 1, zb) for n, zb in sets.values())
 
 
 def _replaced_names(model, adapter: MoEAdapter, layers=None) -> set[str]:
@@ -144,7 +179,8 @@ def packed_sizes(model, adapter: MoEAdapter, plan: Plan) -> dict:
     """`model_bytes` and `expert_bytes` of the packed checkpoint of `model` quantized by `plan`,
     without writing it (equal to what `save_packed` returns)."""
     shapes = adapter.shapes()
-    expert = sum(unit_bytes(plan.choice(u), *shapes[u]) for u in adapter.units())
+    expert = sum(unit_bytes(plan.choice(u), *shapes[u], plan.zero_points) for u in adapter.units())
+    expert += _zero_stream_bytes(adapter, plan)
     other = sum(t.numel() * t.element_size() for t in _other_tensors(model, adapter).values())
     return {"model_bytes": expert + other, "expert_bytes": expert}
 
@@ -165,7 +201,7 @@ def build_layer_units(model, adapter: MoEAdapter, plan: Plan, qweights: dict[Uni
         for e in range(adapter.num_experts):
             for kind in kinds:
                 u = Unit(layer, e, kind)
-                entries[u.name] = b.add(qweights[u], plan.choice(u).quantizer, prefix, tname)
+                entries[u.name] = b.add(qweights[u], plan.choice(u).quantizer, prefix, tname, plan.zero_points)
         tspecs[tname] = b.spec
         tensors.update(b.tensors(f"{prefix}.{tname}"))
     modules[prefix] = ModuleSpec("experts", tspecs, adapter.num_experts, adapter.intermediate, adapter.hidden)
@@ -176,7 +212,7 @@ def build_layer_units(model, adapter: MoEAdapter, plan: Plan, qweights: dict[Uni
             prefix = names[id(lin)]
             u = Unit(layer, SHARED, kind)
             b = _TensorBuilder(lin.in_features)
-            entries[u.name] = b.add(qweights[u], plan.choice(u).quantizer, prefix, LINEAR_TENSOR)
+            entries[u.name] = b.add(qweights[u], plan.choice(u).quantizer, prefix, LINEAR_TENSOR, plan.zero_points)
             modules[prefix] = ModuleSpec("linear", {LINEAR_TENSOR: b.spec}, out_features=lin.out_features,
                                          bias=lin.bias is not None)
             tensors.update(b.tensors(prefix))
@@ -212,7 +248,8 @@ def packed_config(model, adapter: MoEAdapter, plan: Plan, index: PackedIndex, si
     cfg.dtype = stored_dtype
     cfg.quantization_config = {
         "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "weights": WEIGHTS_NAME,
-        "avg_bits": plan.avg_bits(adapter.shapes()), "bits_histogram": index.bits_histogram(), **sizes,
+        "avg_bits": plan.avg_bits(adapter.shapes()), "zero_points": plan.zero_points,
+        "bits_histogram": index.bits_histogram(), **sizes,
     }
     act = act_quant_config(plan)
     if act is not None:
@@ -300,9 +337,9 @@ def read_index(path: str | Path) -> PackedIndex:
     try:
         d = json.loads(meta[INDEX_KEY])
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise PackedFormatError(f"{f}: moebits packed format_version {version!r} is not known to this moebits "
-                                    f"(it reads version {FORMAT_VERSION}); upgrade moebits")
+                                    f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade moebits")
         index = PackedIndex.from_dict(d)
     except PackedFormatError:
         raise
@@ -330,7 +367,9 @@ def _expected_shapes(index: PackedIndex) -> dict[str, tuple]:
                 else:
                     g = 1 if ss.group_size <= 0 else -(-k // ss.group_size)
                     out[f"{base}.{s}.codes"] = (ss.rows, packed_bytes(k, ss.bits))
-                    out[f"{base}.{s}.scale"] = out[f"{base}.{s}.zero"] = (ss.rows, g)
+                    out[f"{base}.{s}.scale"] = (ss.rows, g)
+                    out[f"{base}.{s}.zero"] = (zero_stream_bytes(ss.rows, g, ss.zero_bits),) if ss.packed_zeros \
+                        else (ss.rows, g)
             for r, lr in spec.lowrank.items():
                 out[f"{base}.{r}.U"] = (lr["count"], lr["out"], lr["rank"])
                 out[f"{base}.{r}.V"] = (lr["count"], lr["rank"], k)
@@ -380,7 +419,7 @@ def read_units(path: str | Path) -> dict[Unit, QuantizedWeight]:
     for exporters and checks. Checksums are verified."""
     from safetensors import safe_open
 
-    from ..quant.pack import unpack_codes
+    from ..quant.pack import unpack_codes, unpack_zero_stream
 
     f = weights_file(path)
     index = read_index(f)
@@ -400,8 +439,11 @@ def read_units(path: str | Path) -> dict[Unit, QuantizedWeight]:
             qw = QuantizedWeight(ss.bits, ss.group_size, weight=tensors[f"{base}.{e.set}.weight"][rows])
         else:
             codes = unpack_codes(tensors[f"{base}.{e.set}.codes"][rows], ss.bits, spec.in_features)
-            qw = QuantizedWeight(ss.bits, ss.group_size, codes, tensors[f"{base}.{e.set}.scale"][rows],
-                                 tensors[f"{base}.{e.set}.zero"][rows])
+            scale = tensors[f"{base}.{e.set}.scale"][rows]
+            zero = tensors[f"{base}.{e.set}.zero"]
+            zero = unpack_zero_stream(zero, ss.zero_bits, scale.shape[-1], rows).half() if ss.packed_zeros \
+                else zero[rows]
+            qw = QuantizedWeight(ss.bits, ss.group_size, codes, scale, zero)
         if e.lowrank:
             qw.u, qw.v = tensors[f"{base}.{e.lowrank}.U"][e.slot], tensors[f"{base}.{e.lowrank}.V"][e.slot]
         out[Unit.parse(name)] = qw

@@ -3,7 +3,10 @@
 Per packed module (a fused experts module of one MoE layer, or one shared-expert `nn.Linear`) and
 per fused tensor (`gate_up`, `down`; `weight` for a linear), the rows of all units stored at one
 (bits, group_size) are concatenated into one rectangular *set*, named `w{bits}g{group_size}`
-(`w16` for fp16 rows; group_size 0 = per-channel). Units are appended in (expert, kind) order, so a
+(`w16` for fp16 rows; group_size 0 = per-channel), and `w{bits}g{group_size}z{bits}` for a set whose
+zero points are integer codes stored packed at the code width (format 2; `zero_bits` in its SetSpec):
+an HQQ unit (real-valued fp16 zeros) and a GPTQ unit at the same bits and group size therefore never
+share a set. Units are appended in (expert, kind) order, so a
 unit's rows are contiguous: `(set, row, rows)` locates it. BT-MoE compensators of one rank are
 stacked per tensor as a set `r{rank}` holding `U [n, out, r]` and `V [n, r, in]`; a unit refers
 to its `slot` there.
@@ -12,11 +15,16 @@ Stored tensor names (prefix = the module's name in the model, e.g. `model.layers
 
     {prefix}.{tensor}.w3g128.codes   uint8 [rows, ceil(in*3/8)]   bit-packed, see quant/pack.py
     {prefix}.{tensor}.w3g128.scale   fp16  [rows, ceil(in/128)]
-    {prefix}.{tensor}.w3g128.zero    fp16  [rows, ceil(in/128)]
+    {prefix}.{tensor}.w3g128.zero    fp16  [rows, ceil(in/128)]       real-valued zeros (zero_bits 16)
+    {prefix}.{tensor}.w3g128z3.zero  uint8 [ceil(rows*G*3/8)]         integer zeros, one bitstream per set:
+                                                                    see quant/pack.py (pack_zero_stream)
     {prefix}.{tensor}.w16.weight     fp16  [rows, in]
     {prefix}.{tensor}.r16.U / .V     fp16  [n, out, 16] / [n, 16, in]
 
 and for a shared expert's linear the same without the `.{tensor}` level.
+
+Format versions: 1 stored every zero in fp16 (no `zero_bits`; its sets read as zero_bits 16); 2 adds the
+packed-zero sets. This moebits reads both (READABLE_VERSIONS) and writes 2.
 """
 from __future__ import annotations
 
@@ -24,13 +32,21 @@ from dataclasses import asdict, dataclass, field
 
 from ..units import FP_BITS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 EXPERT_TENSORS = {"gate_up": ("gate", "up"), "down": ("down",)}  # fused tensor -> kinds, in row order
 LINEAR_TENSOR = "weight"
 
 
-def set_name(bits: int, group_size: int) -> str:
-    return "w16" if bits == FP_BITS else f"w{bits}g{max(group_size, 0)}"
+def set_name(bits: int, group_size: int, zero_bits: int = FP_BITS) -> str:
+    if bits == FP_BITS:
+        return "w16"
+    return f"w{bits}g{max(group_size, 0)}" + ("" if zero_bits == FP_BITS else f"z{zero_bits}")
+
+
+def zero_stream_bytes(rows: int, groups: int, zero_bits: int) -> int:
+    """Bytes of a set's packed zero bitstream: `rows * groups` values at `zero_bits`, rounded up once."""
+    return -(-rows * groups * zero_bits // 8)
 
 
 def lowrank_name(rank: int) -> str:
@@ -42,6 +58,11 @@ class SetSpec:
     bits: int
     group_size: int  # 0: per-channel
     rows: int
+    zero_bits: int = FP_BITS  # 16: fp16 zeros [rows, G] (format 1 always); = bits: one packed bitstream
+
+    @property
+    def packed_zeros(self) -> bool:
+        return self.bits != FP_BITS and self.zero_bits != FP_BITS
 
 
 @dataclass

@@ -25,26 +25,40 @@ import torch.nn.functional as F
 
 from ..models.transforms import experts_chain, experts_forward
 from . import kernel_path
-from ..quant.pack import packed_bytes, unpack_codes
+from ..quant.pack import packed_bytes, unpack_codes, unpack_zero_stream
 from ..quant.qweight import dequantize_codes
 from ..units import FP_BITS
-from .layout import EXPERT_TENSORS, ModuleSpec, TensorSpec, UnitEntry
+from .layout import EXPERT_TENSORS, ModuleSpec, TensorSpec, UnitEntry, zero_stream_bytes
 
 
 class PackedSet(nn.Module):
-    """The rows of one tensor stored at one (bits, group_size): codes/scale/zero, or fp16 `weight`."""
+    """The rows of one tensor stored at one (bits, group_size): codes/scale/zero, or fp16 `weight`.
+    `zero` is fp16 `[rows, G]`, or with `zero_bits` < 16 the set's packed bitstream of integer zeros."""
 
-    def __init__(self, bits: int, group_size: int, rows: int, in_features: int, device=None):
+    def __init__(self, bits: int, group_size: int, rows: int, in_features: int, device=None,
+                 zero_bits: int = FP_BITS):
         super().__init__()
-        self.bits, self.group_size, self.in_features = bits, group_size, in_features
+        self.bits, self.group_size, self.in_features, self.zero_bits = bits, group_size, in_features, zero_bits
+        self.rows = rows
         if bits == FP_BITS:
             self.register_buffer("weight", torch.empty(rows, in_features, dtype=torch.float16, device=device))
         else:
             groups = 1 if group_size <= 0 else -(-in_features // group_size)
+            self.groups = groups
             self.register_buffer("codes", torch.empty(rows, packed_bytes(in_features, bits), dtype=torch.uint8,
                                                       device=device))
             self.register_buffer("scale", torch.empty(rows, groups, dtype=torch.float16, device=device))
-            self.register_buffer("zero", torch.empty(rows, groups, dtype=torch.float16, device=device))
+            if zero_bits == FP_BITS:
+                self.register_buffer("zero", torch.empty(rows, groups, dtype=torch.float16, device=device))
+            else:
+                self.register_buffer("zero", torch.empty(zero_stream_bytes(rows, groups, zero_bits), dtype=torch.uint8,
+                                                         device=device))
+
+    def zeros(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The zero points of `rows` (all when None), `[len(rows), G]` (fp16 as stored, or float32 unpacked)."""
+        if self.zero_bits == FP_BITS:
+            return self.zero if rows is None else self.zero[rows]
+        return unpack_zero_stream(self.zero, self.zero_bits, self.groups, rows, total_rows=self.rows)
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """float32 `[len(rows), in]` (all rows when `rows` is None)."""
@@ -53,10 +67,11 @@ class PackedSet(nn.Module):
             return w.float()
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
         codes = unpack_codes(pick(self.codes), self.bits, self.in_features)
-        return dequantize_codes(codes, pick(self.scale), pick(self.zero), self.group_size)
+        return dequantize_codes(codes, pick(self.scale), self.zeros(rows), self.group_size)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, group_size={self.group_size}, in_features={self.in_features}"
+        z = "" if self.zero_bits == FP_BITS or self.bits == FP_BITS else f", zero_bits={self.zero_bits}"
+        return f"bits={self.bits}, group_size={self.group_size}, in_features={self.in_features}{z}"
 
 
 class LowRankSet(nn.Module):
@@ -76,7 +91,7 @@ class PackedTensor(nn.Module):
         self.set_names = list(spec.sets)
         self.lowrank_names = list(spec.lowrank)
         for name, s in spec.sets.items():
-            self.add_module(name, PackedSet(s.bits, s.group_size, s.rows, spec.in_features, device))
+            self.add_module(name, PackedSet(s.bits, s.group_size, s.rows, spec.in_features, device, s.zero_bits))
         for name, r in spec.lowrank.items():
             self.add_module(name, LowRankSet(r["count"], r["out"], r["rank"], spec.in_features, device))
 
@@ -232,7 +247,7 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = t.in_features, spec.out_features
         self.set_name, self.lowrank_name, self.slot = entry.set, entry.lowrank, entry.slot
         for name, s in t.sets.items():
-            self.add_module(name, PackedSet(s.bits, s.group_size, s.rows, t.in_features, device))
+            self.add_module(name, PackedSet(s.bits, s.group_size, s.rows, t.in_features, device, s.zero_bits))
         for name, r in t.lowrank.items():
             self.add_module(name, LowRankSet(r["count"], r["out"], r["rank"], t.in_features, device))
         self.bias = nn.Parameter(torch.empty(spec.out_features, device=device, dtype=bias_dtype)) if spec.bias else None
@@ -252,7 +267,7 @@ class PackedLinear(nn.Module):
         if getattr(self, "_grouped", None) is None or self._grouped[0] != key:
             s = self.get_submodule(self.set_name)
             ws = WeightSet(FP16_BITS, 0, s.weight) if s.bits == FP_BITS else \
-                WeightSet(s.bits, s.group_size, s.codes, s.scale, s.zero)
+                WeightSet(s.bits, s.group_size, s.codes, s.scale, s.zero, s.zero_bits)
             lowrank = []
             if self.lowrank_name:
                 f = self.get_submodule(self.lowrank_name)

@@ -6,9 +6,14 @@ Layout (fixed; the Triton kernel and the exporters read it):
   value j occupies bits [j*b, (j+1)*b) of the row, bits counted LSB-first within each byte and
   bytes in order. A row takes ceil(K*b/8) bytes; the unused high bits of its last byte are 0.
   Rows are stored as a uint8 tensor `[rows, ceil(K*b/8)]`; rows never share a byte.
-- Scales and zeros are fp16 `[rows, G]`, G = ceil(K / group_size) (a partial last group has its
-  own scale and zero); per-channel (group_size <= 0) means G = 1. The weight is
-  `(code - zero) * scale`, with column c in group c // group_size.
+- Scales are fp16 `[rows, G]`, G = ceil(K / group_size) (a partial last group has its own scale
+  and zero); per-channel (group_size <= 0) means G = 1. The weight is `(code - zero) * scale`, with
+  column c in group c // group_size.
+- Zeros are fp16 `[rows, G]` (real-valued, e.g. HQQ's, or format 1), or, when they are integer codes
+  (RTN, GPTQ) and stored packed, one bitstream over the whole set at the code width b: the zero of
+  (row r, group g) is value r*G + g of the set's `[rows, G]` zeros flattened row-major, in the same
+  bit layout as a row of codes (`pack_zero_stream`), ceil(rows*G*b/8) bytes in all. Rows do share
+  bytes there (a set pays its rounding once), so a unit's zeros start at bit (row0*G)*b.
 
 So at b = 4, value 2j is the low nibble of byte j and value 2j+1 its high nibble; at b = 3 value 1
 is bits 3..5 of byte 0 and value 2 straddles bytes 0 and 1 (bits 6..7 of byte 0, bit 0 of byte 1).
@@ -87,3 +92,32 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     wide = torch.cat([p, torch.zeros(p.shape[0], 1, dtype=torch.uint8, device=p.device)], dim=1).to(torch.int32)
     window = wide[:, byte] | (wide[:, byte + 1] << 8)
     return ((window >> shift) & (2 ** bits - 1)).to(torch.uint8).reshape(*lead, k)
+
+
+def pack_zero_stream(zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer zeros `[rows, G]` (any dtype holding integers in 0 .. 2^bits - 1) -> one uint8 bitstream
+    `[ceil(rows*G*bits/8)]`, value r*G + g at bits [(r*G + g)*bits, ...) (the layout of a row of codes)."""
+    _check(bits)
+    z = zero.float()
+    if z.numel() and (not torch.equal(z, z.round()) or float(z.min()) < 0 or float(z.max()) > 2 ** bits - 1):
+        raise ValueError(f"zero points are not integers in 0..{2 ** bits - 1}; they cannot be stored packed at "
+                         f"{bits} bits (store them as fp16: zero_points='fp16', or a quantizer with integer zeros)")
+    return pack_codes(z.to(torch.uint8).reshape(1, -1), bits).reshape(-1)
+
+
+def unpack_zero_stream(stream: torch.Tensor, bits: int, groups: int, rows: torch.Tensor | slice | None = None,
+                       total_rows: int | None = None) -> torch.Tensor:
+    """The zeros of `rows` (an index tensor, a slice, or None = all `total_rows`) as float32 `[len(rows), G]`,
+    read from a set's bitstream (`pack_zero_stream`). Each value is read from the 16-bit window at its
+    byte, as `unpack_codes` does; the stream is not copied."""
+    _check(bits)
+    if rows is None or isinstance(rows, slice):
+        n = total_rows if total_rows is not None else stream.numel() * 8 // (bits * groups)
+        rows = torch.arange(n, device=stream.device)[rows if rows is not None else slice(None)]
+    rows = rows.to(device=stream.device, dtype=torch.int64)
+    offset = (rows[:, None] * groups + torch.arange(groups, device=stream.device)) * bits  # [n, G] bit offsets
+    byte, shift = offset // 8, offset % 8
+    lo = stream[byte].to(torch.int32)
+    nxt = (byte + 1).clamp(max=max(stream.numel() - 1, 0))
+    hi = torch.where(byte + 1 < stream.numel(), stream[nxt].to(torch.int32), 0)
+    return (((lo | (hi << 8)) >> shift) & (2 ** bits - 1)).float()
