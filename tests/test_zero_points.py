@@ -22,7 +22,7 @@ from moebits.quant import hessian_from_inputs, quantize_codes
 from moebits.table import SensitivityTable
 from moebits.units import Choice, Unit
 
-V1_CHECKPOINT = Path(__file__).parent / "data" / "packed_v1_21ab697"
+V1_CHECKPOINT = Path(__file__).parent / "data" / "packed_v1_b26f7aa"
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 # integer-zero (rtn, gptq) and real-zero (hqq) units, 2/3/4/5/8 bits, partial groups (24), per-channel (0), fp16;
 # rtn and hqq both at w3g32 in one fused tensor: their zeros are stored differently, so in different sets
@@ -183,14 +183,36 @@ def test_non_integer_zeros_are_refused_when_packing(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_format_1_checkpoint_still_loads_with_its_logits():
-    """tests/data/packed_v1_21ab697: written by moebits 21ab697 (every zero fp16, no zero_bits)."""
+def test_format_1_checkpoint_still_loads_with_its_weights_and_logits():
+    """tests/data/packed_v1_b26f7aa: written by moebits b26f7aa (every zero fp16, no zero_bits)."""
+    import hashlib
+
+    from moebits.packed.modules import PackedExperts
+
     index = read_index(V1_CHECKPOINT / "model")
     assert index.format_version == 1
     assert all(ss.zero_bits == 16 for m in index.modules.values() for t in m.tensors.values() for ss in t.sets.values())
     assert Plan.load(V1_CHECKPOINT / "model" / "plan.json").zero_points == "fp16"
-    expected = load_file(str(V1_CHECKPOINT / "expected.safetensors"))
     model = load_quantized(V1_CHECKPOINT / "model")
-    with torch.no_grad():
-        assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+    # the dense expert weights of the in-memory quantized model that wrote it, bit for bit
+    digest = lambda t: hashlib.sha256(t.detach().float().contiguous().numpy().tobytes()).hexdigest()  # noqa: E731
+    want = json.loads((V1_CHECKPOINT / "expected_weights.json").read_text())
+    got = {}
+    for i, layer in enumerate(model.model.layers):
+        ex = layer.mlp.experts
+        assert isinstance(ex, PackedExperts)
+        gate_up, down = ex.dense_weights(torch.arange(ex.num_experts), torch.float32)
+        got[f"{i}.gate_up"], got[f"{i}.down"] = digest(gate_up), digest(down)
+        for k in ("gate", "up", "down"):
+            got[f"{i}.shared.{k}"] = digest(getattr(layer.mlp.shared_expert, f"{k}_proj").dequantize(torch.float32))
+    assert got == want
+    # and its logits (the reduction order of the fixture's: torch on 1 thread)
+    expected = load_file(str(V1_CHECKPOINT / "expected.safetensors"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(expected["ids"]).logits, expected["logits"])
+    finally:
+        torch.set_num_threads(threads)
     assert len(read_units(V1_CHECKPOINT / "model")) == len(index.units)
