@@ -291,9 +291,10 @@ def test_segment_moments_equal_the_old_moments_per_segment():
 @pytest.mark.parametrize("arch,holdout,cap", [("qwen2_moe", 0.3, None), ("mixtral", 0.0, None),
                                               ("deepseek_v2", 0.0, 20), ("olmoe", 0.2, 30)])
 def test_calibration_equals_the_old_mask_per_expert_collection(arch, holdout, cap):
-    """The routed positions grouped by one sort, the rows of all experts gathered at once and their moments
-    taken together give the rows, statistics and Hessians a mask per expert and a `_Moments.add` per expert
-    gave (the old collection below, verbatim)."""
+    """The routed positions grouped by one sort, the rows of all experts gathered at once, their down inputs
+    read off the model's forward and their moments taken together give the rows, statistics and Hessians a
+    mask per expert, `expert_intermediate` and a `_Moments.add` per expert gave (the old collection below,
+    verbatim)."""
     from moebits import calibrate as C
 
     class MaskPerExpert(C.LayerCollector):
@@ -332,15 +333,24 @@ def test_calibration_equals_the_old_mask_per_expert_collection(arch, holdout, ca
                 self.shared_mass += s.sum().item()
                 self._add_expert(C.SHARED, x, s)
 
+    read_off = []
+
+    class Recording(C.LayerCollector):
+        def add(self, b):
+            read_off.append(b.down_input is not None)
+            super().add(b)
+
     ad = MoEAdapter(tiny_model(arch))
     win = random_windows(torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2)), 6, 48)
-    new = calibrate(ad, win, progress=False, holdout=holdout, max_tokens_per_expert=cap)
     orig = C.LayerCollector
-    C.LayerCollector = MaskPerExpert
     try:
+        C.LayerCollector = Recording
+        new = calibrate(ad, win, progress=False, holdout=holdout, max_tokens_per_expert=cap)
+        C.LayerCollector = MaskPerExpert
         old = calibrate(ad, win, progress=False, holdout=holdout, max_tokens_per_expert=cap)
     finally:
         C.LayerCollector = orig
+    assert read_off and all(read_off)  # the down inputs came from the forward, not recomputed
     assert old.inputs.keys() == new.inputs.keys()
     for k, a in old.inputs.items():
         b = new.inputs[k]
@@ -370,3 +380,31 @@ def test_rtn_proxy_errors_equal_quantize_weight_bit_for_bit(shape):
         c = choices[j]
         wq = quantize_weight(w, Choice(c.bits, c.group_size, "rtn"))
         assert np.array_equal(err, torch.einsum("noi,ni->n", (wq - w) ** 2, m).double().numpy()), c.label
+
+
+def test_down_inputs_are_not_read_off_a_forward_with_input_transforms():
+    """With an online rotation installed the experts run `transforms.experts_forward`: calibration recomputes
+    the down inputs (through the transforms) and gets what the old collection got."""
+    from moebits import calibrate as C
+
+    ad = MoEAdapter(tiny_model("olmoe"))
+    l = ad.moe_layers[0]
+    qr = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(3)))[0]
+    ad.set_input_transform(Unit(l, 1, "down"), "rotate", lambda h: h @ qr)
+    seen = {}
+    orig_add = C.LayerCollector.add
+
+    def add(self, b):
+        seen.setdefault(b.layer, []).append(b.down_input is not None)
+        orig_add(self, b)
+
+    win = random_windows(torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(2)), 4, 32)
+    C.LayerCollector.add = add
+    try:
+        cal = calibrate(ad, win, progress=False)
+    finally:
+        C.LayerCollector.add = orig_add
+    assert not any(seen[l]) and all(seen[m] for m in ad.moe_layers if m != l)
+    x = cal.inputs[(l, 1)].x
+    h = ad.expert_intermediate(l, 1, x)
+    assert torch.allclose(cal.inputs[(l, 1)].h_down, h.T @ h / x.shape[0], rtol=1e-5, atol=1e-6)  # rotated inputs

@@ -92,20 +92,22 @@ def _segment_moments(a: torch.Tensor, rows: list[int]) -> list[tuple[int, list[f
     expert of every batch. Returns [(elements, [s1, s2, s3, s4, abs1], outliers)] per segment."""
     D = a.shape[1]
     flat = a.reshape(-1)
-    buf = torch.empty(5, max(rows) * D, dtype=torch.float32, device=a.device)  # a, a^2, a^3, a^4, |a|
+    buf = torch.empty(5, max(rows) * D, dtype=torch.float32, device=a.device)  # a^2, a^3, a^4, |a| (row 0 unused)
+    buf64 = torch.empty(5, max(rows) * D, dtype=torch.float64, device=a.device)  # a, a^2, a^3, a^4, |a| in float64
     out, start = [], 0
     for n in rows:
         m = n * D
-        seg, p = flat[start:start + m], buf[:, :m]
+        seg, p, p64 = flat[start:start + m], buf[:, :m], buf64[:, :m]
         start += m
-        p[0].copy_(seg)
         torch.mul(seg, seg, out=p[1])
         torch.mul(p[1], seg, out=p[2])
         torch.mul(p[1], p[1], out=p[3])
         torch.abs(seg, out=p[4])
-        sums = p.sum(dim=1, dtype=torch.float64).tolist()
+        p64[0].copy_(seg)  # float32 -> float64 is exact: what sum(dtype=float64) converts to before it adds
+        p64[1:].copy_(p[1:])
+        sums = p64.sum(dim=1).tolist()
         rms = math.sqrt(sums[1] / m) if m else 0.0
-        outliers = int((p[4] > OUTLIER_TAU * rms).sum()) if rms > 0 else 0
+        outliers = int(torch.count_nonzero(p[4] > OUTLIER_TAU * rms)) if rms > 0 else 0
         out.append((m, sums, outliers))
     return out
 
@@ -365,17 +367,21 @@ class LayerCollector:
                     self.xtx[e][k].add(a)
 
     def _add_routed(self, routed: list[int], counts: torch.Tensor, order: torch.Tensor, x: torch.Tensor,
-                    tok_of: torch.Tensor, flat_w: torch.Tensor) -> None:
+                    tok_of: torch.Tensor, flat_w: torch.Tensor, down_input: torch.Tensor | None = None) -> None:
         """`_add_expert` for every routed expert of a batch, with the same numbers: the rows of all of
         them gathered once in expert order, each expert's down inputs computed on its own rows (as
-        before), and the activation moments of all of them by `_segment_moments`."""
+        before) or, when the forward gave them (`RoutedBatch.down_input [T*k, I]`, the same numbers),
+        gathered from those, and the activation moments of all of them by `_segment_moments`."""
         rows = counts[routed].tolist()
         n_routed = int(counts.sum())
         pos = order[:n_routed].to(x.device)
         xs, ws = x[tok_of[pos]], flat_w[pos]  # [N, H] routed rows, expert by expert, in token order within each
         starts = np.concatenate([[0], np.cumsum(rows)]).tolist()
-        h_parts = [self.adapter.expert_intermediate(self.layer, e, xs[a:b]) for e, a, b in zip(routed, starts, starts[1:])]
-        hs = torch.cat(h_parts) if len(h_parts) > 1 else h_parts[0]
+        if down_input is not None:
+            hs = down_input[pos]
+        else:
+            h_parts = [self.adapter.expert_intermediate(self.layer, e, xs[a:b]) for e, a, b in zip(routed, starts, starts[1:])]
+            hs = torch.cat(h_parts) if len(h_parts) > 1 else h_parts[0]
         for k, a in (("in", xs), ("down", hs)):
             for e, (n, sums, outliers) in zip(routed, _segment_moments(a.float(), rows)):
                 self.moments[e][k].add_sums(n, sums, outliers)
@@ -409,7 +415,7 @@ class LayerCollector:
         order = torch.argsort(flat_idx, stable=True)
         routed = torch.nonzero(counts[:E]).flatten().tolist()
         if routed:
-            self._add_routed(routed, counts[:E], order, x, tok_of, flat_w)
+            self._add_routed(routed, counts[:E], order, x, tok_of, flat_w, b.down_input)
         if SHARED in self.samples:
             s = self.adapter.shared_scale(self.layer, x.to(b.hidden.dtype)).float()
             self.shared_mass += s.sum().item()
@@ -491,7 +497,7 @@ def calibrate(adapter: MoEAdapter, windows: torch.Tensor, batch_size: int = 8,
     collectors = {l: LayerCollector(adapter, l, max_tokens_per_expert, seed, hessians, holdout)
                   for l in adapter.moe_layers}
     total_tokens = 0
-    with adapter.capture_routing(lambda b: collectors[b.layer].add(b)):
+    with adapter.capture_routing(lambda b: collectors[b.layer].add(b), down_inputs=True):
         for start in tqdm(range(0, windows.shape[0], batch_size), desc="calibrate", disable=not progress, leave=False):
             batch = windows[start:start + batch_size].to(device)
             model(input_ids=batch, use_cache=False)

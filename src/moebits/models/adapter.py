@@ -51,6 +51,9 @@ class RoutedBatch:
     hidden: torch.Tensor  # [T, H] inputs of the experts (after the post-attention norm)
     top_k_index: torch.Tensor  # [T, k] chosen experts per token
     top_k_weights: torch.Tensor  # [T, k] routing weights of the chosen experts
+    # [T * k, I] the down projection's input of each routed (token, slot), as the experts module computed it
+    # (`capture_routing(down_inputs=True)` where it can be read off the forward, else None)
+    down_input: torch.Tensor | None = None
 
 
 class MoEAdapter:
@@ -272,20 +275,55 @@ class MoEAdapter:
 
     # ---- hooks -----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def capture_routing(self, callback, layers: list[int] | None = None):
-        """Call `callback(RoutedBatch)` every time a MoE layer's experts run. Read-only."""
-        handles = []
+    def capture_routing(self, callback, layers: list[int] | None = None, down_inputs: bool = False):
+        """Call `callback(RoutedBatch)` every time a MoE layer's experts run. Read-only.
+        `down_inputs`: call it after the experts ran instead, with `RoutedBatch.down_input` read off the
+        forward where the module computes exactly `expert_intermediate`'s numbers, else None: transformers'
+        grouped_mm experts in float32 without input transforms (`_down_input_readable`), on the CPU with one
+        torch thread. Why one: a row's matmul result is then the same whatever the other rows of the call
+        (checked on every architecture by tests/test_profile_speed.py), while threaded GEMMs split the rows
+        by their count and an expert's rows computed alone can differ in the last bit from the same rows
+        inside the forward's grouped call (measured: a few experts in 50 on two threads)."""
+        handles, wrapped = [], []
         for layer in layers if layers is not None else self.moe_layers:
+            ex = self.experts(layer)
+
             def pre_hook(module, args, kwargs, layer=layer):
                 names = ("hidden_states", "top_k_index", "top_k_weights")
                 vals = list(args) + [kwargs[n] for n in names[len(args):]]
-                callback(RoutedBatch(layer, vals[0].detach(), vals[1].detach(), vals[2].detach()))
-            handles.append(self.experts(layer).register_forward_pre_hook(pre_hook, with_kwargs=True))
+                b = RoutedBatch(layer, vals[0].detach(), vals[1].detach(), vals[2].detach())
+                if down_inputs:
+                    module.__dict__["_moebits_routed"], module.__dict__["_moebits_gated"] = b, []
+                else:
+                    callback(b)
+            handles.append(ex.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            if not down_inputs:
+                continue
+            if _down_input_readable(ex):
+                def apply_gate(gate_up_out, ex=ex, inner=ex._apply_gate):
+                    out = inner(gate_up_out)
+                    ex.__dict__["_moebits_gated"].append(out.detach())
+                    return out
+                ex.__dict__["_apply_gate"] = apply_gate  # an instance attribute: the class's stays untouched
+                wrapped.append(ex)
+
+            def post_hook(module, args, output):
+                b, gated = module.__dict__.pop("_moebits_routed"), module.__dict__.pop("_moebits_gated")
+                if (len(gated) == 1 and _down_input_readable(module) and b.hidden.dtype == torch.float32
+                        and b.hidden.device.type == "cpu" and torch.get_num_threads() == 1):
+                    b.down_input = _flat_order(gated[0], b.top_k_index)
+                callback(b)
+            handles.append(ex.register_forward_hook(post_hook))
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+            for ex in wrapped:
+                ex.__dict__.pop("_apply_gate", None)
+            for layer in layers if layers is not None else self.moe_layers:  # a forward stopped half-way
+                self.experts(layer).__dict__.pop("_moebits_routed", None)
+                self.experts(layer).__dict__.pop("_moebits_gated", None)
 
     @contextlib.contextmanager
     def capture_layer_inputs(self, callback, layers: list[int]):
@@ -340,3 +378,32 @@ class MoEAdapter:
             "unit_params": unit_params,
             "vocab_size": int(getattr(cfg, "vocab_size", 0)),
         }
+
+
+def _down_input_readable(ex: nn.Module) -> bool:
+    """Whether the experts module's gated output is `expert_intermediate`'s down input, row for row: transformers'
+    grouped_mm experts (tokens sorted by expert, `_apply_gate` = act(gate) * up on the concatenated gate_up
+    projection) in float32, without bias, expert parallelism or installed input transforms (those swap the
+    forward for `transforms.experts_forward`). Equality is also checked by tests (tests/test_profile_speed.py)."""
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # an older transformers: no such forward
+        return False
+    cfg = getattr(ex, "config", None)
+    return (getattr(cfg, "_experts_implementation", None) == "grouped_mm" and "forward" not in ex.__dict__
+            and not experts_chain(ex) and getattr(ex, "has_gate", False) and not getattr(ex, "has_bias", True)
+            and not getattr(ex, "is_transposed", True) and getattr(ex, "is_concatenated", False)
+            and not getattr(ex, "_is_expert_parallel", True) and type(ex)._apply_gate is _default_apply_gate
+            and getattr(ex, "gate_up_proj", None) is not None and ex.gate_up_proj.dtype == torch.float32)
+
+
+def _flat_order(gated: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor | None:
+    """`gated [S, I]` (rows in the grouped forward's order: `torch.sort` of the flat expert ids, the same call it
+    makes) back in flat (token, slot) order; None when the shapes do not match (nothing read)."""
+    ids = top_k_index.reshape(-1)
+    if gated.dim() != 2 or gated.shape[0] != ids.shape[0]:
+        return None
+    _, perm = torch.sort(ids)
+    out = torch.empty_like(gated)
+    out[perm] = gated
+    return out

@@ -86,7 +86,7 @@ def collect_layer(lazy, layer: int, batches: BatchedWindows, hidden: list[torch.
     if layer not in adapter.moe_layers:
         return None, (forward_layer(lazy, layer, batches, hidden) if keep_output else None)
     col = LayerCollector(adapter, layer, max_tokens_per_expert, seed, hessians=hessians, holdout=holdout)
-    with adapter.capture_routing(col.add, layers=[layer]):
+    with adapter.capture_routing(col.add, layers=[layer], down_inputs=True):
         out = forward_layer(lazy, layer, batches, hidden)
     return col.finish(), (out if keep_output else None)
 
