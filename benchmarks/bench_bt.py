@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from _common import write_table
+from _common import FP16_ZEROS, write_table
 from moebits import cost as costs
 from moebits.allocate import allocate, expert_level, to_plan
 from moebits.apply import apply_plan
@@ -127,7 +127,7 @@ def main():
     t_profile_linear = time.perf_counter() - t0
     freq = table.frequency
     loss = freq[:, None] * table.error  # [U, C]; an expert's three rows sum to F_i L_i(c)
-    storage = costs.storage_matrix(shape_list, choices)
+    storage = costs.storage_matrix(shape_list, choices, FP16_ZEROS)
     col = {c: j for j, c in enumerate(choices)}
 
     results: list[dict] = []

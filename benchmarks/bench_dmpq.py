@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from _common import RESULTS, write_table
+from _common import FP16_ZEROS, RESULTS, write_table
 from moebits import cost as costs
 from moebits.allocate import allocate, expert_level
 from moebits.allocate.groups import reduce_groups
@@ -102,7 +102,7 @@ def main():
     table = profile(ad, "expert", units, choices, stats, cal.inputs, table=new_table(ad, choices, stats), progress=False)
     t_profile = time.perf_counter() - t0
     loss, freq = table.loss, table.frequency
-    storage = costs.storage_matrix(shape_list, choices)
+    storage = costs.storage_matrix(shape_list, choices, FP16_ZEROS)
     objectives = {"lat": costs.latency_matrix(shape_list, freq, choices, "h100", args.batch_tokens),
                   "mem": storage / 8, "eng": energy_matrix(shape_list, freq, choices, args.batch_tokens)}
     t0 = time.perf_counter()

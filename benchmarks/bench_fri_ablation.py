@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from sklearn.compose import TransformedTargetRegressor
 from sklearn.linear_model import Ridge
 
-from _common import write_table
+from _common import FP16_ZEROS, write_table
 from bench_fri_common import THREADS_NOTE, anchor_units, heldout_metrics, load_demo, mean_std, predict
 from moebits import cost as costs
 from moebits.allocate import allocate, to_plan
@@ -132,7 +132,7 @@ def main():
         choices = table.choices
         shapes = d.adapter.shapes()
         shape_list = [shapes[u] for u in units]
-        storage = costs.storage_matrix(shape_list, choices)
+        storage = costs.storage_matrix(shape_list, choices, FP16_ZEROS)
         fmt = costs.avg_bits_formatter(shape_list)
         freq = table.frequency
         n_weights = costs.num_weights(shape_list)

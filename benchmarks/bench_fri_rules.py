@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import GroupKFold
 
-from _common import write_table
+from _common import FP16_ZEROS, write_table
 from bench_fri_ablation import Evaluator
 from bench_fri_common import THREADS_NOTE, anchor_units, heldout_metrics, load_demo, sparse
 from moebits import cost as costs
@@ -55,7 +55,7 @@ class Seed:
         units = self.table.units
         shapes = d.adapter.shapes()
         self.shape_list = [shapes[u] for u in units]
-        self.storage = costs.storage_matrix(self.shape_list, self.table.choices)
+        self.storage = costs.storage_matrix(self.shape_list, self.table.choices, FP16_ZEROS)
         self.budget = {b: costs.avg_bits_to_total_bits(b, self.shape_list) for b in budgets}
         self.opt = {b: allocate(self.table.loss, self.storage, B, solver="ilp") for b, B in self.budget.items()}
         runs = []

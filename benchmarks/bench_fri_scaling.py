@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from _common import write_table
+from _common import FP16_ZEROS, write_table
 from bench_fri_common import CHOICES, THREADS_NOTE
 from bench_fri_cost import scaling_model
 from moebits import cost as costs
@@ -64,7 +64,7 @@ def stratified(ad, cal, units, rules, seed):
 def adaptive(ad, cal, units, rules, seed):
     shapes = ad.shapes()
     shape_list = [shapes[u] for u in units]
-    storage = costs.storage_matrix(shape_list, CHOICES)
+    storage = costs.storage_matrix(shape_list, CHOICES, FP16_ZEROS)
     budget = costs.avg_bits_to_total_bits(3.25, shape_list)
     prof = {"s": 0.0}
 

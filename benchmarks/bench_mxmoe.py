@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from _common import write_table
+from _common import FP16_ZEROS, write_table
 from moebits.allocate import expert_level, plan_under_budget
 from moebits.apply import apply_plan
 from moebits.budget import Budget
@@ -91,7 +91,7 @@ def main():
         t_prof.append(time.perf_counter() - t0)
         done: dict[tuple, float] = {}  # identical plans (e.g. every method at the floor) are evaluated once
         for b in budgets:
-            budget = Budget.build("bits", b, units, shapes, choices)
+            budget = Budget.build("bits", b, units, shapes, choices, zero_points=FP16_ZEROS)
             for name, kw in methods.items():
                 plan = plan_under_budget(table, budget, meta={"method": name}, **kw)
                 key = tuple(plan.choice(u) for u in units)

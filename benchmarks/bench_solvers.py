@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from _common import write_table
+from _common import FP16_ZEROS, write_table
 from moebits.allocate import allocate, layer_uniform
 from moebits.budget import Budget
 from moebits.table import SensitivityTable
@@ -76,7 +76,7 @@ def bench(name, table, shapes, budgets, args, rows, plain_budgets=None):
     U = len(units)
     print(f"{name}: {U:,} units x {len(CHOICES)} choices", flush=True)
     for avg in budgets:
-        b = Budget.build("bits", avg, units, shapes, CHOICES)
+        b = Budget.build("bits", avg, units, shapes, CHOICES, zero_points=FP16_ZEROS)
         cost, budget = b.cost, b.total
         for grouping, groups in (("linear", None), ("layer", layer_uniform(units) if args.grouped else None)):
             if grouping == "layer" and groups is None:

@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from _common import write_table  # noqa: E402
+from _common import FP16_ZEROS, write_table  # noqa: E402
 
 from moebits.allocate import expert_level, plan_under_budget  # noqa: E402
 from moebits.apply import apply_plan  # noqa: E402
@@ -180,7 +180,7 @@ def main():
                            progress=False, act_clip=args.act_clip)
             fri = predict_table(part, fit_table(part, cal.stats))
             t_fri = time.perf_counter() - t0
-            budget = Budget.build("bits", 5.0, units, shapes, joint).with_act_bits(5.0, joint, freq)
+            budget = Budget.build("bits", 5.0, units, shapes, joint, zero_points=FP16_ZEROS).with_act_bits(5.0, joint, freq)
             for gname, groups in (("linear", None), ("expert", expert_level(units))):
                 for mname, table, t_fill in (("MxMoE", full, t_full), ("FRI-MxMoE", fri, t_fri)):
                     t0 = time.perf_counter()

@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import write_table
 from moebits.data import load_text
 from moebits.job import Pipeline, QuantizeConfig, candidate_choices
 from moebits.models import tiny_model
@@ -126,6 +125,8 @@ def run_seed(model: str, text: str | None, seed: int, budgets, methods, eval_win
                 p = Pipeline(config(model, method, seed, bits, zp, text, eval_windows),
                              Path(tempfile.mkdtemp(dir=root)), overwrite=True, progress=False)
                 follow(p, base)
+                for u in p.units:  # the fp weights: FRI profiles them, GPTQ quantizes them
+                    p.adapter.set_weight(u, original[u])
                 t0 = time.perf_counter()
                 table = full if method == "mxmoe" else p.fill_table(choices)
                 plan = p.allocate(choices, table)
@@ -133,8 +134,6 @@ def run_seed(model: str, text: str | None, seed: int, budgets, methods, eval_win
                        "avg_bits": plan.avg_bits(p.shapes), "plan": plan_components(plan, p.shapes),
                        "objective": true_objective(full, plan), "hist": plan.bits_histogram()}
                 if evaluate:
-                    for u in p.units:
-                        p.adapter.set_weight(u, original[u])
                     p.quantize(plan)
                     p.evaluate("ppl_q")
                     sizes = p.save(plan)
@@ -158,13 +157,15 @@ def demo_table(rows: list[dict], budgets, methods) -> list[list]:
             for zp in SETTINGS:
                 rs = by[zp]
                 st = {k: statistics.mean(r["stored"][k] for r in rs) for k in ("codes", "scales", "zeros")}
-                n4 = statistics.mean(sum(v for k, v in r["hist"].items() if k.startswith(("w4", "w8"))) for r in rs)
+                widths = sorted({int(k[1:].split("g")[0]) for r in rs for k in r["hist"] if k.startswith("w")})
+                hist = " / ".join(f"{b}:{statistics.mean(sum(v for k, v in r['hist'].items() if k.startswith(f'w{b}g')) for r in rs):.0f}"
+                                  for b in widths)
                 d_ppl = [100 * (p["ppl"] / f["ppl"] - 1) for p, f in zip(by["packed"], by["fp16"])]
                 out.append([
                     bits, method, zp, f"{statistics.mean(r['avg_bits'] for r in rs):.4f}",
                     f"{st['codes']:.4f} / {st['scales']:.4f} / {st['zeros']:.4f}",
                     f"{statistics.mean(r['expert_bytes'] for r in rs):,.0f}",
-                    f"{n4:.1f}",
+                    hist,
                     mean_sd([r["ppl"] for r in rs], "{:.3f}"),
                     mean_sd([100 * (r["ppl"] / r["ppl_fp"] - 1) for r in rs], "{:+.2f}"),
                     "" if zp == "fp16" else mean_sd(d_ppl, "{:+.2f}"),
@@ -209,7 +210,7 @@ def main() -> None:
     t_start = time.perf_counter()
     load = os.getloadavg()[0]
     root = Path(tempfile.mkdtemp(prefix="moebits_zero_storage_"))
-    sections, notes = [], []
+    notes = []
     demo_rows, olmoe_rows = [], []
     if "demo" in models:
         for seed in seeds:
@@ -223,34 +224,48 @@ def main() -> None:
         for seed in seeds:
             olmoe_rows += run_seed(str(d), str(text), seed, budgets, methods, args.eval_windows, root, evaluate=False)
     headers_demo = ["--bits", "method", "zero points", "avg bits (plan)", "stored bits/weight: codes / scales / zeros",
-                    "expert bytes", "units at 4/8 bits", "ppl", "Δppl vs fp %", "Δppl packed - fp16 %"]
+                    "expert bytes", "units per width (mean)", "ppl", "Δppl vs fp %", "Δppl packed - fp16 %"]
     headers_olmoe = ["--bits", "method", "zero points", "avg bits (plan)", "bits/weight: codes / scales / zeros",
                      "zero bits/weight freed", "true objective", "Δ objective packed vs fp16 %"]
-    rows = []
-    if demo_rows:
-        rows += [["**demo**"] + [""] * (len(headers_demo) - 1)] + demo_table(demo_rows, budgets, methods)
-    if olmoe_rows:
-        rows += [["**OLMoE-shaped, 64 experts (random weights)**"] + [""] * (len(headers_demo) - 1)]
-        rows += [["--bits", "method", "zero points", "avg bits (plan)", "bits/weight: codes / scales / zeros",
-                  "zero bits/weight freed", "", "true objective", "", "Δ objective packed vs fp16 %"]]
-        rows += [r[:6] + [""] + [r[6], "", r[7]] for r in olmoe_table(olmoe_rows, budgets, methods)]
     notes += [
         f"seeds {seeds} (calibration windows, samplers, solvers); GPTQ g128, bits {{2,3,4,8}}, calibration 32 x 256 "
         "tokens; fp16 = every zero in 16 bits (the papers' W3.25), packed = GPTQ's integer zeros at the code width "
         "(`--zero-points`, default packed); the same budget for both",
         f"demo: perplexity on the first {args.eval_windows} held-out windows of 256 tokens of the demo text; stored "
         "bits counted from each packed checkpoint's unit tensors (codes include fp16 rows of 16-bit units); "
-        "'units at 4/8 bits' = mean count of units above 3 bits (of 120 on the demo); Δppl packed - fp16 = "
-        "relative difference of the same seed's two perplexities, mean ± sd over seeds",
-        "OLMoE-shaped: random weights (perplexity meaningless): true objective = sum_u f_u l_u(c_u) under MxMoE's "
-        "full measured table of the same seed (both methods scored on it); Δ objective < 0 = packed's plan is "
-        "better; zero bits/weight freed = the fp16 plan's zero bits per weight minus the packed plan's "
-        "(gate/up rows are 128 wide: one group; down rows 64 wide: one partial group, so metadata per weight doubles "
-        "there)",
+        "units per width = bits:count, mean over seeds; Δppl packed - fp16 = relative difference "
+        "of the same seed's two perplexities, mean ± sd over seeds",
+        "OLMoE-shaped: random weights (perplexity meaningless); true objective = sum_u f_u l_u(c_u) under MxMoE's "
+        "full measured table of the same seed (both methods' plans scored on it), Δ objective < 0: packed's plan is "
+        "better; zero bits/weight freed = the fp16 plan's zero bits per weight minus the packed plan's (gate/up rows "
+        "are 128 wide, one group; down rows 64 wide, one partial group: metadata per weight doubles there)",
         f"machine: 2 shared cores, load average (1 min) {load:.1f} at start; torch on 1 thread; total "
         f"{time.perf_counter() - t_start:.0f} s",
     ]
-    write_table("zero_storage", headers_demo, rows, notes)
+    sections = []
+    if demo_rows:
+        sections.append(("demo (trained; real perplexity)", headers_demo, demo_table(demo_rows, budgets, methods)))
+    if olmoe_rows:
+        sections.append(("OLMoE-shaped, 64 experts (random weights)", headers_olmoe,
+                         olmoe_table(olmoe_rows, budgets, methods)))
+    write_sections("zero_storage", sections, notes)
+
+
+def write_sections(name: str, sections, notes: list[str]) -> None:
+    """One markdown file with a table per section (the format of _common.write_table)."""
+    import sys
+
+    from _common import RESULTS
+
+    text = f"# {name}\n"
+    for title, headers, rows in sections:
+        text += f"\n## {title}\n\n| " + " | ".join(headers) + " |\n|" + "|".join("---" for _ in headers) + "|\n"
+        text += "".join("| " + " | ".join(str(c) for c in r) + " |\n" for r in rows)
+    cmd = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}"] + sys.argv[1:])
+    text += "\n" + "".join(f"- {n}\n" for n in notes) + f"\nCommand: `{cmd}`\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from moebits.budget import Budget
 from moebits.job import QuantizeConfig
 from moebits.job.config import read_recipe, upgrade_spec
 from moebits.models import MoEAdapter, tiny_model
-from moebits.packed import PackedFormatError, load_quantized, packed_sizes, read_index, read_units, save_packed
+from moebits.packed import (PackedFormatError, describe_packed, load_quantized, packed_sizes, read_index, read_units,
+                            save_packed)
 from moebits.plan import Assignment, Plan, PlanError
 from moebits.quant import hessian_from_inputs, quantize_codes
 from moebits.table import SensitivityTable
@@ -129,6 +130,7 @@ def test_packed_checkpoint_stores_what_the_plan_costs_and_reloads_exactly(tmp_pa
         assert stored[zp] == sizes["expert_bytes"]
         index = read_index(tmp_path / zp)
         assert index.format_version == 2
+        assert describe_packed(tmp_path / zp, load=False)["zero_points"] == zp  # `moebits info` shows it
         sets[zp] = [(p, t, s, ss) for p, m in index.modules.items() for t, spec in m.tensors.items()
                     for s, ss in spec.sets.items()]
         packed_sets = [x for x in sets[zp] if x[3].packed_zeros]
@@ -193,6 +195,7 @@ def test_format_1_checkpoint_still_loads_with_its_weights_and_logits():
     assert index.format_version == 1
     assert all(ss.zero_bits == 16 for m in index.modules.values() for t in m.tensors.values() for ss in t.sets.values())
     assert Plan.load(V1_CHECKPOINT / "model" / "plan.json").zero_points == "fp16"
+    assert describe_packed(V1_CHECKPOINT / "model", load=False)["zero_points"] == "fp16"
     model = load_quantized(V1_CHECKPOINT / "model")
     # the dense expert weights of the in-memory quantized model that wrote it, bit for bit
     digest = lambda t: hashlib.sha256(t.detach().float().contiguous().numpy().tobytes()).hexdigest()  # noqa: E731

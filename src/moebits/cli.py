@@ -118,8 +118,8 @@ def _info_packed(path: Path, as_json: bool) -> None:
         print(json.dumps(d, indent=2))
         return
     t = Table(title=f"{path} (moebits packed, format {d['format_version']}, {d['model_type']})", show_header=False)
-    for k in ("moe_layers", "units", "avg_bits", "model_bytes", "expert_bytes", "file_bytes", "resident_bytes",
-              "fp16_bytes"):
+    for k in ("moe_layers", "units", "avg_bits", "zero_points", "model_bytes", "expert_bytes", "file_bytes",
+              "resident_bytes", "fp16_bytes"):
         v = d[k]
         t.add_row(k, f"{v:,}" if isinstance(v, int) else f"{v:.4f}" if isinstance(v, float) else str(v))
     Console().print(t)

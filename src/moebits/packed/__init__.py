@@ -87,6 +87,8 @@ def describe_packed(path: str | Path, load: bool = True) -> dict:
         "format_version": index.format_version, "model_type": cfg.get("model_type"),
         "moe_layers": sum(m.type == "experts" for m in index.modules.values()), "units": len(index.units),
         "avg_bits": q.get("avg_bits"), "bits_histogram": index.bits_histogram(),
+        # format 1 stored every zero in fp16; format 2 records how the plan stored (and charged) them
+        "zero_points": q.get("zero_points", "fp16" if index.format_version == 1 else None),
         "model_bytes": sum(nbytes.values()), "expert_bytes": sum(nbytes[k] for k in unit_tensors),
         "file_bytes": weights_file(path).stat().st_size, "fp16_bytes": 2 * (unit_params + other_params),
     }
