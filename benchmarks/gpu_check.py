@@ -159,6 +159,9 @@ def mixed_packed(arch: str, out_dir: Path, lowrank: bool, layers: int = 2):
         for u, qw in codes.items():
             if plan.choice(u).group_size == 128 and qw.zero is not None:
                 qw.zero = qw.zero + 0.375
+                # real-valued zeros are stored in fp16, as HQQ's are: labelled hqq, the writer keeps them so
+                # (the other rtn units' integer zeros are packed at the code width: both formats are read)
+                plan.assignments[u] = Assignment(dataclasses.replace(plan.choice(u), quantizer="hqq"))
     if lowrank:
         g = torch.Generator().manual_seed(1)
         for u in ad.units()[:7:3]:

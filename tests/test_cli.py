@@ -73,6 +73,17 @@ def test_profile_then_allocate(tmp_path, text_file):
     assert {a.choice.bits for a in ilp.assignments.values()} == {2, 4}  # a real mix at 3.5 bits
     loss = lambda p: sum(a.loss for a in p.assignments.values())
     assert loss(ilp) <= loss(lag) * (1 + 1e-9)
+    # --zero-points fp16: zeros charged 16 bits (packed, the default, charges the code width), so the same
+    # budget buys no better a plan, and the plan says how it was costed
+    r = runner.invoke(app, ["allocate", "--table", str(tmp_path / "p" / "table.csv"), "--model", "tiny:qwen3_moe",
+                            "--bits", "3.5", "--zero-points", "fp16", "--out", str(tmp_path / "fp16.json")])
+    assert r.exit_code == 0, r.output
+    fp16 = Plan.load(tmp_path / "fp16.json")
+    assert ilp.zero_points == "packed" and fp16.zero_points == "fp16" and fp16.meta["avg_bits"] <= 3.5 + 1e-9
+    assert loss(ilp) <= loss(fp16) * (1 + 1e-9)
+    r = runner.invoke(app, ["allocate", "--table", str(tmp_path / "p" / "table.csv"), "--model", "tiny:qwen3_moe",
+                            "--bits", "3.5", "--zero-points", "int4", "--out", str(tmp_path / "bad.json")])
+    assert r.exit_code == 2 and "zero_points" in r.output
     r = runner.invoke(app, ["allocate", "--table", str(tmp_path / "p" / "table.csv"), "--model", "tiny:qwen3_moe",
                             "--bits", "1.0", "--out", str(tmp_path / "x.json")])
     assert r.exit_code == 2 and "feasible" in r.output
