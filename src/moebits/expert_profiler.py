@@ -27,6 +27,7 @@ import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -123,6 +124,7 @@ class ExpertProfiler:
         self.refs = _LRU(cache_bytes)
         self.hessians = _LRU(hessian_bytes)
         self.hessian_seconds = 0.0  # spent preparing Hessians (shared out over the jobs that needed them)
+        self._scratch: torch.Tensor | None = None  # float64 buffer of the error reductions
 
     # -- quantization ----------------------------------------------------------------------------
     def _prepared(self, layer: int, expert, hkind: str) -> tuple[PreparedHessian, float]:
@@ -266,6 +268,13 @@ class ExpertProfiler:
         return h @ down.T.to(h.dtype)
 
     # -- the measurement ------------------------------------------------------------------------
+    def _float64(self, shape, device) -> torch.Tensor:
+        """A float64 scratch tensor of `shape` (one buffer reused by every pair: no allocation per pair)."""
+        n = int(np.prod(shape))
+        if self._scratch is None or self._scratch.numel() < n or self._scratch.device != device:
+            self._scratch = torch.empty(n, dtype=torch.float64, device=device)
+        return self._scratch[:n].view(shape)
+
     def _jobs(self, pairs: list[tuple[Unit, Choice]]) -> list[_Job]:
         jobs: dict[tuple, _Job] = {}
         for u, c in pairs:
@@ -314,9 +323,11 @@ class ExpertProfiler:
                         t1 = time.perf_counter()
                         act = {u.kind: act_quantizer(c.act_bits, self.act_clip)} if c.quantizes_acts else None
                         y_q = self._output(ref, u, j.weight, act)
-                        d = torch.sub(y_q, ref.y).double()  # a new tensor: the products below in place
+                        # ((y_q - y).double() * g) squared and summed, as always, without temporaries: y_q is
+                        # this pair's own tensor, and float32 -> float64 is exact (what .double() gives)
+                        d = self._float64(y_q.shape, y_q.device).copy_(y_q.sub_(ref.y))
                         d.mul_(ref.g)
-                        err = d.mul_(d).sum().item() / ref.x.shape[0]  # (d * d).sum(), without two copies
+                        err = d.mul_(d).sum().item() / ref.x.shape[0]
                         seconds = j.seconds / len(j.pairs) + ref_seconds / n_pairs + time.perf_counter() - t1
                         table.set(u, c, err, seconds=seconds, measured=True)
                         bar.update()
