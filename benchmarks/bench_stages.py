@@ -264,9 +264,11 @@ def main() -> None:
                     [f"OLMoE shape (hidden 128, width 64, 6 layers, top-8), E experts, calibration 32 x 256 tokens, "
                      f"default FRI at --rules {args.rules}, one repetition per E (not medians); FRI profile = pairs "
                      "measured + RTN proxy; the fit (predictor, bootstraps, allocations between rounds) is not in it",
-                     "why the proxy grows: it is RTN of every unit at every bit-width (a feature every prediction "
-                     "needs), O(weights) = O(E); its forward part (every expert on its routed tokens) is constant "
-                     "in E at fixed tokens x top-k",
+                     "why it is not flat: a measured pair is a forward over its expert's routed tokens, tokens x "
+                     "top-k / E of them, so the pairs' seconds fall with E (the expert-local metric's cost per pair, "
+                     "as in full profiling); the proxy is RTN of every unit at every bit-width (a feature every "
+                     "prediction needs), O(weights) = O(E), while its forward part (each expert's down input on its "
+                     "routed tokens) is constant in E at fixed tokens x top-k",
                      *notes_for(args, load, t_start)[1:]])
     if rows:
         write_table(args.name, list(sections[0]), sections[1], notes)
