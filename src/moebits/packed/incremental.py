@@ -6,7 +6,7 @@ checksums) in its metadata; the tensors outside the layers (embeddings, final no
 more part. Parts are written atomically into `OUT.layers/`, so a stopped run keeps its finished
 layers and `has(part)` tells a rerun what to skip.
 
-`finish` joins the parts into the ordinary packed checkpoint (format v1, see io.py: one
+`finish` joins the parts into the ordinary packed checkpoint (format v2, see io.py: one
 `model.safetensors` whose metadata holds the whole index), copying each tensor's bytes from its part
 without loading more than one tensor at a time, then writes config.json, the tokenizer and the plan,
 and moves the directory into place atomically. The file is laid out as `safetensors.save_file` lays
@@ -86,7 +86,7 @@ class PackedLayerWriter:
 
     def finish(self, model, adapter: MoEAdapter, plan: Plan, layers: list[int], tokenizer=None,
                generation_config=None) -> dict:
-        """Join the parts of `layers` and the rest into `OUT/` (packed format v1). Returns its sizes."""
+        """Join the parts of `layers` and the rest into `OUT/` (packed format v2). Returns its sizes."""
         parts = [self.part_path(l) for l in layers] + [self.part_path(REST)]
         missing = [p.name for p in parts if not p.exists()]
         if missing:
