@@ -55,6 +55,37 @@ def test_ilp_equals_brute_force(seed):
             assert res.total_loss == pytest.approx(loss[r, res.choice_index].sum())
 
 
+def packed_zero_like(U=240, seed=0):
+    """Near-equal sensitivities and costs that are not multiples of one quantum (zero points at the code
+    width: a bit more costs 128*(in+1), not 128*in): the budget never fills exactly, the LP bound sits
+    one upgrade below the best plan, and proving 1e-4 takes HiGHS minutes (more than 120 s for 240 units)."""
+    rng = np.random.default_rng(seed)
+    bits = np.array([2, 3, 4, 8])
+    loss = np.exp(rng.normal(0, 0.05, U))[:, None] * 4.0 ** -bits[None, :] * np.exp(rng.normal(0, 0.02, (U, 4)))
+    in_features = np.where(np.arange(U) % 3 == 2, 64, 128)
+    cost = np.stack([b * 128 * in_features + 128 * (16 + b) for b in bits], 1).astype(float)
+    return loss, cost, 2.5 * 128 * in_features.sum()
+
+
+def test_ilp_node_limit_stops_deterministically_with_the_best_plan_and_an_honest_gap():
+    loss, cost, budget = packed_zero_like()
+    incumbent = lagrangian.solve(loss, cost, budget)
+    dual_bound, _ = lagrangian.dual(loss, cost, incumbent.info["lambda_bound"], budget)
+    runs = [allocate(loss, cost, budget, "ilp", node_limit=50) for _ in range(2)]
+    res = runs[0]
+    assert np.array_equal(runs[0].choice_index, runs[1].choice_index)  # a node limit, unlike a time limit
+    assert not res.optimal and "node limit (50 nodes)" in res.info["message"]
+    assert fits(res, budget) and res.total_loss <= incumbent.total_loss
+    r = np.arange(len(loss))
+    assert res.total_loss == pytest.approx(loss[r, res.choice_index].sum())
+    # the proven bound is a bound: at least the Lagrangian dual's, at most the plan's own loss
+    assert dual_bound - 1e-12 <= res.lower_bound <= res.total_loss
+    assert res.gap == pytest.approx((res.total_loss - res.lower_bound) / res.total_loss)
+    assert 0 < res.gap < 5e-3
+    more = allocate(loss, cost, budget, "ilp", node_limit=400)  # more nodes never prove less
+    assert more.lower_bound >= res.lower_bound - 1e-12 and more.total_loss <= res.total_loss + 1e-12
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_lagrangian_bounds_and_budget_on_arbitrary_instances(seed):
     """Unsorted, non-convex rows: never over budget, never below the optimum, and its bound is valid."""

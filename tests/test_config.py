@@ -84,7 +84,7 @@ def test_each_part_checks_its_values_when_built():
     bad = {"holdout": (1.5, "--holdout"), "target": ("tpu", "--target"), "method": ("magic", "unknown method"),
            "sampler": ("lucky", "--sampler"), "reward": ("1,2", "--reward"), "rl_accuracy": ("vibes", "--rl-accuracy"),
            "act_clip": (0.0, "--act-clip"), "save_format": ("zip", "save format"), "workers": (0, "--workers"),
-           "calib_seqlen": (1, "--calib-seqlen")}
+           "calib_seqlen": (1, "--calib-seqlen"), "ilp_nodes": (-1, "--ilp-nodes")}
     for name, (value, message) in bad.items():
         with pytest.raises(ValueError, match=message):
             QuantizeConfig(**{name: value})

@@ -303,6 +303,8 @@ def allocate_cmd(
                                          "paper's Algorithm 1 exactly"),
     zero_points: str = typer.Option("packed", help="how zero points are stored and charged: packed (integer zeros "
                                                    "at the code width) | fp16 (the papers' W3.25 convention)"),
+    ilp_nodes: int = typer.Option(1000, help="ilp: stop branch and bound after this many nodes, keeping the best "
+                                             "plan found (its proven gap is printed); 0: no limit"),
     out: Path = typer.Option(..., help="plan JSON to write"),
 ):
     """Choose one setting per unit from a sensitivity table under a budget; write a plan."""
@@ -333,8 +335,11 @@ def allocate_cmd(
             _fail(f"--no-fill switches off the lagrangian solver's greedy fill; solver {solver!r} has none")
         if solver == "lagrangian":
             meta["fill"] = fill
+        if ilp_nodes < 0:
+            _fail(f"--ilp-nodes must be >= 0 (0: no limit), got {ilp_nodes}")
+        options = {"node_limit": ilp_nodes or None} if solver == "ilp" else ({} if fill else {"fill": False})
         plan = plan_under_budget(t, budget, solver, groups=structure_groups(granularity, tie_gate_up, t.units),
-                                 meta=meta, **({} if fill else {"fill": False}))
+                                 meta=meta, **options)
         plan.save(out)
     except _user_errors() as e:
         _fail(str(e))
@@ -342,6 +347,9 @@ def allocate_cmd(
     Console().print(f"{solver}: {len(plan.assignments):,} units, avg {plan.meta['avg_bits']:.4f} bits{act}, "
                     f"loss {plan.meta['total_loss']:.6g}, {plan.meta['seconds'] * 1e3:.1f} ms -> {out}\n"
                     f"{plan.bits_histogram()}")
+    if solver == "ilp" and plan.meta.get("optimal") is False and plan.meta.get("gap") is not None:
+        Console().print(f"ilp: stopped at --ilp-nodes {ilp_nodes}; the plan is proven within {plan.meta['gap']:.3%} "
+                        "of the optimum (raise --ilp-nodes, or 0, to prove more)")
 
 
 @app.command("eval")

@@ -190,6 +190,9 @@ class AllocationOptions:
     granularity: str | None = option(None, "linear (per block) | expert | layer (default: the method's, linear "
                                            "for the built-in ones)")
     tie_gate_up: bool = option(False, "gate and up of an expert share one choice")
+    ilp_nodes: int = option(1000, "ilp solver: stop HiGHS's branch and bound after this many nodes and keep the best "
+                                  "plan found; its proven gap goes to plan.json and the log (0: no limit, prove "
+                                  "to 1e-4; deterministic, unlike a time limit)")
     fill: bool = option(True, "lagrangian solver: spend the budget bisection leaves unused on the best loss-per-bit "
                               "upgrades (moebits' improvement); --no-fill is Algorithm 1 exactly. Paper-faithful "
                               "FRI-MxMoE: --method fri --sampler stratified --predictor fri --no-proxy --solver "
@@ -199,6 +202,8 @@ class AllocationOptions:
         from ..methods import get_method
 
         get_method(self.method)  # "unknown method ...; choose one of ..."
+        if self.ilp_nodes < 0:
+            raise ValueError(f"--ilp-nodes must be >= 0 (0: no limit), got {self.ilp_nodes}")
         if self.granularity is not None:
             _choose("granularity", self.granularity, GRANULARITIES)
 

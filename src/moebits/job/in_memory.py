@@ -246,6 +246,9 @@ class Pipeline:
             options = self.method.solver_options(ctx, table, budget)
             plan = self.timed("allocate_seconds", lambda: plan_under_budget(
                 table, budget, cfg.solver_name, groups=self.groups(), meta=meta, **options))
+            if cfg.solver_name == "ilp" and plan.meta.get("optimal") is False and plan.meta.get("gap") is not None:
+                self._note(f"ilp: HiGHS stopped at --ilp-nodes {cfg.ilp_nodes} with the best plan it found, proven "
+                           f"within {plan.meta['gap']:.3%} of the optimum (raise --ilp-nodes, or 0, to prove more)")
             if cfg.solver_name == "uniform":
                 from ..allocate.uniform import explain
 

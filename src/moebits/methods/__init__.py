@@ -144,6 +144,8 @@ class Method:
             from .dmpq import rl_solver_options
 
             return rl_solver_options(ctx, table, budget)
+        if ctx.cfg.solver_name == "ilp":
+            return {"node_limit": ctx.cfg.ilp_nodes or None}
         return {} if ctx.cfg.fill else {"fill": False}  # QuantizeConfig.check: --no-fill only with lagrangian
 
 
