@@ -26,6 +26,8 @@ evaluation `--eval-windows` x 256 tokens, torch on 1 thread.
 
     python benchmarks/bench_stages.py                       # demo, olmoe64, ds2; 3 repetitions
     python benchmarks/bench_stages.py --experts 8,32,64,256  # + FRI at fixed --rules vs expert count
+    python benchmarks/bench_stages.py --models olmoe64,demo --per-cost --name stages_acquisition
+        # + a row "FRI profile (per-cost)": FRI with --acquisition per-cost, same calibration, same repetition
 
 The experts sweep (OLMoE shape, E experts, top-8, fixed `--rules`) reports FRI's profile seconds and
 their parts (pairs measured, RTN proxy, fit) per E: one repetition each.
@@ -137,7 +139,8 @@ def follow(p: Pipeline, base: Pipeline) -> None:
         setattr(p, name, getattr(base, name))
 
 
-def one_repetition(model: str, text: str | None, eval_windows: int, root: Path, batch_size: int = 8) -> dict:
+def one_repetition(model: str, text: str | None, eval_windows: int, root: Path, batch_size: int = 8,
+                   per_cost: bool = False) -> dict:
     out = {}
     mx = Pipeline(config(model, "mxmoe", text, eval_windows), Path(tempfile.mkdtemp(dir=root)), overwrite=True,
                   progress=False)
@@ -155,17 +158,20 @@ def one_repetition(model: str, text: str | None, eval_windows: int, root: Path, 
     mx.fill_table(choices)
     out["full"] = mx.results["profile_seconds"]
     out["floor_quant"], out["floor_forward"] = full_profiling_floor(mx.adapter, mx.calib.profile_inputs(), choices)
-    fri = Pipeline(config(model, "fri", text, eval_windows), Path(tempfile.mkdtemp(dir=root)), overwrite=True,
-                   progress=False)
-    follow(fri, mx)
-    fri.fill_table(choices)
-    r = fri.results
-    out["fri"] = r["profile_seconds"]
-    out["fri_proxy"] = r.get("proxy_seconds", 0.0)
-    out["fri_fit"] = r.get("fit_seconds", 0.0)
-    out["fri_pairs"] = r["profile_seconds"] - out["fri_proxy"]
     n_pairs = len(mx.units) * sum(not c.is_fp for c in choices)
-    out["share"] = r["rules"] / n_pairs
+    for key, kw in (("fri", {}),) + ((("fri_pc", {"acquisition": "per-cost"}),) if per_cost else ()):
+        fri = Pipeline(config(model, "fri", text, eval_windows, **kw), Path(tempfile.mkdtemp(dir=root)),
+                       overwrite=True, progress=False)
+        follow(fri, mx)
+        fri.fill_table(choices)
+        r = fri.results
+        out[key] = r["profile_seconds"]
+        out[f"{key}_proxy"] = r.get("proxy_seconds", 0.0)
+        out[f"{key}_fit"] = r.get("fit_seconds", 0.0)
+        out[f"{key}_pairs"] = r["profile_seconds"] - out[f"{key}_proxy"]
+        out[f"{key}_share"] = r["rules"] / n_pairs
+        out[f"{key}_experts"] = r["anchors"]  # experts with a measured pair
+    out["share"] = out["fri_share"]
     out["units"] = len(mx.units)
     return out
 
@@ -195,6 +201,15 @@ def stage_rows(name: str, reps: list[dict]) -> list[list]:
          f"{fmt(statistics.median(r['fri'] / f for r, f in zip(reps, floor_fri)))}; "
          f"{fmt(ratio('fri', 'full') / med['share'])} x share x full"],
     ]
+    if "fri_pc" in med:  # the same row for --acquisition per-cost (its own share, fit and experts touched)
+        floor_pc = [r["fri_pc_share"] * f + r["fri_pc_fit"] for r, f in zip(reps, floor_full)]
+        rows[-1][1] += f", {med['fri_experts']:.0f} experts touched"
+        rows.append([name, f"FRI profile (per-cost, {100 * med['fri_pc_share']:.1f} % of pairs, "
+                     f"{med['fri_pc_experts']:.0f} experts touched)",
+                     f"{fmt(med['fri_pc'])} (pairs {fmt(med['fri_pc_pairs'])} + proxy {fmt(med['fri_pc_proxy'])})",
+                     f"{fmt(statistics.median(floor_pc))} (share x full floor + fit {fmt(med['fri_pc_fit'])})",
+                     f"{fmt(statistics.median(r['fri_pc'] / f for r, f in zip(reps, floor_pc)))}; "
+                     f"{fmt(ratio('fri_pc', 'full') / med['fri_pc_share'])} x share x full"])
     return rows
 
 
@@ -228,6 +243,8 @@ def main() -> None:
     ap.add_argument("--rules", type=int, default=240, help="the sweep's fixed rule budget")
     ap.add_argument("--note", default="", help="a line added to the notes (e.g. which code was measured)")
     ap.add_argument("--name", default="stages")
+    ap.add_argument("--per-cost", action="store_true",
+                    help="also time FRI with --acquisition per-cost (an extra row; the other rows unchanged)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -249,7 +266,7 @@ def main() -> None:
         model, txt = specs[key]()
         reps = []
         for i in range(args.reps):
-            reps.append(one_repetition(model, txt, args.eval_windows, root))
+            reps.append(one_repetition(model, txt, args.eval_windows, root, per_cost=args.per_cost))
             load.append(os.getloadavg()[0])
             print(key, i, {k: round(v, 3) for k, v in reps[-1].items()}, flush=True)
         rows += stage_rows(names[key], reps)

@@ -226,8 +226,13 @@ class FRIOptions:
     proxy: bool = option(True, "fri: add the RTN weight-space error proxy as a feature (moebits; the default in "
                                "memory) | --no-proxy: Table 7's features only (the default when streaming)",
                          cli_default=None)
+    acquisition: str = option("score", "fri, adaptive sampler: score (default: rank pairs by score) | per-cost "
+                                       "(opt-in experiment: rank by score / (pair cost + the expert's overhead "
+                                       "if no pair of its expert is measured yet), so rounds touch fewer "
+                                       "experts; changes plans; results/fri_acquisition.md)")
 
     def __post_init__(self):
+        from ..methods.fri.adaptive import ACQUISITIONS
         from ..methods.fri.predictors import PREDICTORS
         from ..methods.fri.samplers import SAMPLERS
 
@@ -242,6 +247,9 @@ class FRIOptions:
             raise ValueError(f"unknown --sampler {self.sampler!r}; choose one of {SAMPLERS}")
         if self.predictor not in PREDICTORS:
             raise ValueError(f"unknown --predictor {self.predictor!r}; choose one of {PREDICTORS}")
+        if self.acquisition not in ACQUISITIONS:
+            raise ValueError(f"unknown --acquisition {self.acquisition!r}; choose one of {ACQUISITIONS} "
+                             "(per-cost needs --sampler adaptive)")
 
     def rule_budget(self, n_units: int, n_quantized_choices: int) -> int:
         """Profiled (unit, choice) pairs allowed: --rules, else --anchors (default 0.15) x units x choices."""

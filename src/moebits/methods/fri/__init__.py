@@ -45,7 +45,7 @@ class FRI(Method):
         t0 = time.perf_counter()
         rounds = adaptive_rounds(measured, ctx.stats, rules, ctx.budget.cost, ctx.budget.total,
                                  self._estimator(ctx), self._spec(ctx), self._proxy(ctx), seed=cfg.seed,
-                                 groups=ctx.groups)
+                                 groups=ctx.groups, acquisition=cfg.acquisition)
         while True:
             try:
                 pairs = next(rounds)

@@ -24,6 +24,12 @@ Rounds 1..R, each with an equal share of what is left:
 5. measure the top-scoring pairs, at most one per unit per round (one measured pair already pins a
    unit's row through its offset, so the next pair of the same unit is worth less than another unit's).
 
+Acquisition (`--acquisition`): `score` (the default) ranks by the score alone. `per-cost` (opt-in
+experiment) ranks by score per cost, picked greedily: a pair costs `pair_cost` [U] (relative to an
+average routed pair: its expert's routed tokens), plus `expert_overhead` (its expert's reference forward
+and Hessian preparation, `EXPERT_OVERHEAD` pairs) when no pair of the expert is measured yet nor picked
+earlier in the round. Same rule budget, same one-per-unit rule, no pair twice.
+
 The loop is a generator of rounds (`adaptive_rounds`: the caller measures each), or written against a
 `measure` callable (`adaptive_fill`), so the executors, the benchmarks (which read pairs from a cached full
 table) and the tests share it.
@@ -43,6 +49,15 @@ from .predictors import _prepare, fit_table, predict_table
 from .samplers import sample_anchors
 from ...stats import CalibrationStats
 from ...table import SensitivityTable
+
+ACQUISITIONS = ("score", "per-cost")
+# an expert's fixed cost (reference forward + two prepared GPTQ Hessians) in units of an average routed
+# pair's own cost (GPTQ + partial forward): ~1.5 ms vs ~1.0 ms per pair on the 64-expert OLMoE-shaped model
+# (benchmarks/results/stages.md: FRI's pairs 1.06 s = 688 pairs touching 260 experts x ~1.5 ms + 688 x ~1.0 ms)
+EXPERT_OVERHEAD = 1.5
+# the fixed (token-independent) share of an average pair: its GPTQ, 0.52 of 1.34 s of pair work there
+# (stages.md's cProfile: partial forwards 0.57 s + error reduction 0.25 s scale with the routed tokens)
+PAIR_FIXED = 0.4
 
 Measure = Callable[[list[tuple[int, int]]], None]  # measure (unit index, choice index) pairs into the table
 
@@ -150,6 +165,46 @@ def pick_pairs(score: np.ndarray, available: np.ndarray, n: int, tiebreak: np.nd
     return out
 
 
+def expert_ids(table: SensitivityTable) -> np.ndarray:
+    """[U] int: which expert ((layer, expert), shared experts per layer) each unit belongs to."""
+    keys: dict[tuple, int] = {}
+    return np.array([keys.setdefault((u.layer, str(u.expert)), len(keys)) for u in table.units], dtype=int)
+
+
+def relative_pair_cost(table: SensitivityTable) -> np.ndarray:
+    """[U] a unit's pair cost relative to the average routed pair: a fixed part (its GPTQ) plus a part
+    proportional to its expert's routed tokens (`frequency`; shared experts see every token): the partial
+    forward and the error reduction."""
+    routed = np.array([not u.is_shared for u in table.units])
+    ref = float(table.frequency[routed].mean()) if routed.any() else float(table.frequency.mean())
+    return PAIR_FIXED + (1 - PAIR_FIXED) * np.maximum(table.frequency, 0.0) / max(ref, 1e-12)
+
+
+def pick_pairs_per_cost(score: np.ndarray, available: np.ndarray, n: int, expert: np.ndarray, touched: np.ndarray,
+                        pair_cost: np.ndarray, expert_overhead: float,
+                        tiebreak: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Greedy: the available pair with the largest score / (pair_cost[u] + overhead if its expert is
+    untouched), at most one per unit; an expert counts as touched once one of its pairs is picked.
+    `expert` [U] expert ids, `touched` [n_experts] bool (measured before this round; not modified)."""
+    U, C = score.shape
+    if n <= 0 or not available.any():
+        return []
+    touched = touched.copy()
+    avail = available.copy()
+    tb = np.zeros((U, C)) if tiebreak is None else tiebreak
+    out = []
+    while len(out) < n and avail.any():
+        cost = pair_cost + np.where(touched[expert], 0.0, expert_overhead)  # [U]
+        value = np.where(avail, score / cost[:, None], -np.inf)
+        flat = np.flatnonzero(value.ravel() == value.max())
+        r = flat[np.argmax(tb.ravel()[flat])] if len(flat) > 1 else flat[0]  # ties: larger tiebreak first
+        u, c = int(r // C), int(r % C)
+        out.append((u, c))
+        avail[u] = False
+        touched[expert[u]] = True
+    return out
+
+
 def adaptive_fill(table: SensitivityTable, stats: CalibrationStats, measure: Measure, rules: int, cost: np.ndarray,
                   budget: float, estimator=None, spec: FeatureSpec = FeatureSpec(), proxy: np.ndarray | None = None,
                   **kw) -> AdaptiveResult:
@@ -166,17 +221,21 @@ def adaptive_fill(table: SensitivityTable, stats: CalibrationStats, measure: Mea
 def adaptive_rounds(table: SensitivityTable, stats: CalibrationStats, rules: int, cost: np.ndarray,
                     budget: float, estimator=None, spec: FeatureSpec = FeatureSpec(), proxy: np.ndarray | None = None,
                     rounds: int = 4, initial: float = 1 / 3, seed: int = 0, groups=None, n_boot: int = 8,
-                    middle_ratio: float = 2.0) -> Iterator[list[tuple[int, int]]]:
+                    middle_ratio: float = 2.0, acquisition: str = "score",
+                    expert_overhead: float = EXPERT_OVERHEAD) -> Iterator[list[tuple[int, int]]]:
     """The rounds as a generator: yields the (unit index, choice index) pairs of each round, which the
     caller measures into `table` before resuming it (so an executor can measure a round in its own way);
     returns the `AdaptiveResult` with the filled table. At most `rules` pairs, in `rounds` adaptive rounds
     after a stratified start.
 
-    `cost` [U, C] and `budget` are the allocation's (budget.py), `groups` its structure."""
+    `cost` [U, C] and `budget` are the allocation's (budget.py), `groups` its structure. `acquisition`:
+    `score` (default) or `per-cost` (module docstring), with `expert_overhead` in average pairs."""
     if rules < 1:
         raise ValueError(f"the adaptive sampler needs a rule budget >= 1, got {rules}")
     if rounds < 1 or not 0.0 <= initial <= 1.0:
         raise ValueError(f"need rounds >= 1 and 0 <= initial <= 1, got rounds={rounds}, initial={initial}")
+    if acquisition not in ACQUISITIONS:
+        raise ValueError(f"unknown --acquisition {acquisition!r}; choose one of {ACQUISITIONS}")
     from .interpolation import FRIRegressor
 
     estimator = FRIRegressor() if estimator is None else estimator
@@ -203,7 +262,14 @@ def adaptive_rounds(table: SensitivityTable, stats: CalibrationStats, rules: int
         loss = table.frequency[:, None] * pred.error
         score = pair_scores(loss, log_sd, cost, budget, groups)
         available = ~table.measured & qmask[None, :]
-        picked = pick_pairs(score, available, n, tiebreak=loss * np.expm1(log_sd))
+        if acquisition == "per-cost":
+            expert = expert_ids(table)
+            touched = np.zeros(expert.max() + 1, bool)
+            touched[expert[(table.measured & qmask[None, :]).any(axis=1)]] = True
+            picked = pick_pairs_per_cost(score, available, n, expert, touched, relative_pair_cost(table),
+                                         expert_overhead, tiebreak=loss * np.expm1(log_sd))
+        else:
+            picked = pick_pairs(score, available, n, tiebreak=loss * np.expm1(log_sd))
         if not picked:
             break
         yield picked
