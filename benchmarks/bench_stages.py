@@ -140,7 +140,7 @@ def follow(p: Pipeline, base: Pipeline) -> None:
 
 
 def one_repetition(model: str, text: str | None, eval_windows: int, root: Path, batch_size: int = 8,
-                   per_cost: bool = False) -> dict:
+                   per_cost: bool = False, rep: int = 0) -> dict:
     out = {}
     mx = Pipeline(config(model, "mxmoe", text, eval_windows), Path(tempfile.mkdtemp(dir=root)), overwrite=True,
                   progress=False)
@@ -159,7 +159,8 @@ def one_repetition(model: str, text: str | None, eval_windows: int, root: Path, 
     out["full"] = mx.results["profile_seconds"]
     out["floor_quant"], out["floor_forward"] = full_profiling_floor(mx.adapter, mx.calib.profile_inputs(), choices)
     n_pairs = len(mx.units) * sum(not c.is_fp for c in choices)
-    for key, kw in (("fri", {}),) + ((("fri_pc", {"acquisition": "per-cost"}),) if per_cost else ()):
+    runs = (("fri", {}),) + ((("fri_pc", {"acquisition": "per-cost"}),) if per_cost else ())
+    for key, kw in (runs[::-1] if rep % 2 else runs):  # alternate which FRI runs first (the second is warmer)
         fri = Pipeline(config(model, "fri", text, eval_windows, **kw), Path(tempfile.mkdtemp(dir=root)),
                        overwrite=True, progress=False)
         follow(fri, mx)
@@ -266,7 +267,7 @@ def main() -> None:
         model, txt = specs[key]()
         reps = []
         for i in range(args.reps):
-            reps.append(one_repetition(model, txt, args.eval_windows, root, per_cost=args.per_cost))
+            reps.append(one_repetition(model, txt, args.eval_windows, root, per_cost=args.per_cost, rep=i))
             load.append(os.getloadavg()[0])
             print(key, i, {k: round(v, 3) for k, v in reps[-1].items()}, flush=True)
         rows += stage_rows(names[key], reps)
