@@ -86,7 +86,7 @@ def main():
         "experts touched = experts (gate, up, down together; a layer's shared expert counts once) with at least "
         "one measured pair; the per-expert overhead (reference forward + two prepared GPTQ Hessians) is paid once "
         "per touched expert.",
-        f"modelled cost % = (sum of measured pairs' relative costs, proportional to routed tokens + {EXPERT_OVERHEAD} "
+        f"modelled cost % = (sum of measured pairs' relative costs (0.4 + 0.6 x routed tokens relative to the mean routed expert, adaptive.relative_pair_cost) + {EXPERT_OVERHEAD} "
         "average pairs per touched expert) / the same for full profiling: the cost model per-cost ranks by "
         f"(adaptive.EXPERT_OVERHEAD = {EXPERT_OVERHEAD}, from stages.md's OLMoE-shaped FRI pairs: 688 pairs on 260 "
         "experts in 1.06 s at ~1.5 ms per expert leaves ~1.0 ms per pair).",
