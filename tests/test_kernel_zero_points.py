@@ -15,6 +15,7 @@ from moebits.kernels import PackedGroupedWeight, Segment, dequantize_expert  # n
 from moebits.kernels.packed_weight import WeightSet  # noqa: E402
 from moebits.kernels.triton_grouped import packed_grouped_matmul  # noqa: E402
 from moebits.quant.pack import pack_zero_stream, unpack_zero_stream  # noqa: E402
+from test_kernel import check, reference_matmul, routed  # noqa: E402  (the same helpers, not redefined)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -61,27 +62,6 @@ def make_weight(seg_sets: list[list[tuple[int, bool]]], out: int, k: int, group_
             sets[(b, packed)] = WeightSet(b, group_size, codes, scales, torch.from_numpy(z.astype(np.float16)))
     w = PackedGroupedWeight(len(seg_sets), out, k, sets, segments)
     return w, torch.from_numpy(ref).half().float()  # the kernel feeds fp16 weights to the dot
-
-
-def routed(counts, k, seed):
-    x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(seed)).half()
-    count = torch.tensor(counts, dtype=torch.int32)
-    return x, torch.cumsum(count, 0).to(torch.int32) - count, count
-
-
-def reference_matmul(x, ref_w, start, count):
-    y = torch.zeros(x.shape[0], ref_w.shape[1])
-    for e in range(ref_w.shape[0]):
-        rows = slice(int(start[e]), int(start[e] + count[e]))
-        y[rows] = x[rows].float() @ ref_w[e].T
-    return y
-
-
-def check(y, y_ref):
-    assert torch.isfinite(y).all()
-    err = (y.float() - y_ref).abs().max().item()
-    tol = 2e-3 * max(1.0, y_ref.abs().max().item())  # fp16 output rounding + summation order
-    assert err <= tol, f"max abs error {err} > {tol}"
 
 
 def test_zero_stream_matches_bitwise_reference_and_reads_any_rows():
