@@ -26,8 +26,8 @@ evaluation `--eval-windows` x 256 tokens, torch on 1 thread.
 
     python benchmarks/bench_stages.py                       # demo, olmoe64, ds2; 3 repetitions
     python benchmarks/bench_stages.py --experts 8,32,64,256  # + FRI at fixed --rules vs expert count
-    python benchmarks/bench_stages.py --models olmoe64,demo --per-cost --name stages_acquisition
-        # + a row "FRI profile (per-cost)": FRI with --acquisition per-cost, same calibration, same repetition
+    python benchmarks/bench_stages.py --models olmoe64,demo --also score,per-cost
+        # + a row per acquisition: FRI with --acquisition A, same calibration, same repetition
 
 The experts sweep (OLMoE shape, E experts, top-8, fixed `--rules`) reports FRI's profile seconds and
 their parts (pairs measured, RTN proxy, fit) per E: one repetition each.
@@ -140,7 +140,7 @@ def follow(p: Pipeline, base: Pipeline) -> None:
 
 
 def one_repetition(model: str, text: str | None, eval_windows: int, root: Path, batch_size: int = 8,
-                   per_cost: bool = False, rep: int = 0) -> dict:
+                   also: tuple[str, ...] = (), rep: int = 0) -> dict:
     out = {}
     mx = Pipeline(config(model, "mxmoe", text, eval_windows), Path(tempfile.mkdtemp(dir=root)), overwrite=True,
                   progress=False)
@@ -155,17 +155,20 @@ def one_repetition(model: str, text: str | None, eval_windows: int, root: Path, 
     out["evaluate"] = mx.results["ppl_fp_eval_seconds"]
     n = min(ids.numel() // mx.cfg.eval_seqlen, eval_windows)
     out["forward_eval"] = forward_seconds(mx.model, ids[: n * mx.cfg.eval_seqlen].view(n, -1), mx.cfg.batch_size)
-    mx.fill_table(choices)
+    full_table = mx.fill_table(choices)
     out["full"] = mx.results["profile_seconds"]
     out["floor_quant"], out["floor_forward"] = full_profiling_floor(mx.adapter, mx.calib.profile_inputs(), choices)
     n_pairs = len(mx.units) * sum(not c.is_fp for c in choices)
-    runs = (("fri", {}),) + ((("fri_pc", {"acquisition": "per-cost"}),) if per_cost else ())
+    runs = (("fri", {}),) + tuple((f"fri_{a}", {"acquisition": a}) for a in also)
     for key, kw in (runs[::-1] if rep % 2 else runs):  # alternate which FRI runs first (the second is warmer)
         fri = Pipeline(config(model, "fri", text, eval_windows, **kw), Path(tempfile.mkdtemp(dir=root)),
                        overwrite=True, progress=False)
         follow(fri, mx)
-        fri.fill_table(choices)
+        measured = fri.fill_table(choices).measured
         r = fri.results
+        # what the same pairs cost inside full profiling (each pair's seconds there: its share of the GPTQ
+        # calls and Hessians, its forward and a share of its expert's reference forward)
+        out[f"{key}_own"] = float(full_table.seconds[measured].sum() / full_table.seconds.sum()) * out["full"]
         out[key] = r["profile_seconds"]
         out[f"{key}_proxy"] = r.get("proxy_seconds", 0.0)
         out[f"{key}_fit"] = r.get("fit_seconds", 0.0)
@@ -200,17 +203,19 @@ def stage_rows(name: str, reps: list[dict]) -> list[list]:
          f"{fmt(med['fri'])} (pairs {fmt(med['fri_pairs'])} + proxy {fmt(med['fri_proxy'])})",
          f"{fmt(statistics.median(floor_fri))} (share x full floor + fit {fmt(med['fri_fit'])})",
          f"{fmt(statistics.median(r['fri'] / f for r, f in zip(reps, floor_fri)))}; "
-         f"{fmt(ratio('fri', 'full') / med['share'])} x share x full"],
+         f"{fmt(ratio('fri', 'full') / med['share'])} x share x full; "
+         f"{fmt(ratio('fri', 'fri_own'))} x its pairs' seconds in full profiling ({fmt(med['fri_own'])} s), "
+         f"{med['fri_experts']:.0f} experts touched"],
     ]
-    if "fri_pc" in med:  # the same row for --acquisition per-cost (its own share, fit and experts touched)
-        floor_pc = [r["fri_pc_share"] * f + r["fri_pc_fit"] for r, f in zip(reps, floor_full)]
-        rows[-1][1] += f", {med['fri_experts']:.0f} experts touched"
-        rows.append([name, f"FRI profile (per-cost, {100 * med['fri_pc_share']:.1f} % of pairs, "
-                     f"{med['fri_pc_experts']:.0f} experts touched)",
-                     f"{fmt(med['fri_pc'])} (pairs {fmt(med['fri_pc_pairs'])} + proxy {fmt(med['fri_pc_proxy'])})",
-                     f"{fmt(statistics.median(floor_pc))} (share x full floor + fit {fmt(med['fri_pc_fit'])})",
-                     f"{fmt(statistics.median(r['fri_pc'] / f for r, f in zip(reps, floor_pc)))}; "
-                     f"{fmt(ratio('fri_pc', 'full') / med['fri_pc_share'])} x share x full"])
+    for key in [k for k in med if k.startswith("fri_") and f"{k}_share" in med]:  # --also: one row each
+        floor_a = [r[f"{key}_share"] * f + r[f"{key}_fit"] for r, f in zip(reps, floor_full)]
+        rows.append([name, f"FRI profile (--acquisition {key[4:]}, {100 * med[f'{key}_share']:.1f} % of pairs)",
+                     f"{fmt(med[key])} (pairs {fmt(med[f'{key}_pairs'])} + proxy {fmt(med[f'{key}_proxy'])})",
+                     f"{fmt(statistics.median(floor_a))} (share x full floor + fit {fmt(med[f'{key}_fit'])})",
+                     f"{fmt(statistics.median(r[key] / f for r, f in zip(reps, floor_a)))}; "
+                     f"{fmt(ratio(key, 'full') / med[f'{key}_share'])} x share x full; "
+                     f"{fmt(ratio(key, f'{key}_own'))} x its pairs' seconds in full profiling "
+                     f"({fmt(med[f'{key}_own'])} s), {med[f'{key}_experts']:.0f} experts touched"])
     return rows
 
 
@@ -244,8 +249,8 @@ def main() -> None:
     ap.add_argument("--rules", type=int, default=240, help="the sweep's fixed rule budget")
     ap.add_argument("--note", default="", help="a line added to the notes (e.g. which code was measured)")
     ap.add_argument("--name", default="stages")
-    ap.add_argument("--per-cost", action="store_true",
-                    help="also time FRI with --acquisition per-cost (an extra row; the other rows unchanged)")
+    ap.add_argument("--also", default="", help="comma-separated FRI acquisitions also timed, one row each "
+                                               "(e.g. score,per-cost; the default FRI row is unchanged)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -267,7 +272,7 @@ def main() -> None:
         model, txt = specs[key]()
         reps = []
         for i in range(args.reps):
-            reps.append(one_repetition(model, txt, args.eval_windows, root, per_cost=args.per_cost, rep=i))
+            reps.append(one_repetition(model, txt, args.eval_windows, root, also=tuple(a for a in args.also.split(",") if a), rep=i))
             load.append(os.getloadavg()[0])
             print(key, i, {k: round(v, 3) for k, v in reps[-1].items()}, flush=True)
         rows += stage_rows(names[key], reps)

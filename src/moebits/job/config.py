@@ -226,10 +226,11 @@ class FRIOptions:
     proxy: bool = option(True, "fri: add the RTN weight-space error proxy as a feature (moebits; the default in "
                                "memory) | --no-proxy: Table 7's features only (the default when streaming)",
                          cli_default=None)
-    acquisition: str = option("score", "fri, adaptive sampler: score (default: rank pairs by score) | per-cost "
-                                       "(opt-in experiment: rank by score / (pair cost + the expert's overhead "
-                                       "if no pair of its expert is measured yet), so rounds touch fewer "
-                                       "experts; changes plans; results/fri_acquisition.md)")
+    acquisition: str = option("expert", "fri, adaptive sampler: expert (default: whole-expert rounds, each "
+                                        "expert's best pair per unit, after a start of half the budget: about 40 % "
+                                        "fewer experts' forwards at the same rule budget) | score (rank pairs by "
+                                        "score; the default before 0.3) | per-cost (experiment: score / (pair cost "
+                                        "+ the expert's overhead if untouched)); results/fri_acquisition.md")
 
     def __post_init__(self):
         from ..methods.fri.adaptive import ACQUISITIONS
@@ -546,14 +547,19 @@ def _default(name: str):
 
 
 # -- old run directories: the one place that knows earlier versions of run.json -----------------------
-SPEC_VERSION = 3
+SPEC_VERSION = 4
 # version 1 (run.json without "version", moebits up to issue 23): every option but the output ones, and
 # options added later omitted at their defaults -- i.e. a subset of version 2's options, with no option
 # whose meaning or default has changed since. So version 1 reads as version 2 as it is.
 # version 2 -> 3 (issue 25): `zero_points` appeared with the default "packed" (integer zeros stored and
 # charged at the code width); every earlier run stored and charged fp16 zeros, so it reads as "fp16".
+# version 3 -> 4 (issue 25): FRI's `acquisition` default became "expert" (whole-expert rounds); an FRI run
+# that left it at its default sampled with "score", so it reads as "score" (other methods never read it).
 _UPGRADES: dict[int, Callable[[dict], dict]] = {1: lambda spec: spec,
-                                                2: lambda spec: {"zero_points": "fp16", **spec}}
+                                                2: lambda spec: {"zero_points": "fp16", **spec},
+                                                3: lambda spec: ({"acquisition": "score", **spec}
+                                                                 if spec.get("method", _default("method")) == "fri"
+                                                                 else spec)}
 
 
 class SpecVersionError(ValueError):
