@@ -32,7 +32,8 @@ def _close(h: torch.Tensor, ref: torch.Tensor):
 def _assert_same_inputs(a: dict, b: dict):
     assert a.keys() == b.keys()
     for k in a:
-        for name in ("x", "g", "h_in", "h_down", "held_out", "h_in_fit", "h_down_fit"):
+        for name in ("x", "g", "h_in", "h_down", "held_out", "h_in_fit", "h_down_fit", "m_in", "m_down", "m_in_held",
+                     "m_down_held"):
             ta, tb = getattr(a[k], name), getattr(b[k], name)
             assert (ta is None) == (tb is None), (k, name)
             if ta is not None:

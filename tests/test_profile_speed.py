@@ -237,16 +237,21 @@ def proxy_reference(adapter, units, choices, inputs):
 
 
 def test_proxy_through_the_profiler_equals_the_old_proxy():
+    """Inputs without the calibration's second moments (an old calibration): the proxy's forward path,
+    bit for bit the old proxy (tests/test_calib_moments.py checks the moments path against it)."""
+    from dataclasses import replace
+
     from moebits.methods.fri.proxy import rtn_proxy
 
     ad, cal = _calibrated("qwen2_moe")
+    inputs = {k: replace(v, m_in=None, m_down=None) for k, v in cal.inputs.items()}
     units, choices = ad.units(), [Choice(b, 32, "gptq") for b in (2, 3, 8)] + [Choice(16, 32, "gptq")]
-    ref = proxy_reference(ad, units, choices, cal.inputs)
-    prof = ExpertProfiler(ad, cal.inputs)
-    shared = rtn_proxy(ad, units, choices, cal.inputs, profiler=prof)
-    assert np.array_equal(rtn_proxy(ad, units, choices, cal.inputs).values, ref)
+    ref = proxy_reference(ad, units, choices, inputs)
+    prof = ExpertProfiler(ad, inputs)
+    shared = rtn_proxy(ad, units, choices, inputs, profiler=prof)
+    assert np.array_equal(rtn_proxy(ad, units, choices, inputs).values, ref)
     assert np.array_equal(shared.values, ref)
-    assert len(prof.refs.items) == len(cal.inputs)  # every expert's reference forward is kept for the pairs
+    assert len(prof.refs.items) == len(inputs)  # every expert's reference forward is kept for the pairs
 
 
 class _MomentsRef(_Moments):
@@ -354,7 +359,7 @@ def test_calibration_equals_the_old_mask_per_expert_collection(arch, holdout, ca
     assert old.inputs.keys() == new.inputs.keys()
     for k, a in old.inputs.items():
         b = new.inputs[k]
-        for f in ("x", "g", "h_in", "h_down", "held_out", "h_in_fit", "h_down_fit"):
+        for f in ("x", "g", "h_in", "h_down", "held_out", "h_in_fit", "h_down_fit"):  # (the old code had no m_*)
             assert (getattr(a, f) is None and getattr(b, f) is None) or torch.equal(getattr(a, f), getattr(b, f)), (k, f)
     for col in ("tokens", "frequency", "routing_mass", "act_var", "act_mean_abs", "act_outlier_ratio", "act_kurtosis"):
         assert np.array_equal(getattr(old.stats, col), getattr(new.stats, col)), col

@@ -17,6 +17,12 @@ bytes per layer; the demo at 128 x 256 tokens: 67 MB per layer); a cap keeps a u
 of that many tokens per expert instead (reservoir by random priority, seeded per layer, so later
 windows are not favoured over earlier ones). The Hessians always see every routed token.
 
+Next to each Hessian the collector keeps the routing-weighted column second moments `E[g^2 a^2]` of
+the same rows (`a` the expert input x or the down input h, `g` the routing weight: the shared scale
+for a shared expert, the generic tokens' weights for a never-routed one), in float64 while collected
+(`(E + shared) * (H + I) * 8` bytes per layer): the RTN proxy of FRI (`methods/fri/proxy.py`) reads
+them instead of running every expert's gate/up forward again.
+
 `holdout=F` draws (seeded) a fraction F of each expert's routed tokens as held out: the "fit"
 Hessians (`h_in_fit`, `h_down_fit`) leave them out, and `Calibration.profile_inputs()` measures a
 unit's error on them only, so an expert routed a few times is not scored on the tokens its GPTQ fit
@@ -147,19 +153,29 @@ class _Sample:
 
 
 class _XtX:
-    """Running `X^T X` of all rows added: products in float32, the sum in float64 (see the module doc)."""
+    """Running `X^T X` of all rows added and, when every `add` gives the rows' routing weights `g`, the
+    weighted column sums `sum_rows g^2 x^2 [D]`: products in float32, the sums in float64 (see the module doc)."""
 
     def __init__(self):
         self.sum: torch.Tensor | None = None
+        self.sq: torch.Tensor | None = None  # [D] float64 sum over rows of g^2 x^2
+        self.weighted = True  # False once rows came without weights
         self.n = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, g: torch.Tensor | None = None) -> None:
         if x.shape[0] == 0:
             return
         x = x.float()
         p = x.T @ x
         # a float32 product added into the float64 sum is converted exactly first: the same sum as adding p.double()
         self.sum = p.double() if self.sum is None else self.sum.add_(p)
+        if g is None:
+            self.weighted = False
+        elif self.weighted:
+            g = g.float()
+            t = (g * g)[:, None] * x  # g^2 x x in the RTN proxy's order of products
+            sq = t.mul_(x).sum(0, dtype=torch.float64)
+            self.sq = sq if self.sq is None else self.sq.add_(sq)
         self.n += x.shape[0]
 
     def hessian(self, plus: "_XtX | None" = None) -> torch.Tensor | None:
@@ -171,13 +187,28 @@ class _XtX:
         s = parts[0].sum if len(parts) == 1 else parts[0].sum + parts[1].sum
         return (s / sum(a.n for a in parts)).float().cpu()
 
+    def moment(self, plus: "_XtX | None" = None) -> torch.Tensor | None:
+        """`sum g^2 x^2 / n [D]` in float32 on the CPU; with `plus`, of the rows of both. None without
+        rows or when some rows came without weights."""
+        parts = [a for a in (self, plus) if a is not None and a.n]
+        if not parts or not all(a.weighted for a in parts):
+            return None
+        s = parts[0].sq if len(parts) == 1 else parts[0].sq + parts[1].sq
+        return (s / sum(a.n for a in parts)).float().cpu()
+
 
 @dataclass
 class ExpertInputs:
     """The tokens routed to one expert: inputs `x [n, H]` and routing weights `g [n]` (all of them,
     or a sample under a cap), and the GPTQ Hessians `X^T X / n` of *all* its routed tokens.
     Hessians are None in calibrations saved before they were accumulated: `apply.layer_hessians`
-    then builds them from `x`."""
+    then builds them from `x`.
+
+    `m_in [H]` / `m_down [I]`: `sum g^2 a^2 / n` per column of the expert's inputs `a = x` / down inputs
+    `a = h` (the RTN proxy's second moments), over the same rows as the Hessians: every routed token
+    (under a cap a better estimate of the same expectation than the kept sample `x`), for a never-routed
+    expert its generic tokens with their weights. None in calibrations saved before they were
+    accumulated or collected without Hessians: the proxy then computes them from `x` and `g`."""
     x: torch.Tensor
     g: torch.Tensor
     fallback: bool = False  # True when the expert was never routed and these are generic tokens
@@ -186,15 +217,20 @@ class ExpertInputs:
     held_out: torch.Tensor | None = None  # [n] bool, with --holdout: rows left out of the fit Hessians
     h_in_fit: torch.Tensor | None = None  # Hessians of the tokens not held out (with --holdout)
     h_down_fit: torch.Tensor | None = None
+    m_in: torch.Tensor | None = None  # [H] sum g^2 x^2 / n of all tokens (float32)
+    m_down: torch.Tensor | None = None  # [I] sum g^2 h^2 / n of all tokens
+    m_in_held: torch.Tensor | None = None  # the same of the held-out tokens only (with --holdout)
+    m_down_held: torch.Tensor | None = None
 
     def for_profiling(self) -> "ExpertInputs":
-        """What a unit's error is measured with: under a holdout, the held-out rows and the Hessians
-        fitted without them; when the draw left an expert no held-out row (or no fit row), all its
-        rows and all-token Hessians (as without a holdout)."""
+        """What a unit's error is measured with: under a holdout, the held-out rows, their second
+        moments and the Hessians fitted without them; when the draw left an expert no held-out row
+        (or no fit row), all its rows, all-token Hessians and moments (as without a holdout)."""
         m = self.held_out
         if m is None or not bool(m.any()) or self.h_in_fit is None:
-            return replace(self, held_out=None, h_in_fit=None, h_down_fit=None)
-        return ExpertInputs(self.x[m], self.g[m], self.fallback, self.h_in_fit, self.h_down_fit)
+            return replace(self, held_out=None, h_in_fit=None, h_down_fit=None, m_in_held=None, m_down_held=None)
+        return ExpertInputs(self.x[m], self.g[m], self.fallback, self.h_in_fit, self.h_down_fit,
+                            m_in=self.m_in_held, m_down=self.m_down_held)
 
 
 @dataclass
@@ -216,7 +252,8 @@ class Calibration:
 
     STATS_FILE = "stats.json"
     INPUTS_FILE = "calib_inputs.safetensors"
-    _TENSORS = ("h_in", "h_down", "held_out", "h_in_fit", "h_down_fit")  # optional per-expert tensors
+    _TENSORS = ("h_in", "h_down", "held_out", "h_in_fit", "h_down_fit",  # optional per-expert tensors
+                "m_in", "m_down", "m_in_held", "m_down_held")
 
     @classmethod
     def from_layers(cls, layers: list[LayerCalibration]) -> "Calibration":
@@ -361,10 +398,10 @@ class LayerCollector:
         if self.with_hessians:  # under a holdout, `xtx` sums the fit rows and `xtx_held` the others
             for k, a in (("in", x), ("down", h)):
                 if self.holdout > 0:
-                    self.xtx[e][k].add(a[~held])
-                    self.xtx_held[e][k].add(a[held])
+                    self.xtx[e][k].add(a[~held], g[~held])
+                    self.xtx_held[e][k].add(a[held], g[held])
                 else:
-                    self.xtx[e][k].add(a)
+                    self.xtx[e][k].add(a, g)
 
     def _add_routed(self, routed: list[int], counts: torch.Tensor, order: torch.Tensor, x: torch.Tensor,
                     tok_of: torch.Tensor, flat_w: torch.Tensor, down_input: torch.Tensor | None = None) -> None:
@@ -390,12 +427,13 @@ class LayerCollector:
             held = self._held(b - a, x.device)
             self.samples[e].add(xe, ws[a:b], held)
             if self.with_hessians:
+                we = ws[a:b]
                 for k, t in (("in", xe), ("down", he)):
                     if self.holdout > 0:
-                        self.xtx[e][k].add(t[~held])
-                        self.xtx_held[e][k].add(t[held])
+                        self.xtx[e][k].add(t[~held], we[~held])
+                        self.xtx_held[e][k].add(t[held], we[held])
                     else:
-                        self.xtx[e][k].add(t)
+                        self.xtx[e][k].add(t, we)
 
     @torch.no_grad()
     def add(self, b: RoutedBatch) -> None:
@@ -422,29 +460,32 @@ class LayerCollector:
             self._add_expert(SHARED, x, s)
 
     def _fallback(self, e) -> ExpertInputs:
-        """A never-routed expert: the layer's generic tokens stand in (statistics and Hessians)."""
+        """A never-routed expert: the layer's generic tokens stand in (statistics, Hessians, moments)."""
         rows, weights, _ = self.generic.result()
         w = self.adapter.weight(Unit(self.layer, e, "gate"))
         h = self.adapter.expert_intermediate(self.layer, e, rows.to(w.device, w.dtype)).float()
         self.moments[e]["in"].add(rows)
         self.moments[e]["down"].add(h)
-        H = {}
+        H, M = {}, {}
         if self.with_hessians:
             for k, a in (("in", rows), ("down", h)):
                 acc = _XtX()
-                acc.add(a)
-                H[k] = acc.hessian()
-        return ExpertInputs(rows.clone(), weights.clone(), fallback=True, h_in=H.get("in"), h_down=H.get("down"))
+                acc.add(a, weights)
+                H[k], M[k] = acc.hessian(), acc.moment()
+        return ExpertInputs(rows.clone(), weights.clone(), fallback=True, h_in=H.get("in"), h_down=H.get("down"),
+                            m_in=M.get("in"), m_down=M.get("down"))
 
     def _routed(self, e, rows, weights, held) -> ExpertInputs:
         if not self.with_hessians:
             return ExpertInputs(rows, weights)
         fit, ho = self.xtx[e], self.xtx_held[e]
-        out = ExpertInputs(rows, weights, h_in=fit["in"].hessian(ho["in"]), h_down=fit["down"].hessian(ho["down"]))
+        out = ExpertInputs(rows, weights, h_in=fit["in"].hessian(ho["in"]), h_down=fit["down"].hessian(ho["down"]),
+                           m_in=fit["in"].moment(ho["in"]), m_down=fit["down"].moment(ho["down"]))
         if self.holdout > 0:
             out.held_out = held
             if fit["in"].n and ho["in"].n:  # else for_profiling falls back to all tokens
                 out.h_in_fit, out.h_down_fit = fit["in"].hessian(), fit["down"].hessian()
+                out.m_in_held, out.m_down_held = ho["in"].moment(), ho["down"].moment()
         return out
 
     @torch.no_grad()

@@ -97,7 +97,8 @@ class FRI(Method):
         if "proxy" not in ctx.memo:
             from .proxy import rtn_proxy
 
-            # the profiler keeps the reference forwards the proxy computes, for the pairs measured next
+            # the calibration's second moments need no forward; without them (an old calibration) the
+            # profiler keeps the reference forwards the proxy computes, for the pairs measured next
             profiler = ctx.expert_profiler() if ctx.expert_profiler is not None and ctx.cfg.metric == "expert" else None
             px = rtn_proxy(ctx.adapter, ctx.units, ctx.choices, ctx.calib.inputs, profiler=profiler)
             ctx.memo["proxy"], ctx.results["proxy_seconds"] = px.values, round(px.seconds, 4)

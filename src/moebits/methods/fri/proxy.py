@@ -4,9 +4,12 @@
 
 with W_q the round-to-nearest (RTN) quantization of unit u's weight at choice c's bits and group size,
 x the unit's input (hidden states for gate/up, act(gate x) * up x for down) on the expert's calibration
-sample and g the routing weight. It is the expected squared output error of the block itself under a
+tokens and g the routing weight. It is the expected squared output error of the block itself under a
 diagonal approximation of its input covariance: no GPTQ, no Hessian, no quantized forward, one RTN per
-pair and one unquantized forward of each expert's gate/up on its sample (for down's input moments).
+pair. The second moments E[g^2 x^2] are the calibration's (`ExpertInputs.m_in` / `m_down`, summed over
+every routed token while calibrating): no forward at all. A calibration without them (saved before
+they were collected, or collected without Hessians) costs one unquantized forward of each expert's
+gate/up on its kept sample, for down's input moments.
 
 Why it helps: the profiled error (expert-local, GPTQ) is within-bit rank-correlated with it at
 rho ~0.93 per kind on the demo, and the ratio error / proxy of one unit is nearly the same at every
@@ -33,10 +36,13 @@ class Proxy:
 
 
 def _second_moments(adapter, layer: int, expert, inputs, profiler=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E[g^2 x^2] of the expert input [H], E[g^2 h^2] of the down input [I]) on its calibration sample.
-    With a `profiler` measuring on the same inputs, the down input comes from its reference forward
-    (the same numbers), which it then keeps for the pairs it measures later."""
+    """(E[g^2 x^2] of the expert input [H], E[g^2 h^2] of the down input [I]): the calibration's when
+    it has them (no forward), else on the kept sample `x`, its down input from a forward of the expert's
+    gate/up. There, with a `profiler` measuring on the same inputs, the down input comes from its
+    reference forward (the same numbers), which it then keeps for the pairs it measures later."""
     inp = inputs[(layer, expert)]
+    if inp.m_in is not None and inp.m_down is not None:
+        return inp.m_in.float(), inp.m_down.float()
     x = inp.x.float()
     g2 = (inp.g.float() ** 2)[:, None]
     if profiler is not None and profiler.inputs is inputs:
@@ -90,7 +96,8 @@ def _rtn_squared_errors(w: torch.Tensor, m: torch.Tensor, choices: list[Choice])
 @torch.no_grad()
 def rtn_proxy(adapter, units: list[Unit], choices: list[Choice], inputs, profiler=None) -> Proxy:
     """`Proxy` for `units` x `choices` (RTN at each choice's bits and group size, whatever its quantizer).
-    `profiler`: an `ExpertProfiler` on `inputs` whose reference forwards it shares (see `_second_moments`)."""
+    `profiler`: an `ExpertProfiler` on `inputs` whose reference forwards it shares where the inputs carry
+    no second moments (see `_second_moments`)."""
     t0 = time.perf_counter()
     values = np.zeros((len(units), len(choices)))
     moments = {}
