@@ -152,30 +152,36 @@ class _Sample:
         return self.parts[0]
 
 
+def _weighted_squares(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """`g^2 a^2 [N, D]` (float32) of rows `a [N, D]` with weights `g [N]`, in the RTN proxy's order of products."""
+    a = a.float()
+    g = g.float()
+    return ((g * g)[:, None] * a).mul_(a)
+
+
 class _XtX:
-    """Running `X^T X` of all rows added and, when every `add` gives the rows' routing weights `g`, the
-    weighted column sums `sum_rows g^2 x^2 [D]`: products in float32, the sums in float64 (see the module doc)."""
+    """Running `X^T X` of all rows added and, when every `add` gives the rows' weighted squares
+    `sq = g^2 x^2` (`_weighted_squares`; the caller computes them for a whole batch at once), their column
+    sums `[D]`: products in float32, the sums in float64 (see the module doc)."""
 
     def __init__(self):
         self.sum: torch.Tensor | None = None
         self.sq: torch.Tensor | None = None  # [D] float64 sum over rows of g^2 x^2
-        self.weighted = True  # False once rows came without weights
+        self.weighted = True  # False once rows came without their weighted squares
         self.n = 0
 
-    def add(self, x: torch.Tensor, g: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, sq: torch.Tensor | None = None) -> None:
         if x.shape[0] == 0:
             return
         x = x.float()
         p = x.T @ x
         # a float32 product added into the float64 sum is converted exactly first: the same sum as adding p.double()
         self.sum = p.double() if self.sum is None else self.sum.add_(p)
-        if g is None:
+        if sq is None:
             self.weighted = False
         elif self.weighted:
-            g = g.float()
-            t = (g * g)[:, None] * x  # g^2 x x in the RTN proxy's order of products
-            sq = t.mul_(x).sum(0, dtype=torch.float64)
-            self.sq = sq if self.sq is None else self.sq.add_(sq)
+            col = sq.sum(0, dtype=torch.float64)
+            self.sq = col if self.sq is None else self.sq.add_(col)
         self.n += x.shape[0]
 
     def hessian(self, plus: "_XtX | None" = None) -> torch.Tensor | None:
@@ -397,11 +403,12 @@ class LayerCollector:
         self.samples[e].add(x, g, held)
         if self.with_hessians:  # under a holdout, `xtx` sums the fit rows and `xtx_held` the others
             for k, a in (("in", x), ("down", h)):
+                sq = _weighted_squares(a, g)
                 if self.holdout > 0:
-                    self.xtx[e][k].add(a[~held], g[~held])
-                    self.xtx_held[e][k].add(a[held], g[held])
+                    self.xtx[e][k].add(a[~held], sq[~held])
+                    self.xtx_held[e][k].add(a[held], sq[held])
                 else:
-                    self.xtx[e][k].add(a, g)
+                    self.xtx[e][k].add(a, sq)
 
     def _add_routed(self, routed: list[int], counts: torch.Tensor, order: torch.Tensor, x: torch.Tensor,
                     tok_of: torch.Tensor, flat_w: torch.Tensor, down_input: torch.Tensor | None = None) -> None:
@@ -422,18 +429,19 @@ class LayerCollector:
         for k, a in (("in", xs), ("down", hs)):
             for e, (n, sums, outliers) in zip(routed, _segment_moments(a.float(), rows)):
                 self.moments[e][k].add_sums(n, sums, outliers)
+        if self.with_hessians:  # the proxy's weighted squares of all routed rows at once (few torch calls)
+            sq_x, sq_h = _weighted_squares(xs, ws), _weighted_squares(hs, ws)
         for e, a, b in zip(routed, starts, starts[1:]):
             xe, he = xs[a:b], hs[a:b]
             held = self._held(b - a, x.device)
             self.samples[e].add(xe, ws[a:b], held)
             if self.with_hessians:
-                we = ws[a:b]
-                for k, t in (("in", xe), ("down", he)):
+                for k, t, sq in (("in", xe, sq_x[a:b]), ("down", he, sq_h[a:b])):
                     if self.holdout > 0:
-                        self.xtx[e][k].add(t[~held], we[~held])
-                        self.xtx_held[e][k].add(t[held], we[held])
+                        self.xtx[e][k].add(t[~held], sq[~held])
+                        self.xtx_held[e][k].add(t[held], sq[held])
                     else:
-                        self.xtx[e][k].add(t, we)
+                        self.xtx[e][k].add(t, sq)
 
     @torch.no_grad()
     def add(self, b: RoutedBatch) -> None:
@@ -470,7 +478,7 @@ class LayerCollector:
         if self.with_hessians:
             for k, a in (("in", rows), ("down", h)):
                 acc = _XtX()
-                acc.add(a, weights)
+                acc.add(a, _weighted_squares(a, weights))
                 H[k], M[k] = acc.hessian(), acc.moment()
         return ExpertInputs(rows.clone(), weights.clone(), fallback=True, h_in=H.get("in"), h_down=H.get("down"),
                             m_in=M.get("in"), m_down=M.get("down"))
