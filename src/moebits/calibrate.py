@@ -152,36 +152,20 @@ class _Sample:
         return self.parts[0]
 
 
-def _weighted_squares(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """`g^2 a^2 [N, D]` (float32) of rows `a [N, D]` with weights `g [N]`, in the RTN proxy's order of products."""
-    a = a.float()
-    g = g.float()
-    return ((g * g)[:, None] * a).mul_(a)
-
-
 class _XtX:
-    """Running `X^T X` of all rows added and, when every `add` gives the rows' weighted squares
-    `sq = g^2 x^2` (`_weighted_squares`; the caller computes them for a whole batch at once), their column
-    sums `[D]`: products in float32, the sums in float64 (see the module doc)."""
+    """Running `X^T X` of all rows added: products in float32, the sum in float64 (see the module doc)."""
 
     def __init__(self):
         self.sum: torch.Tensor | None = None
-        self.sq: torch.Tensor | None = None  # [D] float64 sum over rows of g^2 x^2
-        self.weighted = True  # False once rows came without their weighted squares
         self.n = 0
 
-    def add(self, x: torch.Tensor, sq: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor) -> None:
         if x.shape[0] == 0:
             return
         x = x.float()
         p = x.T @ x
         # a float32 product added into the float64 sum is converted exactly first: the same sum as adding p.double()
         self.sum = p.double() if self.sum is None else self.sum.add_(p)
-        if sq is None:
-            self.weighted = False
-        elif self.weighted:
-            col = sq.sum(0, dtype=torch.float64)
-            self.sq = col if self.sq is None else self.sq.add_(col)
         self.n += x.shape[0]
 
     def hessian(self, plus: "_XtX | None" = None) -> torch.Tensor | None:
@@ -193,14 +177,47 @@ class _XtX:
         s = parts[0].sum if len(parts) == 1 else parts[0].sum + parts[1].sum
         return (s / sum(a.n for a in parts)).float().cpu()
 
-    def moment(self, plus: "_XtX | None" = None) -> torch.Tensor | None:
-        """`sum g^2 x^2 / n [D]` in float32 on the CPU; with `plus`, of the rows of both. None without
-        rows or when some rows came without weights."""
-        parts = [a for a in (self, plus) if a is not None and a.n]
-        if not parts or not all(a.weighted for a in parts):
+
+
+class _WeightedSquares:
+    """Per expert of a layer (slot `i`), the running column sums of `g^2 a^2` over its rows `a [n, D]` with
+    routing weights `g [n]`, of its fit rows and its held-out rows apart (all rows are fit rows without a
+    holdout), and their row counts: products in float32, sums in float64. The collector passes all
+    routed experts of a batch at once (one product for the batch, one sum per expert, one scatter:
+    on the CPU, per-expert torch calls cost more than their arithmetic), one accumulator per input kind."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.sums: torch.Tensor | None = None  # [2 (fit, held), slots, D] float64
+        self.n = torch.zeros(2, slots, dtype=torch.long)
+
+    def add(self, slots: list[int], rows: list[int], a: torch.Tensor, g: torch.Tensor,
+            held: torch.Tensor | None = None) -> None:
+        """Rows `a [N, D]`, weights `g [N]` of the experts `slots`, `rows[i]` consecutive rows each;
+        `held [N]` bool marks held-out rows (None: none)."""
+        if a.shape[0] == 0:
+            return
+        a, g = a.float(), g.float()
+        sq = ((g * g)[:, None] * a).mul_(a)  # g^2 a a: the RTN proxy's order of products
+        if self.sums is None:
+            self.sums = torch.zeros(2, self.slots, a.shape[1], dtype=torch.float64)
+        idx = torch.tensor(slots)
+        parts = [(0, sq, None)] if held is None else [(0, sq * ~held[:, None], ~held), (1, sq * held[:, None], held)]
+        for part, t, mask in parts:  # rows of the other part count as zeros (adding 0 changes no sum)
+            self.sums[part].index_add_(0, idx, torch.stack([p.sum(0, dtype=torch.float64) for p in t.split(rows)]))
+            n = torch.tensor(rows) if mask is None else torch.stack([m.sum() for m in mask.split(rows)])
+            self.n[part].index_add_(0, idx, n.cpu())
+
+    def mean(self, slot: int, part: int | None = None) -> torch.Tensor | None:
+        """`sum g^2 a^2 / n [D]` (float32, CPU) of the slot's rows (`part` None), its fit rows (0) or held-out
+        rows (1); None without rows."""
+        if self.sums is None:
             return None
-        s = parts[0].sq if len(parts) == 1 else parts[0].sq + parts[1].sq
-        return (s / sum(a.n for a in parts)).float().cpu()
+        if part is None:
+            s, n = self.sums[:, slot].sum(0), int(self.n[:, slot].sum())
+        else:
+            s, n = self.sums[part, slot], int(self.n[part, slot])
+        return (s / n).float().cpu() if n else None
 
 
 @dataclass
@@ -389,11 +406,18 @@ class LayerCollector:
         self.generic = _Sample(cap or GENERIC_CAP, self.gen)  # fallback tokens of never-routed experts
         self.xtx = {e: {k: _XtX() for k in ("in", "down")} for e in self.experts}
         self.xtx_held = {e: {k: _XtX() for k in ("in", "down")} for e in self.experts}
+        # the proxy's moments, per input kind (a shared expert's down input may be wider: its own sums)
+        self.squares = {k: _WeightedSquares(E) for k in ("in", "down")}
+        self.shared_squares = {k: _WeightedSquares(1) for k in ("in", "down")}
 
     def _held(self, n: int, device) -> torch.Tensor:
         if self.holdout <= 0:
             return torch.zeros(n, dtype=torch.bool, device=device)
         return (torch.rand(n, generator=self.gen) < self.holdout).to(device)
+
+    def _squares(self, e) -> tuple[dict[str, _WeightedSquares], int]:
+        """Where expert `e`'s weighted squares are summed: ({kind: accumulator}, slot)."""
+        return (self.shared_squares, 0) if e == SHARED else (self.squares, int(e))
 
     def _add_expert(self, e, x: torch.Tensor, g: torch.Tensor) -> None:
         h = self.adapter.expert_intermediate(self.layer, e, x)  # the down projection's inputs
@@ -403,12 +427,14 @@ class LayerCollector:
         self.samples[e].add(x, g, held)
         if self.with_hessians:  # under a holdout, `xtx` sums the fit rows and `xtx_held` the others
             for k, a in (("in", x), ("down", h)):
-                sq = _weighted_squares(a, g)
                 if self.holdout > 0:
-                    self.xtx[e][k].add(a[~held], sq[~held])
-                    self.xtx_held[e][k].add(a[held], sq[held])
+                    self.xtx[e][k].add(a[~held])
+                    self.xtx_held[e][k].add(a[held])
                 else:
-                    self.xtx[e][k].add(a, sq)
+                    self.xtx[e][k].add(a)
+            acc, slot = self._squares(e)
+            for k, a in (("in", x), ("down", h)):
+                acc[k].add([slot], [x.shape[0]], a, g, held if self.holdout > 0 else None)
 
     def _add_routed(self, routed: list[int], counts: torch.Tensor, order: torch.Tensor, x: torch.Tensor,
                     tok_of: torch.Tensor, flat_w: torch.Tensor, down_input: torch.Tensor | None = None) -> None:
@@ -429,19 +455,23 @@ class LayerCollector:
         for k, a in (("in", xs), ("down", hs)):
             for e, (n, sums, outliers) in zip(routed, _segment_moments(a.float(), rows)):
                 self.moments[e][k].add_sums(n, sums, outliers)
-        if self.with_hessians:  # the proxy's weighted squares of all routed rows at once (few torch calls)
-            sq_x, sq_h = _weighted_squares(xs, ws), _weighted_squares(hs, ws)
+        helds = []
         for e, a, b in zip(routed, starts, starts[1:]):
             xe, he = xs[a:b], hs[a:b]
             held = self._held(b - a, x.device)
+            helds.append(held)
             self.samples[e].add(xe, ws[a:b], held)
             if self.with_hessians:
-                for k, t, sq in (("in", xe, sq_x[a:b]), ("down", he, sq_h[a:b])):
+                for k, t in (("in", xe), ("down", he)):
                     if self.holdout > 0:
-                        self.xtx[e][k].add(t[~held], sq[~held])
-                        self.xtx_held[e][k].add(t[held], sq[held])
+                        self.xtx[e][k].add(t[~held])
+                        self.xtx_held[e][k].add(t[held])
                     else:
-                        self.xtx[e][k].add(t, sq)
+                        self.xtx[e][k].add(t)
+        if self.with_hessians:  # every routed expert's weighted squares at once
+            held_rows = torch.cat(helds) if self.holdout > 0 else None
+            for k, a in (("in", xs), ("down", hs)):
+                self.squares[k].add(routed, rows, a, ws, held_rows)
 
     @torch.no_grad()
     def add(self, b: RoutedBatch) -> None:
@@ -477,9 +507,10 @@ class LayerCollector:
         H, M = {}, {}
         if self.with_hessians:
             for k, a in (("in", rows), ("down", h)):
-                acc = _XtX()
-                acc.add(a, _weighted_squares(a, weights))
-                H[k], M[k] = acc.hessian(), acc.moment()
+                acc, sq = _XtX(), _WeightedSquares(1)
+                acc.add(a)
+                sq.add([0], [a.shape[0]], a, weights)
+                H[k], M[k] = acc.hessian(), sq.mean(0)
         return ExpertInputs(rows.clone(), weights.clone(), fallback=True, h_in=H.get("in"), h_down=H.get("down"),
                             m_in=M.get("in"), m_down=M.get("down"))
 
@@ -487,13 +518,14 @@ class LayerCollector:
         if not self.with_hessians:
             return ExpertInputs(rows, weights)
         fit, ho = self.xtx[e], self.xtx_held[e]
+        acc, slot = self._squares(e)
         out = ExpertInputs(rows, weights, h_in=fit["in"].hessian(ho["in"]), h_down=fit["down"].hessian(ho["down"]),
-                           m_in=fit["in"].moment(ho["in"]), m_down=fit["down"].moment(ho["down"]))
+                           m_in=acc["in"].mean(slot), m_down=acc["down"].mean(slot))
         if self.holdout > 0:
             out.held_out = held
             if fit["in"].n and ho["in"].n:  # else for_profiling falls back to all tokens
                 out.h_in_fit, out.h_down_fit = fit["in"].hessian(), fit["down"].hessian()
-                out.m_in_held, out.m_down_held = ho["in"].moment(), ho["down"].moment()
+                out.m_in_held, out.m_down_held = acc["in"].mean(slot, part=1), acc["down"].mean(slot, part=1)
         return out
 
     @torch.no_grad()
@@ -510,7 +542,7 @@ class LayerCollector:
                 inputs[(l, e)] = self._fallback(e)
             else:
                 inputs[(l, e)] = self._routed(e, *res)
-        self.xtx = self.xtx_held = None  # the float64 sums are not needed any more
+        self.xtx = self.xtx_held = self.squares = self.shared_squares = None  # the float64 sums are not needed any more
         never_set = set(never)
         rows = []
         for u in ad.units():
