@@ -190,6 +190,7 @@ class _WeightedSquares:
         self.slots = slots
         self.sums: torch.Tensor | None = None  # [2 (fit, held), slots, D] float64
         self.n = torch.zeros(2, slots, dtype=torch.long)
+        self._means: dict = {}  # part -> ([slots, D] float32 means, row counts), made once rows stop coming
 
     def add(self, slots: list[int], rows: list[int], a: torch.Tensor, g: torch.Tensor,
             held: torch.Tensor | None = None) -> None:
@@ -197,14 +198,16 @@ class _WeightedSquares:
         `held [N]` bool marks held-out rows (None: none)."""
         if a.shape[0] == 0:
             return
+        self._means = {}
         a, g = a.float(), g.float()
         sq = ((g * g)[:, None] * a).mul_(a)  # g^2 a a: the RTN proxy's order of products
         if self.sums is None:
-            self.sums = torch.zeros(2, self.slots, a.shape[1], dtype=torch.float64)
-        idx = torch.tensor(slots)
+            self.sums = torch.zeros(2, self.slots, a.shape[1], dtype=torch.float64, device=a.device)
+        idx = torch.tensor(slots, device=self.sums.device)
         parts = [(0, sq, None)] if held is None else [(0, sq * ~held[:, None], ~held), (1, sq * held[:, None], held)]
         for part, t, mask in parts:  # rows of the other part count as zeros (adding 0 changes no sum)
-            self.sums[part].index_add_(0, idx, torch.stack([p.sum(0, dtype=torch.float64) for p in t.split(rows)]))
+            sums = torch.stack([p.sum(0, dtype=torch.float64) for p in t.split(rows)])
+            self.sums[part].index_add_(0, idx, sums.to(self.sums.device))
             n = torch.tensor(rows) if mask is None else torch.stack([m.sum() for m in mask.split(rows)])
             self.n[part].index_add_(0, idx, n.cpu())
 
@@ -213,11 +216,11 @@ class _WeightedSquares:
         rows (1); None without rows."""
         if self.sums is None:
             return None
-        if part is None:
-            s, n = self.sums[:, slot].sum(0), int(self.n[:, slot].sum())
-        else:
-            s, n = self.sums[part, slot], int(self.n[part, slot])
-        return (s / n).float().cpu() if n else None
+        if part not in self._means:  # every slot's at once (finish asks for each expert in turn)
+            s, n = (self.sums.sum(0), self.n.sum(0)) if part is None else (self.sums[part], self.n[part])
+            self._means[part] = ((s / n.clamp(min=1)[:, None]).float().cpu(), n.tolist())
+        m, n = self._means[part]
+        return m[slot].clone() if n[slot] else None  # a copy: saved tensors must not share memory
 
 
 @dataclass
